@@ -41,7 +41,11 @@ def config_from_hf(hf: dict, source: str = "config.json") -> ModelConfig:
   if model_type is None and hf.get("architectures"):
     arch = hf["architectures"][0].lower()
     model_type = next((t for t in FAMILIES if arch.startswith(t)), arch)
-  return family_module(model_type, source).config_from_hf(hf)
+  family = family_module(model_type, source)
+  try:
+    return family.config_from_hf(hf)
+  except KeyError as e:
+    raise errors.CheckpointError(f"{source}: required field {e.args[0]!r} is missing") from None
 
 
 def abstract_params(config: ModelConfig, dtype=jnp.float32) -> dict:

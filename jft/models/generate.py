@@ -1,0 +1,132 @@
+"""Jitted KV-cache decoding: greedy, temperature, top-k and top-p sampling.
+
+Prompts of different lengths are left-padded into one batch, prefilled in
+one call that writes the cache, then decoded one token per step inside a
+`lax.while_loop` that stops when every row has hit a stop token. The whole
+loop is one compiled function per (model, batch, padded length, settings).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jft.models.transformer import Transformer, init_cache
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampling:
+  max_new_tokens: int = 64
+  temperature: float = 0.0  # 0 = greedy
+  top_k: int = 0  # 0 = off
+  top_p: float = 1.0  # 1 = off
+
+  def __post_init__(self):
+    if self.max_new_tokens < 1:
+      raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+    if self.temperature < 0 or self.top_k < 0 or not 0 < self.top_p <= 1:
+      raise ValueError(f"bad sampling settings {self}")
+
+
+def sample_token(logits, rng, s: Sampling):
+  """logits [B, V] float32 -> token ids [B]."""
+  if s.temperature == 0:
+    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  logits = logits / s.temperature
+  if s.top_k:
+    kth = jax.lax.top_k(logits, s.top_k)[0][:, -1:]
+    logits = jnp.where(logits < kth, -jnp.inf, logits)
+  if s.top_p < 1.0:
+    sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]
+    probs = jax.nn.softmax(sorted_logits, axis=-1)
+    # Keep the smallest prefix whose mass reaches top_p (always at least one token).
+    mass_before = jnp.cumsum(probs, axis=-1) - probs
+    cutoff = jnp.min(jnp.where(mass_before < s.top_p, sorted_logits, jnp.inf), axis=-1, keepdims=True)
+    logits = jnp.where(logits < cutoff, -jnp.inf, logits)
+  return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnames=("model", "sampling"))
+def _decode(model: Transformer, sampling: Sampling, params, ids, mask, stop_tokens, rng, pad_id):
+  b, p = ids.shape
+  steps = sampling.max_new_tokens
+  cache = init_cache(model.config, b, p + steps, model.dtype)
+  key_mask = jnp.concatenate([mask, jnp.zeros((b, steps), mask.dtype)], axis=1)
+  logits, cache = model.apply({"params": params}, ids, attention_mask=key_mask, cache=cache, cache_index=0)
+
+  def cond(state):
+    step, _, _, _, _, done, _ = state
+    return (step < steps) & ~jnp.all(done)
+
+  def body(state):
+    step, cache, key_mask, last, out, done, rng = state
+    rng, sub = jax.random.split(rng)
+    tok = jnp.where(done, pad_id, sample_token(last, sub, sampling))
+    out = out.at[:, step].set(tok)
+    done = done | jnp.isin(tok, stop_tokens)
+    key_mask = key_mask.at[:, p + step].set(1)
+    logits, cache = model.apply({"params": params}, tok[:, None], attention_mask=key_mask,
+                                cache=cache, cache_index=p + step)
+    return step + 1, cache, key_mask, logits[:, -1], out, done, rng
+
+  out = jnp.full((b, steps), pad_id, jnp.int32)
+  state = (jnp.int32(0), cache, key_mask, logits[:, -1], out, jnp.zeros((b,), bool), rng)
+  step, *_, out, _, _ = jax.lax.while_loop(cond, body, state)
+  return out, step
+
+
+def _bucket(n: int, multiple: int = 16) -> int:
+  return -(-n // multiple) * multiple
+
+
+def generate(model: Transformer, params, prompts: Sequence[Sequence[int]], sampling: Sampling = Sampling(),
+             *, stop_tokens: Sequence[int] = (), seed: int = 0, pad_id: int = 0) -> list[list[int]]:
+  """Token-id prompts -> generated ids per prompt (stop token included, padding removed)."""
+  if not prompts or any(len(p) == 0 for p in prompts):
+    raise ValueError("generate needs at least one non-empty prompt")
+  length = _bucket(max(len(p) for p in prompts))
+  ids = np.full((len(prompts), length), pad_id, np.int32)
+  mask = np.zeros((len(prompts), length), np.int32)
+  for row, prompt in enumerate(prompts):  # left padding: every row ends at the same index
+    ids[row, length - len(prompt):] = prompt
+    mask[row, length - len(prompt):] = 1
+  stops = jnp.asarray(list(stop_tokens) or [-1], jnp.int32)
+  out, steps = _decode(model, sampling, params, jnp.asarray(ids), jnp.asarray(mask), stops,
+                       jax.random.PRNGKey(seed), jnp.int32(pad_id))
+  out = np.asarray(out)[:, :int(steps)]
+  results = []
+  stop_set = set(stop_tokens)
+  for row in out.tolist():
+    cut = next((i + 1 for i, t in enumerate(row) if t in stop_set), len(row))
+    results.append(row[:cut])
+  return results
+
+
+def stop_token_ids(model: Transformer, tokenizer) -> list[int]:
+  ids = set(model.config.eos_token_id)
+  if tokenizer is not None and tokenizer.eos_token_id is not None:
+    ids.add(tokenizer.eos_token_id)
+  return sorted(ids)
+
+
+def encode_prompts(tokenizer, prompts: Sequence[str], chat: bool = True) -> list[list[int]]:
+  """Apply the tokenizer's chat template when it has one (and `chat`), then tokenize."""
+  if chat and getattr(tokenizer, "chat_template", None):
+    texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
+                                           tokenize=False) for p in prompts]
+    return [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+  return [tokenizer(p)["input_ids"] for p in prompts]
+
+
+def generate_text(model: Transformer, params, tokenizer, prompts: Sequence[str],
+                  sampling: Sampling = Sampling(), *, chat: bool = True, seed: int = 0) -> list[str]:
+  ids = encode_prompts(tokenizer, prompts, chat)
+  pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+  out = generate(model, params, ids, sampling, stop_tokens=stop_token_ids(model, tokenizer), seed=seed,
+                 pad_id=pad)
+  return [tokenizer.decode(o, skip_special_tokens=True).strip() for o in out]

@@ -1,0 +1,74 @@
+"""Shared fixtures: tiny random Hugging Face checkpoints built with torch."""
+
+import os
+
+import numpy as np
+import pytest
+
+TINY = dict(vocab_size=101, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+
+# family name -> (transformers config class name, kwargs)
+FAMILIES = {
+    "llama": ("LlamaConfig", TINY),
+    "llama_tied_head_dim": ("LlamaConfig", {**TINY, "tie_word_embeddings": True, "head_dim": 16}),
+    "llama3_rope_untied": ("LlamaConfig", {**TINY, "tie_word_embeddings": False, "rope_scaling": {
+        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 16}, "rope_theta": 500000.0}),
+    "llama_mqa": ("LlamaConfig", {**TINY, "num_key_value_heads": 1}),
+    "mistral_window": ("MistralConfig", {**TINY, "sliding_window": 4}),
+    "qwen2": ("Qwen2Config", {**TINY, "tie_word_embeddings": True}),
+    "gpt2": ("GPT2Config", dict(vocab_size=101, n_embd=32, n_layer=2, n_head=4, n_positions=64,
+                                resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)),
+}
+
+
+def build_hf_model(family: str, folder: str, seed: int = 0):
+  """Save a tiny random transformers model of `family` to `folder`; return it (eval mode)."""
+  import torch
+  import transformers
+
+  cls_name, kwargs = FAMILIES[family]
+  config = getattr(transformers, cls_name)(**kwargs)
+  torch.manual_seed(seed)
+  model = transformers.AutoModelForCausalLM.from_config(config).eval()
+  with torch.no_grad():  # random norms/biases too, so a wrong mapping cannot hide behind ones/zeros
+    for name, p in model.named_parameters():
+      if "norm" in name or "ln_" in name or name.endswith("bias"):
+        p.add_(0.1 * torch.randn_like(p))
+  model.save_pretrained(folder)
+  return model
+
+
+@pytest.fixture(scope="session")
+def hf_models(tmp_path_factory):
+  """family -> (folder, torch model), built once per session."""
+  cache = {}
+
+  def get(family):
+    if family not in cache:
+      folder = str(tmp_path_factory.mktemp(family))
+      cache[family] = (folder, build_hf_model(family, folder))
+    return cache[family]
+
+  return get
+
+
+def padded_batch(vocab: int, length: int = 12, seed: int = 0):
+  """Three rows: full, left-padded by 3, right-padded by 4."""
+  rng = np.random.RandomState(seed)
+  ids = rng.randint(0, vocab, (3, length)).astype(np.int64)
+  mask = np.ones((3, length), np.int64)
+  mask[1, :3] = 0
+  mask[2, -4:] = 0
+  return ids, mask
+
+
+def torch_logits(model, ids, mask):
+  """transformers' logits with positions that skip padding (as its `generate` passes them)."""
+  import torch
+
+  positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0)
+  with torch.no_grad():
+    return model(torch.tensor(ids), attention_mask=torch.tensor(mask),
+                 position_ids=torch.tensor(positions)).logits.float().numpy()
