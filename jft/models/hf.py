@@ -20,6 +20,7 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from jft import errors
+from jft.rules import flatten, unflatten
 from jft.models import gpt2, llama
 from jft.models.config import ModelConfig
 from jft.models.keymap import Split, active_keys
@@ -55,28 +56,6 @@ def abstract_params(config: ModelConfig, dtype=jnp.float32) -> dict:
   return shapes["params"]
 
 
-def _get(tree: Mapping, path: str):
-  for part in path.split("/"):
-    tree = tree[part]
-  return tree
-
-
-def _set(tree: dict, path: str, value):
-  *parents, leaf = path.split("/")
-  for part in parents:
-    tree = tree.setdefault(part, {})
-  tree[leaf] = value
-
-
-def _flat_paths(tree, prefix=""):
-  for k, v in tree.items():
-    p = f"{prefix}{k}"
-    if isinstance(v, Mapping):
-      yield from _flat_paths(v, p + "/")
-    else:
-      yield p
-
-
 def params_from_hf(config: ModelConfig, names: Mapping[str, str], read: Callable[[str], np.ndarray],
                    dtype=jnp.float32) -> dict:
   """Build params from HF-named tensors.
@@ -107,9 +86,10 @@ def params_from_hf(config: ModelConfig, names: Mapping[str, str], read: Callable
         f"{', '.join(where)}: {len(unexpected)} unexpected tensor(s) for a {config.family} model, "
         f"e.g. {', '.join(unexpected[:5])}")
 
-  params: dict = {}
+  expected = flatten(expected)
+  flat = {}
   for key in keys:
-    want = _get(expected, key.path)
+    want = expected[key.path]
     layer_shape = want.shape[1:] if key.per_layer else want.shape
     arrays = []
     for i in range(config.num_layers) if key.per_layer else [None]:
@@ -121,20 +101,21 @@ def params_from_hf(config: ModelConfig, names: Mapping[str, str], read: Callable
             f"conversion, expected {tuple(layer_shape)} from the config")
       arrays.append(array.astype(np.float32) if array.dtype.kind == "f" else array)
     value = np.stack(arrays) if key.per_layer else arrays[0]
-    _set(params, key.path, jnp.asarray(value, dtype))
+    flat[key.path] = jnp.asarray(value, dtype)
 
-  uncovered = sorted(set(_flat_paths(expected)) - set(_flat_paths(params)))
+  uncovered = sorted(set(expected) - set(flat))
   if uncovered:  # a table bug, not a user error; still say exactly what
     raise errors.MissingTensorError(f"no HF key maps to parameter(s) {uncovered}")
-  return params
+  return unflatten(flat)
 
 
 def params_to_hf(config: ModelConfig, params: Mapping) -> dict:
   """params -> {HF name: numpy array in HF layout} (inverse of params_from_hf)."""
   keys = active_keys(family_module(config.family).KEYS, config)
+  flat = flatten(params)
   out, parts = {}, {}
   for key in keys:
-    value = np.asarray(_get(params, key.path))
+    value = np.asarray(flat[key.path])
     for i in range(config.num_layers) if key.per_layer else [None]:
       name = key.hf.format(i=i)
       array = key.from_jft(value[i] if key.per_layer else value)

@@ -3,9 +3,13 @@
 Models know no particular fine-tuning method. They read whatever the param
 tree holds at a few fixed places (see ../shared/DESIGN.md):
 
-* `Linear`: every projection. A dense `kernel` `[in, out]`, and an optional
-  `bias` used whenever the tree has one (so BitFit can add zero biases to a
-  bias-free Llama without touching the model).
+* `Linear`: every projection. A dense `kernel` `[in, out]`, and whatever of
+  these the tree holds beside it:
+    `bias [out]`                      used whenever present (BitFit adds zero biases);
+    `lora_a [in, r]`, `lora_b [r, out]`, `lora_scale []`
+                                      y += scale * dropout(x) @ a @ b;
+    `lora_magnitude [out]`            DoRA: rescale columns of W + scale*a@b to this norm;
+    `ia3_in [in]`, `ia3_out [out]`    IA3: scale the input / the output.
 * `Embed`: token (and learned position) tables; `attend` gives tied logits.
 
 Norms and rotary embeddings live here too because every family shares them.
@@ -13,6 +17,7 @@ Norms and rotary embeddings live here too because every family shares them.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any
 
@@ -24,23 +29,89 @@ import numpy as np
 Dtype = Any
 
 
+@dataclasses.dataclass(frozen=True)
+class Hooks:
+  """Static settings of the hook points that cannot live in the param tree.
+
+  Numbers that can (LoRA scale) are leaves beside their weights, so a tree
+  always computes what it says. These are the rest: train-time switches and
+  the adapter nonlinearity. A method sets them with `method.configure(model)`.
+  """
+  lora_dropout: float = 0.0
+  adapter_activation: str = "relu"
+  deterministic: bool = True  # False during training: enables dropout
+
+
 class Linear(nn.Module):
-  """y = x @ kernel (+ bias). Kernel layout is Flax's `[in, out]`."""
+  """y = x @ kernel (+ bias), plus the optional method leaves listed above.
+
+  Kernel layout is Flax's `[in, out]`. Method leaves are only read, never
+  created: `init` of a base model makes the base tree, methods add the rest.
+  """
   features: int
   use_bias: bool = False
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   kernel_init: Any = nn.initializers.normal(0.02)
+  hooks: "Hooks" = None
+
+  def _opt(self, name):
+    return self.get_variable("params", name) if self.has_variable("params", name) else None
 
   @nn.compact
   def __call__(self, x):
     kernel = self.param("kernel", self.kernel_init, (x.shape[-1], self.features), self.param_dtype)
     x = x.astype(self.dtype)
+    ia3_in, ia3_out = self._opt("ia3_in"), self._opt("ia3_out")
+    if ia3_in is not None:
+      x = x * ia3_in.astype(self.dtype)
     y = jnp.dot(x, kernel.astype(self.dtype))
+    lora_a = self._opt("lora_a")
+    if lora_a is not None:
+      lora_b, scale = self.get_variable("params", "lora_b"), self.get_variable("params", "lora_scale")
+      xd = x
+      rate = self.hooks.lora_dropout if self.hooks else 0.0
+      if rate > 0 and not self.hooks.deterministic:
+        keep = jax.random.bernoulli(self.make_rng("dropout"), 1.0 - rate, x.shape)
+        xd = jnp.where(keep, x / (1.0 - rate), 0).astype(self.dtype)
+      delta = jnp.dot(jnp.dot(xd, lora_a.astype(self.dtype)), lora_b.astype(self.dtype))
+      delta = delta * scale.astype(self.dtype)
+      magnitude = self._opt("lora_magnitude")
+      if magnitude is None:
+        y = y + delta
+      else:
+        # DoRA: W' = m * V / ||V|| with V = W + scale*a@b, norm per output column and
+        # treated as a constant in the backward pass (as the paper and peft do).
+        v = kernel.astype(jnp.float32) + scale * jnp.dot(lora_a.astype(jnp.float32),
+                                                         lora_b.astype(jnp.float32))
+        norm = jax.lax.stop_gradient(jnp.sqrt(jnp.sum(v * v, axis=0)))
+        factor = (magnitude.astype(jnp.float32) / norm).astype(self.dtype)
+        y = factor * (y + delta)
     if self.use_bias or self.has_variable("params", "bias"):
       bias = self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype)
       y = y + bias.astype(self.dtype)
+    if ia3_out is not None:  # after the bias, as peft scales the base layer's whole output
+      y = y * ia3_out.astype(self.dtype)
     return y
+
+
+class Adapter(nn.Module):
+  """Bottleneck adapter hook: h + up(act(down(h))) when the tree has `down`/`up`.
+
+  Leaves: `down/kernel [d, m]`, `down/bias [m]`, `up/kernel [m, d]`, `up/bias [d]`.
+  Absent leaves make it the identity (and `init` of a base model creates none).
+  """
+  hooks: Hooks = None
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, h):
+    if not self.has_variable("params", "down"):
+      return h
+    down, up = self.get_variable("params", "down"), self.get_variable("params", "up")
+    act = ACTIVATIONS[self.hooks.adapter_activation if self.hooks else "relu"]
+    z = act(jnp.dot(h, down["kernel"].astype(self.dtype)) + down["bias"].astype(self.dtype))
+    return h + jnp.dot(z, up["kernel"].astype(self.dtype)) + up["bias"].astype(self.dtype)
 
 
 class Embed(nn.Module):
@@ -100,6 +171,8 @@ def make_norm(config, dtype, param_dtype, name):
 
 ACTIVATIONS = {
     "silu": jax.nn.silu,
+    "relu": jax.nn.relu,
+    "tanh": jnp.tanh,
     "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True),
     "gelu": lambda x: jax.nn.gelu(x, approximate=False),
 }

@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 
 from jft.models.config import ModelConfig
-from jft.models.layers import (ACTIVATIONS, Embed, Linear, apply_rope, make_norm,
+from jft.models.layers import (ACTIVATIONS, Adapter, Embed, Hooks, Linear, apply_rope, make_norm,
                                rope_cos_sin, rope_inv_freq)
 
 Dtype = Any
@@ -50,12 +50,13 @@ class Attention(nn.Module):
   config: ModelConfig
   dtype: Dtype
   param_dtype: Dtype
+  hooks: Hooks = Hooks()
 
   @nn.compact
   def __call__(self, x, mask, cos, sin, layer_cache, cache_index):
     c = self.config
     b, t, _ = x.shape
-    dense = lambda n, f, bias: Linear(f, bias, self.dtype, self.param_dtype, name=n)
+    dense = lambda n, f, bias: Linear(f, bias, self.dtype, self.param_dtype, hooks=self.hooks, name=n)
     q = dense("q_proj", c.num_heads * c.head_dim, c.qkv_bias)(x)
     k = dense("k_proj", c.num_kv_heads * c.head_dim, c.qkv_bias)(x)
     v = dense("v_proj", c.num_kv_heads * c.head_dim, c.qkv_bias)(x)
@@ -74,6 +75,16 @@ class Attention(nn.Module):
       new_cache = {"k": k_all, "v": v_all}
       k, v = k_all.astype(self.dtype), v_all.astype(self.dtype)
 
+    # Hook 3: trainable prefix keys/values (prefix tuning), visible to every query,
+    # stored without rotary embedding (as peft's past_key_values are).
+    if self.has_variable("params", "prefix_k"):
+      pk, pv = (self.get_variable("params", n).astype(self.dtype) for n in ("prefix_k", "prefix_v"))
+      n = pk.shape[0]
+      pk = jnp.broadcast_to(pk.reshape(1, n, c.num_kv_heads, c.head_dim), (b, n, c.num_kv_heads, c.head_dim))
+      pv = jnp.broadcast_to(pv.reshape(1, n, c.num_kv_heads, c.head_dim), (b, n, c.num_kv_heads, c.head_dim))
+      k, v = jnp.concatenate([pk, k], axis=1), jnp.concatenate([pv, v], axis=1)
+      mask = jnp.concatenate([jnp.ones((*mask.shape[:2], n), bool), mask], axis=2)
+
     groups = c.num_heads // c.num_kv_heads
     q = q.reshape(b, t, c.num_kv_heads, groups, c.head_dim)
     scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
@@ -88,11 +99,12 @@ class MLP(nn.Module):
   config: ModelConfig
   dtype: Dtype
   param_dtype: Dtype
+  hooks: Hooks = Hooks()
 
   @nn.compact
   def __call__(self, x):
     c = self.config
-    dense = lambda n, f: Linear(f, c.mlp_bias, self.dtype, self.param_dtype, name=n)
+    dense = lambda n, f: Linear(f, c.mlp_bias, self.dtype, self.param_dtype, hooks=self.hooks, name=n)
     act = ACTIVATIONS[c.activation]
     up = dense("up_proj", c.intermediate_size)(x)
     h = act(dense("gate_proj", c.intermediate_size)(x)) * up if c.mlp == "gated" else act(up)
@@ -104,16 +116,18 @@ class Block(nn.Module):
   config: ModelConfig
   dtype: Dtype
   param_dtype: Dtype
+  hooks: Hooks = Hooks()
 
   @nn.compact
   def __call__(self, x, layer_cache, mask, cos, sin, cache_index):
     c = self.config
     h = make_norm(c, self.dtype, self.param_dtype, "input_layernorm")(x)
-    h, new_cache = Attention(c, self.dtype, self.param_dtype, name="self_attn")(
+    h, new_cache = Attention(c, self.dtype, self.param_dtype, self.hooks, name="self_attn")(
         h, mask, cos, sin, layer_cache, cache_index)
-    x = x + h
+    x = x + Adapter(self.hooks, self.dtype, name="adapter_attn")(h)
     h = make_norm(c, self.dtype, self.param_dtype, "post_attention_layernorm")(x)
-    x = x + MLP(c, self.dtype, self.param_dtype, name="mlp")(h)
+    h = MLP(c, self.dtype, self.param_dtype, self.hooks, name="mlp")(h)
+    x = x + Adapter(self.hooks, self.dtype, name="adapter_mlp")(h)
     return x, new_cache
 
 
@@ -136,6 +150,7 @@ class Transformer(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   remat: str = "none"  # a key of REMAT_POLICIES
+  hooks: Hooks = Hooks()  # static hook settings (layers.Hooks); methods set them
 
   @nn.compact
   def __call__(self, input_ids, attention_mask=None, positions=None, cache=None, cache_index=0):
@@ -145,16 +160,32 @@ class Transformer(nn.Module):
       if cache is not None:
         raise ValueError("decoding with a cache needs attention_mask over the whole cache length")
       attention_mask = jnp.ones((b, t), jnp.int32)
+    embed = Embed(c.vocab_size, c.hidden_size, self.dtype, self.param_dtype, name="embed_tokens")
+    x = embed(input_ids)
+
+    # Hook 4: prompt vectors prepended to the input (prompt tuning, P-tuning). They
+    # are ordinary earlier tokens for masks and positions; their logits are dropped.
+    n_prompt = 0
+    if self.has_variable("params", "prompt_embeddings"):
+      if cache is not None:
+        raise NotImplementedError("prompt tuning with a KV cache: decode without prompt_embeddings "
+                                  "or use prefix tuning")
+      prompt = self.get_variable("params", "prompt_embeddings").astype(self.dtype)
+      n_prompt = prompt.shape[0]
+      x = jnp.concatenate([jnp.broadcast_to(prompt[None], (b, *prompt.shape)), x], axis=1)
+      attention_mask = jnp.concatenate(
+          [jnp.ones((b, n_prompt), attention_mask.dtype), attention_mask], axis=1)
+      t += n_prompt
+
     cache_index = jnp.asarray(cache_index, jnp.int32)
     q_index = cache_index + jnp.arange(t)
     if positions is None:
-      # Position of a token = number of real tokens before it (padding skipped).
-      counts = jnp.cumsum(attention_mask.astype(jnp.int32), axis=1) - 1
+      # Position of a token = number of real tokens before it (padding skipped);
+      # prefix-tuning keys count as earlier tokens, as peft's cache makes them.
+      counts = jnp.cumsum(attention_mask.astype(jnp.int32), axis=1) - 1 + self._prefix_length()
       positions = jnp.maximum(jnp.take(counts, q_index, axis=1), 0)
     mask = attention_mask_4d(attention_mask, q_index, c.sliding_window)
 
-    embed = Embed(c.vocab_size, c.hidden_size, self.dtype, self.param_dtype, name="embed_tokens")
-    x = embed(input_ids)
     cos = sin = None
     if c.position == "learned":
       x = x + Embed(c.max_position_embeddings, c.hidden_size, self.dtype, self.param_dtype,
@@ -168,7 +199,7 @@ class Transformer(nn.Module):
     stack = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
                     in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
                     length=c.num_layers)
-    x, new_cache = stack(c, self.dtype, self.param_dtype, name="layers")(
+    x, new_cache = stack(c, self.dtype, self.param_dtype, self.hooks, name="layers")(
         x, cache, mask, cos, sin, cache_index)
 
     x = make_norm(c, self.dtype, self.param_dtype, "norm")(x)
@@ -176,8 +207,12 @@ class Transformer(nn.Module):
       logits = embed.attend(x)
     else:
       logits = Linear(c.vocab_size, False, self.dtype, self.param_dtype, name="lm_head")(x)
-    logits = logits.astype(jnp.float32)
+    logits = logits[:, n_prompt:].astype(jnp.float32)
     return logits if cache is None else (logits, new_cache)
+
+  def _prefix_length(self) -> int:
+    attn = self.variables.get("params", {}).get("layers", {}).get("self_attn", {})
+    return attn["prefix_k"].shape[1] if "prefix_k" in attn else 0
 
 
 def init_cache(config: ModelConfig, batch: int, length: int, dtype=jnp.float32):
