@@ -72,13 +72,15 @@ def match(rules: Rules, path: str, default: Any = NO_MATCH) -> Any:
 
 
 def assign(rules: Rules, paths: Iterable[str], *, default: Any = NO_MATCH,
-           require_all_rules_match: bool = True, what: str = "rule") -> dict[str, Any]:
+           require_all_rules_match: bool = True, what: str = "rule",
+           labels: Sequence[str] | None = None) -> dict[str, Any]:
   """{path: value of the first matching rule} for every path.
 
   A path no rule matches gets `default`; without a default it is an error
   (coverage required). A rule that matches no path at all is an error when
   `require_all_rules_match` (the usual typo: `q_proj` where `.*/q_proj/kernel`
-  was meant), naming the rule and the nearest paths.
+  was meant), naming the rule (or its entry in `labels`, as the user wrote it)
+  and the nearest paths.
   """
   paths = list(paths)
   compiled = _compile(rules)
@@ -96,7 +98,8 @@ def assign(rules: Rules, paths: Iterable[str], *, default: Any = NO_MATCH,
       else:
         out[path] = default
   if require_all_rules_match:
-    unused = [pattern for (pattern, _, _), u in zip(compiled, used) if not u]
+    shown = list(labels) if labels is not None else [pattern for pattern, _, _ in compiled]
+    unused = [label for label, u in zip(shown, used) if not u]
     if unused:
       hints = "; ".join(f"{p!r} (nearest paths: {', '.join(nearest(p, paths))})" for p in unused)
       raise RuleError(f"{what}(s) matched no parameter path (rules are full matches): {hints}")

@@ -153,7 +153,7 @@ def linear_modules(params: Params) -> list[str]:
 def select_modules(targets: Sequence[str], modules: Sequence[str], method: str) -> list[str]:
   """Modules matched by any target; a target matching nothing is an error naming it."""
   chosen = rules.assign([(expand_target(t), True) for t in targets], modules, default=False,
-                        what=f"{method} target")
+                        what=f"{method} target", labels=targets)
   return [m for m in modules if chosen[m]]
 
 
