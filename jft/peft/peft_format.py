@@ -30,7 +30,7 @@ from jft.models.hf import family_module
 from jft.models.keymap import TRANSPOSE, active_keys
 from jft.peft import api
 from jft.peft.ia3 import IA3
-from jft.peft.lora import LoRA
+from jft.peft.lora import DoRA, LoRA
 from jft.peft.prefix import Prefix, kv_from_flat, prefix_flat
 from jft.peft.prompt import PromptTuning, PTuning
 
@@ -136,9 +136,9 @@ def _method_from_config(cfg: dict, path: str) -> api.Method:
     for field in ("layers_to_transform", "rank_pattern", "alpha_pattern"):
       if cfg.get(field):
         raise PeftFormatError(f"{path}: {field}={cfg[field]!r} is not supported")
-    return LoRA(targets=tuple(targets), rank=cfg["r"], alpha=cfg["lora_alpha"],
-                dropout=cfg.get("lora_dropout", 0.0), rslora=cfg.get("use_rslora", False),
-                dora=cfg.get("use_dora", False))
+    cls = DoRA if cfg.get("use_dora") else LoRA
+    return cls(targets=tuple(targets), rank=cfg["r"], alpha=cfg["lora_alpha"],
+               dropout=cfg.get("lora_dropout", 0.0), rslora=cfg.get("use_rslora", False))
   if kind == "IA3":
     return IA3(targets=tuple(cfg["target_modules"]), feedforward=tuple(cfg.get("feedforward_modules") or ()))
   if kind == "PROMPT_TUNING":
