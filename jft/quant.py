@@ -1,0 +1,416 @@
+"""Blockwise absmax quantization of frozen base weights (QLoRA), bit-exact with bitsandbytes.
+
+A weight is flattened in torch's `(out, in)` order (so blocks and packed bytes
+are the ones bitsandbytes makes from the same checkpoint), cut into blocks
+of `blocksize`, each block divided by its absolute maximum and mapped to the
+nearest entry of a 16- or 256-entry codebook:
+
+    nf4   the QLoRA NormalFloat codebook            4 bits, two codes per uint8 (high nibble first)
+    fp4   bitsandbytes' E2M1 table                  4 bits
+    int4  symmetric linear, bitsandbytes' layout    4 bits
+    int8  the signed 8-bit dynamic map              8 bits
+
+Double quantization stores the per-block absmax again in 8 bits: subtract
+their mean (a float32 offset), quantize blockwise (block 256) with the dynamic
+map, keep the second-level float32 scales. NF4 at block 64 then costs
+4 + 8/64 + 32/(64*256) = 4.127 bits per parameter instead of 4.5.
+
+`QuantizedTensor` is a registered pytree node: its arrays are children (so
+`nn.scan` slices the layer axis and sharding sees them), shape and format are
+static. The `Linear` hook dequantizes it right before its matmul, inside
+`jax.checkpoint`, so no dequantized copy of a weight is kept for the backward
+pass. Quantization itself runs once, offline, in numpy.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jft import rules
+from jft.errors import JftError
+
+
+class QuantizationError(JftError, ValueError):
+  pass
+
+
+# ----------------------------------------------------------------------------
+# Codebooks (float32), as bitsandbytes defines them.
+# ----------------------------------------------------------------------------
+
+NF4 = np.array([
+    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
+    -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
+    0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
+    0.7229568362236023, 1.0], np.float32)
+# E2M1 magnitudes in bitsandbytes' index order (sign in the top bit), normalised by 12.
+FP4 = np.array([0, 0.0625, 8, 12, 4, 6, 2, 3, -0.0, -0.0625, -8, -12, -4, -6, -2, -3], np.float32) / np.float32(12)
+INT4 = np.array([7, 6, 5, 4, 3, 2, 1, 0, -0.0, -1, -2, -3, -4, -5, -6, -7], np.float32) / np.float32(7)
+
+
+def _linspace_f32(start: float, end: float, steps: int) -> np.ndarray:
+  """torch.linspace in float32, bit for bit: forward from `start` for the first half,
+  backward from `end` after, each value one fused multiply-add (a float32 product is
+  exact in float64, so float64 arithmetic rounded once to float32 is that FMA)."""
+  start32, end32 = np.float32(start), np.float32(end)
+  step = np.float64((end32 - start32) / np.float32(steps - 1))
+  i = np.arange(steps)
+  forward = (np.float64(start32) + step * i).astype(np.float32)
+  backward = (np.float64(end32) - step * (steps - i - 1)).astype(np.float32)
+  return np.where(i < steps // 2, forward, backward).astype(np.float32)
+
+
+@functools.lru_cache(maxsize=None)
+def dynamic_map(signed: bool = True, max_exponent_bits: int = 7, total_bits: int = 8) -> np.ndarray:
+  """The 8-bit dynamic (exponent + fraction) map of Dettmers (2015), 256 sorted float32 values."""
+  values = []
+  non_sign = total_bits - 1
+  for i in range(max_exponent_bits):
+    n = 2 ** (i + non_sign - max_exponent_bits) + 1 if signed else 2 ** (i + non_sign - max_exponent_bits + 1) + 1
+    bounds = _linspace_f32(0.1, 1.0, n)
+    means = (bounds[:-1] + bounds[1:]) / np.float32(2)
+    scale = np.float32(10.0 ** (-(max_exponent_bits - 1) + i))
+    values += list(scale * means)
+    if signed:
+      values += list(-scale * means)
+  extra = 2 ** (non_sign - max_exponent_bits) - 1
+  if extra > 0:
+    bounds = _linspace_f32(0.1, 1.0, extra + 1)
+    means = (bounds[:-1] + bounds[1:]) / np.float32(2)
+    scale = np.float32(10.0 ** (-(max_exponent_bits - 1) + max_exponent_bits - 1))
+    values += list(scale * means)
+    if signed:
+      values += list(-scale * means)
+  values += [0.0, 1.0]
+  values += [0.0] * (2 ** total_bits - len(values))
+  return np.sort(np.asarray(values, np.float32))
+
+
+def codebook(fmt: str) -> np.ndarray:
+  books = {"nf4": NF4, "fp4": FP4, "int4": INT4}
+  if fmt == "int8":
+    return dynamic_map()
+  if fmt not in books:
+    raise QuantizationError(f"unknown quantization format {fmt!r}; expected one of {FORMATS}")
+  return books[fmt]
+
+
+FORMATS = ("nf4", "fp4", "int4", "int8")
+DQ_BLOCKSIZE = 256
+
+
+# ----------------------------------------------------------------------------
+# numpy quantization (offline)
+# ----------------------------------------------------------------------------
+
+def _nearest(scaled: np.ndarray, book: np.ndarray) -> np.ndarray:
+  """Index of the nearest codebook entry; ties go to the lower sorted entry (torch.bucketize)."""
+  order = np.argsort(book, kind="stable")
+  ordered = book[order]
+  mid = (ordered[:-1] + ordered[1:]) / np.float32(2)
+  return order[np.searchsorted(mid, scaled, side="left")].astype(np.uint8)
+
+
+@functools.lru_cache(maxsize=None)
+def _lut_8bit() -> np.ndarray:
+  """Code of each point of a uniform 16-bit grid over [-1, 1] (nearest entry of the dynamic map)."""
+  grid = (np.arange(65536, dtype=np.float64) * 2 / 65535 - 1).astype(np.float32)
+  return _nearest(grid, dynamic_map())
+
+
+def _nearest_8bit(x: np.ndarray) -> np.ndarray:
+  """bitsandbytes' CPU rule for 8-bit codes: round the normalised value to a 16-bit grid,
+  ((v + 1) / 2) * 65535 + 0.5 truncated, in float32, then look its code up.
+
+  Near a midpoint this can pick the farther entry (the grid step is 3e-5), and
+  bit-exactness needs the same choice.
+  """
+  v = np.clip(np.asarray(x, np.float32), -1, 1)
+  idx = ((v + np.float32(1)) * np.float32(0.5) * np.float32(65535) + np.float32(0.5)).astype(np.int64)
+  return _lut_8bit()[idx]
+
+
+def blockwise8(flat: np.ndarray, blocksize: int):
+  """8-bit blockwise quantization as bitsandbytes' CPU `quantize_blockwise` does it:
+  value / absmax (a true division), then `_nearest_8bit`."""
+  flat = np.asarray(flat, np.float32).reshape(-1)
+  pad = (-flat.size) % blocksize
+  blocks = np.concatenate([flat, np.zeros(pad, np.float32)]).reshape(-1, blocksize)
+  absmax = np.abs(blocks).max(axis=1).astype(np.float32)
+  with np.errstate(divide="ignore", invalid="ignore"):
+    scaled = (blocks / absmax[:, None]).astype(np.float32).reshape(-1)[: flat.size]
+  return _nearest_8bit(np.nan_to_num(scaled)), absmax
+
+
+def blockwise(flat: np.ndarray, blocksize: int, book: np.ndarray):
+  """4-bit: float32 [n] -> (codes uint8 [n], absmax float32 [ceil(n / blocksize)]),
+  as bitsandbytes' reference `quantize_4bit` (multiply by 1/absmax, torch.bucketize)."""
+  flat = np.asarray(flat, np.float32).reshape(-1)
+  n = flat.size
+  full = n - n % blocksize
+  blocks = flat[:full].reshape(-1, blocksize)
+  absmax = np.abs(blocks).max(axis=1) if full else np.zeros((0,), np.float32)
+  inv = np.float32(1.0) / np.maximum(absmax, np.float32(1e-38))
+  scaled = [np.clip(blocks * inv[:, None], -1, 1).reshape(-1)]
+  if n % blocksize:
+    tail_max = np.maximum(np.abs(flat[full:]).max(), np.float32(1e-38))
+    absmax = np.concatenate([absmax, [tail_max]]).astype(np.float32)
+    scaled.append(np.clip(flat[full:] / tail_max, -1, 1))
+  return _nearest(np.concatenate(scaled).astype(np.float32), book), absmax.astype(np.float32)
+
+
+def torch_float32_mean(x: np.ndarray) -> np.float32:
+  """`torch.Tensor.mean()` of a contiguous float32 vector on the CPU, bit for bit.
+
+  Double quantization subtracts the mean of the block scales, and bitsandbytes
+  takes it with torch; a last-bit difference would move some 8-bit scale codes.
+  torch sums 8-lane vectors (AVX2 `Vectorized<float>`) through its cascade
+  (4 interleaved rows, 4 levels of partial sums, level step 2^max(4, ceil(log2 n)/4)),
+  then adds the scalar tail, then the 8 lanes, all in float32; mean = sum / n.
+  """
+  x = np.asarray(x, np.float32).reshape(-1)
+  lanes, ilp, levels = 8, 4, 4
+  vectors = x[: x.size // lanes * lanes].reshape(-1, lanes)
+
+  def cascade(rows):  # rows [size, ...] -> float32 sum over axis 0, torch's order
+    size = rows.shape[0]
+    power = max(4, (int(np.ceil(np.log2(size))) if size > 1 else 0) // levels)
+    step, mask = 1 << power, (1 << power) - 1
+    acc = np.zeros((levels,) + rows.shape[1:], np.float32)
+    i = 0
+    while i + step <= size:
+      for _ in range(step):
+        acc[0] += rows[i]
+        i += 1
+      for j in range(1, levels):
+        acc[j] += acc[j - 1]
+        acc[j - 1] = 0
+        if i & (mask << (j * power)):
+          break
+    for row in rows[i:]:
+      acc[0] += row
+    for j in range(1, levels):
+      acc[0] += acc[j]
+    return acc[0]
+
+  n_ilp = vectors.shape[0] // ilp
+  partial = (cascade(vectors[: n_ilp * ilp].reshape(n_ilp, ilp, lanes)) if n_ilp
+             else np.zeros((ilp, lanes), np.float32))
+  vec = partial[0].copy()
+  for row in vectors[n_ilp * ilp:]:
+    vec += row
+  for k in range(1, ilp):
+    vec += partial[k]
+  total = np.float32(0)
+  for v in x[vectors.size:]:
+    total = np.float32(total + v)
+  for v in vec:
+    total = np.float32(total + v)
+  return np.float32(total / np.float32(x.size))
+
+
+def pack4(codes: np.ndarray) -> np.ndarray:
+  if codes.size % 2:
+    codes = np.concatenate([codes, np.zeros(1, np.uint8)])
+  return ((codes[0::2] << 4) | codes[1::2]).astype(np.uint8)
+
+
+@jax.tree_util.register_pytree_node_class
+@dataclasses.dataclass
+class QuantizedTensor:
+  """A frozen quantized weight. Arrays may carry leading (layer) axes.
+
+  codes         uint8 [..., bytes]    packed codes (two per byte for 4-bit formats)
+  absmax        float32 [..., blocks] per-block scales (None with double quantization)
+  absmax_codes  uint8 [..., blocks]   double quantization: 8-bit scales ...
+  absmax_scale  float32 [..., blocks / 256]  ... their second-level scales
+  absmax_offset float32 [...]          ... and the subtracted mean
+  shape         the logical weight shape *as stored*, torch's (out, in)
+  transposed    True when the model uses it as (in, out) (a Flax kernel)
+  """
+  codes: jax.Array
+  absmax: Optional[jax.Array]
+  absmax_codes: Optional[jax.Array]
+  absmax_scale: Optional[jax.Array]
+  absmax_offset: Optional[jax.Array]
+  shape: tuple
+  fmt: str
+  blocksize: int
+  dtype: str = "float32"
+  transposed: bool = True
+
+  def tree_flatten(self):
+    children = (self.codes, self.absmax, self.absmax_codes, self.absmax_scale, self.absmax_offset)
+    return children, (self.shape, self.fmt, self.blocksize, self.dtype, self.transposed)
+
+  @classmethod
+  def tree_unflatten(cls, aux, children):
+    return cls(*children, *aux)
+
+  @property
+  def double_quant(self) -> bool:
+    return self.absmax_codes is not None
+
+  @property
+  def lead(self) -> tuple:
+    return tuple(self.codes.shape[:-1])
+
+  @property
+  def logical_shape(self) -> tuple:
+    """Shape of the dense array this stands for, as the model sees it."""
+    inner = tuple(reversed(self.shape)) if self.transposed else tuple(self.shape)
+    return self.lead + inner
+
+  @property
+  def size(self) -> int:
+    return int(np.prod(self.logical_shape))
+
+  @property
+  def nbytes(self) -> int:
+    """Bytes actually stored."""
+    arrays = (self.codes, self.absmax, self.absmax_codes, self.absmax_scale, self.absmax_offset)
+    return int(sum(a.size * a.dtype.itemsize for a in arrays if a is not None))
+
+  @property
+  def bits_per_param(self) -> float:
+    return 8 * self.nbytes / self.size
+
+
+def quantize_array(weight, fmt: str = "nf4", blocksize: int = 64, double_quant: bool = True,
+                   transposed: bool = True) -> QuantizedTensor:
+  """Quantize one weight (leading axes = stacked layers, each quantized on its own).
+
+  `transposed=True` takes a Flax kernel `[..., in, out]` and stores it as
+  torch's `(out, in)`, the layout bitsandbytes quantizes.
+  """
+  book = codebook(fmt)
+  w = np.asarray(weight, np.float32)
+  if transposed:
+    w = np.swapaxes(w, -1, -2)
+  inner, lead = w.shape[-2:], w.shape[:-2]
+  flat = w.reshape(-1, int(np.prod(inner)))
+  out = {"codes": [], "absmax": [], "absmax_codes": [], "absmax_scale": [], "absmax_offset": []}
+  for row in flat:
+    codes, absmax = blockwise8(row, blocksize) if fmt == "int8" else blockwise(row, blocksize, book)
+    out["codes"].append(codes if fmt == "int8" else pack4(codes))
+    if double_quant:
+      offset = torch_float32_mean(absmax)
+      c2, s2 = blockwise8(absmax - offset, DQ_BLOCKSIZE)
+      out["absmax_codes"].append(c2), out["absmax_scale"].append(s2), out["absmax_offset"].append(offset)
+    else:
+      out["absmax"].append(absmax)
+  arrays = {k: (np.reshape(np.stack(v), tuple(lead) + np.shape(v[0])) if v else None) for k, v in out.items()}
+  return QuantizedTensor(**{k: (jnp.asarray(v) if v is not None else None) for k, v in arrays.items()},
+                         shape=tuple(int(d) for d in inner), fmt=fmt, blocksize=blocksize,
+                         dtype=str(np.asarray(weight).dtype) if hasattr(weight, "dtype") else "float32",
+                         transposed=transposed)
+
+
+# ----------------------------------------------------------------------------
+# JAX dequantization (on the fly, traced)
+# ----------------------------------------------------------------------------
+
+def block_scales(q: QuantizedTensor):
+  """float32 [..., blocks]."""
+  if not q.double_quant:
+    return q.absmax
+  dyn = jnp.asarray(dynamic_map())
+  blocks = q.absmax_codes.shape[-1]
+  scale = jnp.repeat(q.absmax_scale, DQ_BLOCKSIZE, axis=-1)[..., :blocks]
+  return dyn[q.absmax_codes.astype(jnp.int32)] * scale + q.absmax_offset[..., None]
+
+
+def dequantize(q: QuantizedTensor, dtype=jnp.float32):
+  """The dense weight (float32 arithmetic as bitsandbytes, then cast), in the model's layout."""
+  book = jnp.asarray(codebook(q.fmt))
+  if q.fmt == "int8":
+    idx = q.codes.astype(jnp.int32)
+  else:
+    idx = jnp.stack([q.codes >> 4, q.codes & 0xF], axis=-1).reshape(*q.lead, -1).astype(jnp.int32)
+  n = int(np.prod(q.shape))
+  scales = block_scales(q)
+  blocks = scales.shape[-1]
+  values = book[idx][..., :n]
+  values = jnp.pad(values, [(0, 0)] * len(q.lead) + [(0, blocks * q.blocksize - n)])
+  values = (values.reshape(*q.lead, blocks, q.blocksize) * scales[..., None]).reshape(*q.lead, -1)[..., :n]
+  w = values.reshape(*q.lead, *q.shape)
+  if q.transposed:
+    w = jnp.swapaxes(w, -1, -2)
+  return w.astype(dtype)
+
+
+def matmul(x, q: QuantizedTensor, dtype):
+  """x @ dequantize(q) without keeping the dense weight for the backward pass.
+
+  Under `jax.checkpoint` the residuals are x and the packed codes; the
+  backward recomputes the dequantized weight for dx (the recomputed forward
+  product is unused and removed by XLA).
+  """
+  f = jax.checkpoint(lambda x, q: jnp.dot(x, dequantize(q, dtype)),
+                     policy=jax.checkpoint_policies.nothing_saveable, prevent_cse=False)
+  return f(x, q)
+
+
+def as_dense(kernel, dtype=jnp.float32):
+  return dequantize(kernel, dtype) if isinstance(kernel, QuantizedTensor) else kernel.astype(dtype)
+
+
+# ----------------------------------------------------------------------------
+# Whole trees
+# ----------------------------------------------------------------------------
+
+DEFAULT_RULES = ((r"layers/.*/kernel", "nf4"),)  # every linear in the blocks; embeddings, lm_head, norms stay
+
+
+@dataclasses.dataclass(frozen=True)
+class Summary:
+  tensors: int
+  params: int
+  bytes_before: int
+  bytes_after: int
+
+  @property
+  def bits_per_param(self) -> float:
+    return 8 * self.bytes_after / self.params if self.params else 0.0
+
+  def __str__(self):
+    return (f"quantized {self.tensors} tensors, {self.params:,} params: "
+            f"{self.bytes_before / 2**20:.1f} MiB -> {self.bytes_after / 2**20:.1f} MiB "
+            f"({self.bits_per_param:.3f} bits/param)")
+
+
+def quantize(params, rules_: rules.Rules = DEFAULT_RULES, blocksize: int = 64, double_quant: bool = True,
+             verbose: bool = True):
+  """Quantize the kernels the rules select (value = format, or None to keep) -> (params, Summary)."""
+  flat = rules.flatten(params)
+  for _, fmt in rules_:
+    if fmt is not None and fmt not in FORMATS:
+      raise QuantizationError(f"rule format {fmt!r}; expected one of {FORMATS} or None")
+  chosen = rules.assign(rules_, flat, default=None, what="quantization rule")
+  tensors = n_params = before = after = 0
+  for path, fmt in chosen.items():
+    if fmt is None or isinstance(flat[path], QuantizedTensor):
+      continue
+    if not path.endswith("/kernel") or np.ndim(flat[path]) < 2:
+      raise QuantizationError(f"{path}: only linear kernels can be quantized (rule gave {fmt!r})")
+    w = flat[path]
+    q = quantize_array(w, fmt, blocksize, double_quant)
+    flat[path] = q
+    tensors += 1
+    n_params += q.size
+    before += int(np.prod(w.shape)) * w.dtype.itemsize
+    after += q.nbytes
+  summary = Summary(tensors, n_params, before, after)
+  if verbose:
+    print(summary)
+  return rules.unflatten(flat), summary
+
+
+def is_quantized(leaf) -> bool:
+  return isinstance(leaf, QuantizedTensor)
