@@ -17,6 +17,9 @@ def _generate(args) -> int:
   t0 = time.time()
   print(f"loading {args.model} ...", file=sys.stderr, flush=True)
   model, params = load_pretrained(args.model, dtype=dtype)
+  if args.quantize:
+    from jft import quant
+    params, _ = quant.quantize(params, ((r"layers/.*/kernel", args.quantize),), blocksize=args.blocksize)
   tokenizer = load_tokenizer(args.model)
   print(f"loaded in {time.time() - t0:.1f}s; generating ...", file=sys.stderr, flush=True)
   sampling = Sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p)
@@ -47,6 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
   g.add_argument("--seed", type=int, default=0)
   g.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
   g.add_argument("--no-chat", action="store_true", help="do not apply the chat template")
+  g.add_argument("--quantize", choices=("nf4", "fp4", "int4", "int8"),
+                 help="quantize the transformer blocks' linear weights (double quantization on)")
+  g.add_argument("--blocksize", type=int, default=64, help="quantization block size (default 64)")
   g.set_defaults(run=_generate)
   return parser
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import sys
 from typing import Optional
 
 import jax
@@ -137,8 +138,8 @@ def _nearest_8bit(x: np.ndarray) -> np.ndarray:
 
 
 def blockwise8(flat: np.ndarray, blocksize: int):
-  """8-bit blockwise quantization as bitsandbytes' CPU `quantize_blockwise` does it:
-  value / absmax (a true division), then `_nearest_8bit`."""
+  """8-bit blockwise quantization with the dynamic map, as bitsandbytes' CPU
+  `quantize_blockwise` does it: value / absmax (a true division), then `_nearest_8bit`."""
   flat = np.asarray(flat, np.float32).reshape(-1)
   pad = (-flat.size) % blocksize
   blocks = np.concatenate([flat, np.zeros(pad, np.float32)]).reshape(-1, blocksize)
@@ -231,15 +232,18 @@ class QuantizedTensor:
   absmax_codes  uint8 [..., blocks]   double quantization: 8-bit scales ...
   absmax_scale  float32 [..., blocks / 256]  ... their second-level scales
   absmax_offset float32 [...]          ... and the subtracted mean
-  shape         the logical weight shape *as stored*, torch's (out, in)
+  stored_shape  the weight's shape as quantized: torch's (out, in)
   transposed    True when the model uses it as (in, out) (a Flax kernel)
+
+  `shape`/`ndim`/`size` describe the dense array it stands for, so code that
+  only asks for shapes (LoRA init, parameter counts) treats it like the kernel.
   """
   codes: jax.Array
   absmax: Optional[jax.Array]
   absmax_codes: Optional[jax.Array]
   absmax_scale: Optional[jax.Array]
   absmax_offset: Optional[jax.Array]
-  shape: tuple
+  stored_shape: tuple
   fmt: str
   blocksize: int
   dtype: str = "float32"
@@ -247,7 +251,7 @@ class QuantizedTensor:
 
   def tree_flatten(self):
     children = (self.codes, self.absmax, self.absmax_codes, self.absmax_scale, self.absmax_offset)
-    return children, (self.shape, self.fmt, self.blocksize, self.dtype, self.transposed)
+    return children, (self.stored_shape, self.fmt, self.blocksize, self.dtype, self.transposed)
 
   @classmethod
   def tree_unflatten(cls, aux, children):
@@ -262,14 +266,18 @@ class QuantizedTensor:
     return tuple(self.codes.shape[:-1])
 
   @property
-  def logical_shape(self) -> tuple:
+  def shape(self) -> tuple:
     """Shape of the dense array this stands for, as the model sees it."""
-    inner = tuple(reversed(self.shape)) if self.transposed else tuple(self.shape)
+    inner = tuple(reversed(self.stored_shape)) if self.transposed else tuple(self.stored_shape)
     return self.lead + inner
 
   @property
+  def ndim(self) -> int:
+    return len(self.shape)
+
+  @property
   def size(self) -> int:
-    return int(np.prod(self.logical_shape))
+    return int(np.prod(self.shape))
 
   @property
   def nbytes(self) -> int:
@@ -307,7 +315,7 @@ def quantize_array(weight, fmt: str = "nf4", blocksize: int = 64, double_quant: 
       out["absmax"].append(absmax)
   arrays = {k: (np.reshape(np.stack(v), tuple(lead) + np.shape(v[0])) if v else None) for k, v in out.items()}
   return QuantizedTensor(**{k: (jnp.asarray(v) if v is not None else None) for k, v in arrays.items()},
-                         shape=tuple(int(d) for d in inner), fmt=fmt, blocksize=blocksize,
+                         stored_shape=tuple(int(d) for d in inner), fmt=fmt, blocksize=blocksize,
                          dtype=str(np.asarray(weight).dtype) if hasattr(weight, "dtype") else "float32",
                          transposed=transposed)
 
@@ -333,13 +341,13 @@ def dequantize(q: QuantizedTensor, dtype=jnp.float32):
     idx = q.codes.astype(jnp.int32)
   else:
     idx = jnp.stack([q.codes >> 4, q.codes & 0xF], axis=-1).reshape(*q.lead, -1).astype(jnp.int32)
-  n = int(np.prod(q.shape))
+  n = int(np.prod(q.stored_shape))
   scales = block_scales(q)
   blocks = scales.shape[-1]
   values = book[idx][..., :n]
   values = jnp.pad(values, [(0, 0)] * len(q.lead) + [(0, blocks * q.blocksize - n)])
   values = (values.reshape(*q.lead, blocks, q.blocksize) * scales[..., None]).reshape(*q.lead, -1)[..., :n]
-  w = values.reshape(*q.lead, *q.shape)
+  w = values.reshape(*q.lead, *q.stored_shape)
   if q.transposed:
     w = jnp.swapaxes(w, -1, -2)
   return w.astype(dtype)
@@ -366,6 +374,44 @@ def as_dense(kernel, dtype=jnp.float32):
 # ----------------------------------------------------------------------------
 
 DEFAULT_RULES = ((r"layers/.*/kernel", "nf4"),)  # every linear in the blocks; embeddings, lm_head, norms stay
+
+
+# ----------------------------------------------------------------------------
+# Serialization: a quantized tree as flat tensors + JSON metadata (safetensors)
+# ----------------------------------------------------------------------------
+
+_CHILDREN = ("codes", "absmax", "absmax_codes", "absmax_scale", "absmax_offset")
+
+
+def to_tensors(params) -> tuple[dict, dict]:
+  """-> ({name: numpy array}, {path: static fields}) for a tree that may hold QuantizedTensors."""
+  tensors, meta = {}, {}
+  for path, leaf in rules.flatten(params).items():
+    if isinstance(leaf, QuantizedTensor):
+      for child in _CHILDREN:
+        value = getattr(leaf, child)
+        if value is not None:
+          tensors[f"{path}:{child}"] = np.asarray(value)
+      meta[path] = {"stored_shape": list(leaf.stored_shape), "fmt": leaf.fmt, "blocksize": leaf.blocksize,
+                    "dtype": leaf.dtype, "transposed": leaf.transposed}
+    else:
+      tensors[path] = np.asarray(leaf)
+  return tensors, meta
+
+
+def from_tensors(tensors: dict, meta: dict, where: str = "quantized checkpoint"):
+  flat = {}
+  for name, value in tensors.items():
+    if ":" not in name:
+      flat[name] = jnp.asarray(value)
+  for path, info in meta.items():
+    missing = [c for c in ("codes",) if f"{path}:{c}" not in tensors]
+    if missing:
+      raise QuantizationError(f"{where}: {path} has metadata but no {missing[0]} tensor")
+    children = {c: (jnp.asarray(tensors[f"{path}:{c}"]) if f"{path}:{c}" in tensors else None) for c in _CHILDREN}
+    flat[path] = QuantizedTensor(**children, stored_shape=tuple(info["stored_shape"]), fmt=info["fmt"],
+                                 blocksize=info["blocksize"], dtype=info["dtype"], transposed=info["transposed"])
+  return rules.unflatten(flat)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -402,13 +448,13 @@ def quantize(params, rules_: rules.Rules = DEFAULT_RULES, blocksize: int = 64, d
     w = flat[path]
     q = quantize_array(w, fmt, blocksize, double_quant)
     flat[path] = q
-    tensors += 1
+    tensors += int(np.prod(q.lead))  # per-layer matrices, not stacked arrays
     n_params += q.size
     before += int(np.prod(w.shape)) * w.dtype.itemsize
     after += q.nbytes
   summary = Summary(tensors, n_params, before, after)
   if verbose:
-    print(summary)
+    print(summary, file=sys.stderr)
   return rules.unflatten(flat), summary
 
 

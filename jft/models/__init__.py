@@ -1,5 +1,5 @@
 """Flax models (Llama family, GPT-2) and their checkpoint loaders."""
 
 from jft.models.config import ModelConfig
-from jft.models.pretrained import EMBEDDED, load_pretrained, load_tokenizer, save_pretrained
+from jft.models.pretrained import EMBEDDED, load_pretrained, load_tokenizer, save_pretrained, save_quantized
 from jft.models.transformer import Transformer, init_cache

@@ -26,6 +26,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jft import quant
+
 Dtype = Any
 
 
@@ -45,8 +47,9 @@ class Hooks:
 class Linear(nn.Module):
   """y = x @ kernel (+ bias), plus the optional method leaves listed above.
 
-  Kernel layout is Flax's `[in, out]`. Method leaves are only read, never
-  created: `init` of a base model makes the base tree, methods add the rest.
+  Kernel layout is Flax's `[in, out]`; it may be a `quant.QuantizedTensor`
+  (QLoRA), dequantized right before the matmul. Method leaves are only read,
+  never created: `init` of a base model makes the base tree, methods add the rest.
   """
   features: int
   use_bias: bool = False
@@ -60,12 +63,17 @@ class Linear(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    kernel = self.param("kernel", self.kernel_init, (x.shape[-1], self.features), self.param_dtype)
+    kernel = self._opt("kernel")
+    if not quant.is_quantized(kernel):  # dense kernels go through param() for its shape check
+      kernel = self.param("kernel", self.kernel_init, (x.shape[-1], self.features), self.param_dtype)
     x = x.astype(self.dtype)
     ia3_in, ia3_out = self._opt("ia3_in"), self._opt("ia3_out")
     if ia3_in is not None:
       x = x * ia3_in.astype(self.dtype)
-    y = jnp.dot(x, kernel.astype(self.dtype))
+    if quant.is_quantized(kernel):  # QLoRA base: dequantized right here, never stored dense
+      y = quant.matmul(x, kernel, self.dtype)
+    else:
+      y = jnp.dot(x, kernel.astype(self.dtype))
     lora_a = self._opt("lora_a")
     if lora_a is not None:
       lora_b, scale = self.get_variable("params", "lora_b"), self.get_variable("params", "lora_scale")
@@ -82,8 +90,7 @@ class Linear(nn.Module):
       else:
         # DoRA: W' = m * V / ||V|| with V = W + scale*a@b, norm per output column and
         # treated as a constant in the backward pass (as the paper and peft do).
-        v = kernel.astype(jnp.float32) + scale * jnp.dot(lora_a.astype(jnp.float32),
-                                                         lora_b.astype(jnp.float32))
+        v = quant.as_dense(kernel) + scale * jnp.dot(lora_a.astype(jnp.float32), lora_b.astype(jnp.float32))
         norm = jax.lax.stop_gradient(jnp.sqrt(jnp.sum(v * v, axis=0)))
         factor = (magnitude.astype(jnp.float32) / norm).astype(self.dtype)
         y = factor * (y + delta)

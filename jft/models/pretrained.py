@@ -11,7 +11,7 @@ import os
 
 import jax.numpy as jnp
 
-from jft import errors
+from jft import errors, rules
 from jft.models import gguf_file, hf
 from jft.models.transformer import Transformer
 
@@ -42,12 +42,20 @@ def resolve(name_or_path: str) -> str:
       f"(embedded: {', '.join(sorted(EMBEDDED))})")
 
 
+QUANTIZED_FILE = "jft_quantized.safetensors"
+
+
 def load_pretrained(name_or_path: str, dtype=jnp.float32, param_dtype=None, remat: str = "none"):
-  """-> (model, params). `dtype` is the compute dtype; params default to it too."""
+  """-> (model, params). `dtype` is the compute dtype; params default to it too.
+
+  A folder written by `save_quantized` loads with its quantized kernels as they are.
+  """
   path = resolve(name_or_path)
   param_dtype = param_dtype or dtype
   if path.endswith(".gguf"):
     config, params = gguf_file.load_gguf(path, param_dtype)
+  elif os.path.isfile(os.path.join(path, QUANTIZED_FILE)):
+    config, params = _load_quantized(path, param_dtype)
   elif os.path.isdir(path):
     config, params = hf.load_folder(path, param_dtype)
   else:
@@ -68,3 +76,49 @@ def save_pretrained(model: Transformer, params, folder: str, tokenizer=None, dty
   """Write an HF folder that `transformers.AutoModelForCausalLM` loads."""
   hf.save_folder(model.config, params, folder, tokenizer=tokenizer, dtype=dtype)
   return folder
+
+
+def save_quantized(model: Transformer, params, folder: str, tokenizer=None) -> str:
+  """Write a quantized model (config.json + jft_quantized.safetensors) so runs need not re-quantize."""
+  import json
+
+  from safetensors.numpy import save_file
+
+  from jft import quant
+
+  os.makedirs(folder, exist_ok=True)
+  tensors, meta = quant.to_tensors(params)
+  with open(os.path.join(folder, "config.json"), "w") as f:
+    json.dump(hf.family_module(model.config.family).config_to_hf(model.config), f, indent=2)
+  save_file(tensors, os.path.join(folder, QUANTIZED_FILE), metadata={"jft_quantized": json.dumps(meta)})
+  if tokenizer is not None:
+    tokenizer.save_pretrained(folder)
+  return folder
+
+
+def _load_quantized(folder: str, param_dtype):
+  import json
+
+  from safetensors import safe_open
+
+  from jft import quant
+
+  path = os.path.join(folder, QUANTIZED_FILE)
+  config = hf.config_from_hf(hf.read_config(folder), os.path.join(folder, "config.json"))
+  try:
+    with safe_open(path, framework="numpy") as f:
+      meta = json.loads((f.metadata() or {}).get("jft_quantized", "{}"))
+      tensors = {k: f.get_tensor(k) for k in f.keys()}
+  except Exception as e:
+    raise errors.CorruptCheckpointError(f"{path}: not a readable safetensors file ({e})") from e
+  params = quant.from_tensors(tensors, meta, path)
+  expected = rules.flatten(hf.abstract_params(config, param_dtype))
+  got = rules.flatten(params)
+  if set(expected) != set(got):
+    raise errors.MissingTensorError(f"{path}: parameters differ from the config's: missing "
+                                    f"{sorted(set(expected) - set(got))[:5]}, unexpected {sorted(set(got) - set(expected))[:5]}")
+  for p, want in expected.items():
+    if tuple(got[p].shape) != tuple(want.shape):
+      raise errors.ShapeMismatchError(f"{path}: {p} has shape {tuple(got[p].shape)}, expected {tuple(want.shape)}")
+  cast = {p: (v if quant.is_quantized(v) else v.astype(param_dtype)) for p, v in got.items()}
+  return config, rules.unflatten(cast)

@@ -24,7 +24,7 @@ from typing import ClassVar
 import jax
 import jax.numpy as jnp
 
-from jft import rules
+from jft import quant, rules
 from jft.models.layers import Hooks
 from jft.peft import api
 
@@ -85,7 +85,7 @@ class LoRA(api.Method):
       additions[module + "/lora_b"] = b
       additions[module + "/lora_scale"] = jnp.full(lead, self.scale, jnp.float32)
       if self.dora:
-        w = api.f32(replaced.get(module + "/kernel", kernel)) + self.scale * a @ b
+        w = quant.as_dense(replaced.get(module + "/kernel", kernel)) + self.scale * a @ b
         additions[module + "/lora_magnitude"] = jnp.linalg.norm(w, axis=-2)
     params = rules.unflatten({**rules.flatten(params), **replaced})
     return api.with_leaves(params, additions, self.name)
@@ -96,6 +96,8 @@ class LoRA(api.Method):
     kernel = U S Vh; a = U_r sqrt(S_r / scale), b = sqrt(S_r / scale) Vh_r,
     residual = kernel - scale * a @ b (so the model's output is unchanged).
     """
+    if quant.is_quantized(kernel):
+      raise api.MethodError("PiSSA needs a dense base to write its residual into; quantize after init")
     u, s, vh = jnp.linalg.svd(api.f32(kernel), full_matrices=False)
     root = jnp.sqrt(s[..., : self.rank] / self.scale)
     a = u[..., :, : self.rank] * root[..., None, :]
@@ -103,8 +105,14 @@ class LoRA(api.Method):
     residual = (api.f32(kernel) - self.scale * a @ b).astype(kernel.dtype)
     return a, b, residual
 
-  def merge(self, params):
-    """-> (dense params without LoRA leaves, adapter leaves incl. DoRA's column norms)."""
+  def merge(self, params, requantize: bool = False):
+    """-> (dense params without LoRA leaves, adapter leaves incl. DoRA's column norms).
+
+    A quantized base kernel becomes a dense float32 kernel (the merged weight is
+    no longer on the 4-bit grid); with `requantize=True` it is quantized again
+    in its format, which rounds the LoRA update onto that grid: close to, not
+    equal to, the unmerged model.
+    """
     flat = rules.flatten(params)
     adapter = {}
     for path in [p for p in flat if p.endswith("/lora_a")]:
@@ -112,29 +120,37 @@ class LoRA(api.Method):
       kernel = flat[module + "/kernel"]
       a, b = flat.pop(module + "/lora_a"), flat.pop(module + "/lora_b")
       scale = flat.pop(module + "/lora_scale")[..., None, None]
-      v = api.f32(kernel) + scale * a @ b
+      v = quant.as_dense(kernel) + scale * a @ b
       adapter.update({module + "/lora_a": a, module + "/lora_b": b, module + "/lora_scale": scale[..., 0, 0]})
       if module + "/lora_magnitude" in flat:
         m = flat.pop(module + "/lora_magnitude")
         norm = jnp.linalg.norm(v, axis=-2)
         adapter.update({module + "/lora_magnitude": m, module + "/lora_norm": norm})
         v = v * (m / norm)[..., None, :]
-      flat[module + "/kernel"] = v.astype(kernel.dtype)
+      if quant.is_quantized(kernel):
+        adapter[module + "/base_kernel"] = kernel  # unmerge restores the quantized base exactly
+        v = quant.quantize_array(v, kernel.fmt, kernel.blocksize, kernel.double_quant) if requantize else v
+      else:
+        v = v.astype(kernel.dtype)
+      flat[module + "/kernel"] = v
     return rules.unflatten(flat), rules.unflatten(adapter)
 
   def unmerge(self, merged, adapter):
     flat, add = rules.flatten(merged), rules.flatten(adapter)
     for path in [p for p in add if p.endswith("/lora_a")]:
       module = path[: -len("/lora_a")]
+      for leaf in LORA_LEAVES:
+        if f"{module}/{leaf}" in add:
+          flat[f"{module}/{leaf}"] = add[f"{module}/{leaf}"]
+      if module + "/base_kernel" in add:
+        flat[module + "/kernel"] = add[module + "/base_kernel"]
+        continue
       kernel = flat[module + "/kernel"]
       a, b, scale = add[module + "/lora_a"], add[module + "/lora_b"], add[module + "/lora_scale"]
       v = api.f32(kernel)
       if module + "/lora_magnitude" in add:
         v = v * (add[module + "/lora_norm"] / add[module + "/lora_magnitude"])[..., None, :]
       flat[module + "/kernel"] = (v - scale[..., None, None] * a @ b).astype(kernel.dtype)
-      for leaf in LORA_LEAVES:
-        if f"{module}/{leaf}" in add:
-          flat[f"{module}/{leaf}"] = add[f"{module}/{leaf}"]
     return rules.unflatten(flat)
 
 

@@ -1,0 +1,62 @@
+"""The loss and the jitted train step: one pure function of (trainable, frozen, batch).
+
+The gradient is taken with respect to the trainable part only; the frozen
+base (dense, bf16 or quantized) is an ordinary argument, never differentiated
+and never captured in a closure, so it can be sharded and donated like any
+other input. Trainer, benchmarks and tests all use this one step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from jft.peft import api
+
+
+def next_token_loss(logits, input_ids, loss_mask):
+  """Mean cross-entropy of predicting token t+1 at t, over positions where loss_mask[t+1] = 1.
+
+  Returns (loss, number of predicted tokens).
+  """
+  logits = logits[:, :-1].astype(jnp.float32)
+  targets = input_ids[:, 1:]
+  weights = loss_mask[:, 1:].astype(jnp.float32)
+  logz = jax.nn.logsumexp(logits, axis=-1)
+  picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+  n = jnp.maximum(weights.sum(), 1.0)
+  return ((logz - picked) * weights).sum() / n, weights.sum()
+
+
+def training_model(model, method: api.Method):
+  """The model as trained: the method's hook settings, dropout switched on."""
+  model = method.configure(model)
+  return model.clone(hooks=dataclasses.replace(model.hooks, deterministic=False))
+
+
+def make_loss_fn(model, method: api.Method):
+  def loss_fn(trainable, frozen, batch, rng):
+    params = method.materialize(api.combine(trainable, frozen))
+    logits = model.apply({"params": params}, batch["input_ids"], attention_mask=batch["attention_mask"],
+                         rngs={"dropout": rng})
+    mask = batch.get("loss_mask", batch["attention_mask"])
+    return next_token_loss(logits, batch["input_ids"], mask)
+  return loss_fn
+
+
+def make_train_step(model, method: api.Method, tx: optax.GradientTransformation, donate: bool = True):
+  """-> jitted step(trainable, opt_state, frozen, batch, rng) -> (trainable, opt_state, metrics)."""
+  loss_fn = make_loss_fn(training_model(model, method), method)
+
+  @functools.partial(jax.jit, donate_argnums=(0, 1) if donate else ())
+  def step(trainable, opt_state, frozen, batch, rng):
+    (loss, tokens), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable, frozen, batch, rng)
+    updates, opt_state = tx.update(grads, opt_state, trainable)
+    trainable = optax.apply_updates(trainable, updates)
+    return trainable, opt_state, {"loss": loss, "tokens": tokens, "grad_norm": optax.global_norm(grads)}
+
+  return step
