@@ -3,24 +3,92 @@
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
 import time
+
+
+def _config(args):
+  from jft import config as cfg
+
+  return cfg.build(args.config, cfg.parse_overrides(args.overrides))
+
+
+def _train(args) -> int:
+  from jft.train import train
+
+  config = _config(args)  # every config error surfaces here, before any compute
+  results = train(config, args.workdir, resume=args.resume)
+  print(f"run folder: {os.path.abspath(args.workdir)}")
+  if "zero_shot" in results and "accuracy" in results["zero_shot"]:
+    print(f"zero-shot accuracy (validation, before training): {results['zero_shot']['accuracy']:.4f}")
+  if "test" in results:
+    print("test after training: " + ", ".join(f"{k} {v:.4f}" for k, v in results["test"].items()))
+  return 0
+
+
+def _eval(args) -> int:
+  from jft import run
+  from jft.train import evaluate_split, examples_for
+
+  config, model, method, params, tokenizer = run.restore_params(args.workdir, args.checkpoint)
+  split = args.split or config.data.test_split
+  examples = examples_for(config, tokenizer, split, args.limit or None)
+  metrics = evaluate_split(config, model, params, tokenizer, examples)
+  print(json.dumps({"split": split, "examples": len(examples), **metrics}, indent=2))
+  return 0
+
+
+def _export(args) -> int:
+  from jft import quant, rules, run
+  from jft.models.pretrained import save_pretrained
+  from jft.peft import peft_format
+
+  config, model, method, params, tokenizer = run.restore_params(args.workdir, args.checkpoint)
+  if args.format == "peft":
+    peft_format.export_peft(method, params, model.config, args.out, base_model=config.model.name)
+  elif args.format == "merged":
+    merged, _ = method.merge(params)
+    dense = {p: (quant.dequantize(v) if quant.is_quantized(v) else v) for p, v in rules.flatten(merged).items()}
+    save_pretrained(model, rules.unflatten(dense), args.out, tokenizer=tokenizer)
+  else:  # adapters: jft's own format, the trainable leaves as safetensors
+    from safetensors.numpy import save_file
+    import numpy as np
+    from jft import peft
+    trainable, _ = peft.split(method, params)
+    os.makedirs(args.out, exist_ok=True)
+    save_file({p: np.asarray(v) for p, v in rules.flatten(trainable).items()},
+              os.path.join(args.out, "adapters.safetensors"))
+    run.write_json(os.path.join(args.out, "method.json"), method.hparams())
+  print(f"exported {args.format} to {os.path.abspath(args.out)}")
+  return 0
 
 
 def _generate(args) -> int:
   import jax.numpy as jnp
 
   from jft.models import load_pretrained, load_tokenizer
-  from jft.models.generate import Sampling, generate_text
 
   dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[args.dtype]
   t0 = time.time()
+  if args.workdir:
+    from jft import run
+    print(f"restoring {args.workdir} ...", file=sys.stderr, flush=True)
+    _, model, _, params, tokenizer = run.restore_params(args.workdir, args.checkpoint)
+    return _decode(args, model, params, tokenizer, t0)
   print(f"loading {args.model} ...", file=sys.stderr, flush=True)
   model, params = load_pretrained(args.model, dtype=dtype)
   if args.quantize:
     from jft import quant
     params, _ = quant.quantize(params, ((r"layers/.*/kernel", args.quantize),), blocksize=args.blocksize)
   tokenizer = load_tokenizer(args.model)
+  return _decode(args, model, params, tokenizer, t0)
+
+
+def _decode(args, model, params, tokenizer, t0) -> int:
+  from jft.models.generate import Sampling, generate_text
+
   print(f"loaded in {time.time() - t0:.1f}s; generating ...", file=sys.stderr, flush=True)
   sampling = Sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p)
   t0 = time.time()
@@ -42,6 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
                      description="Generate text with KV-cache decoding (chat template applied if any).")
   g.add_argument("--model", default="smollm2-135m",
                  help="HF folder, .gguf file or embedded model name (default: smollm2-135m)")
+  g.add_argument("--workdir", help="generate with a trained run instead of --model")
+  g.add_argument("--checkpoint", choices=("best", "latest"), default="best")
   g.add_argument("--prompt", action="append", required=True, help="prompt text; repeat for a batch")
   g.add_argument("--max-new-tokens", type=int, default=64)
   g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
@@ -54,12 +124,45 @@ def build_parser() -> argparse.ArgumentParser:
                  help="quantize the transformer blocks' linear weights (double quantization on)")
   g.add_argument("--blocksize", type=int, default=64, help="quantization block size (default 64)")
   g.set_defaults(run=_generate)
+
+  t = sub.add_parser("train", help="fine-tune from a config file",
+                     description="Fine-tune. Override any config field with --config.FIELD=VALUE.",
+                     epilog="example: jft train --config configs/sentiment.py:method=lora "
+                            "--config.optim.lr=3e-4 --workdir runs/x")
+  t.add_argument("--config", required=True, help="configs/FILE.py[:name=value,...]")
+  t.add_argument("--workdir", required=True, help="run folder (config, metrics, checkpoints)")
+  t.add_argument("--resume", action="store_true", help="continue the run in --workdir from its last checkpoint")
+  t.set_defaults(run=_train, accepts_overrides=True)
+
+  e = sub.add_parser("eval", help="evaluate a run on a split")
+  e.add_argument("--workdir", required=True)
+  e.add_argument("--split", help="default: the config's test split")
+  e.add_argument("--limit", type=int, default=0, help="first N examples only")
+  e.add_argument("--checkpoint", choices=("best", "latest"), default="best")
+  e.set_defaults(run=_eval)
+
+  x = sub.add_parser("export", help="export a run's adapter (peft format), merged model or adapters")
+  x.add_argument("--workdir", required=True)
+  x.add_argument("--format", choices=("peft", "merged", "adapters"), required=True)
+  x.add_argument("--out", required=True)
+  x.add_argument("--checkpoint", choices=("best", "latest"), default="best")
+  x.set_defaults(run=_export)
   return parser
 
 
 def main(argv=None) -> int:
-  args = build_parser().parse_args(argv)
-  return args.run(args)
+  from jft.errors import JftError
+
+  parser = build_parser()
+  args, rest = parser.parse_known_args(argv)
+  if rest and not getattr(args, "accepts_overrides", False):
+    parser.error(f"unrecognized arguments: {' '.join(rest)}")
+  args.overrides = rest
+  try:
+    return args.run(args)
+  except JftError as e:  # bad input: one clear line, no traceback
+    print(f"jft {args.command}: error: {e}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

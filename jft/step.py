@@ -48,15 +48,28 @@ def make_loss_fn(model, method: api.Method):
   return loss_fn
 
 
-def make_train_step(model, method: api.Method, tx: optax.GradientTransformation, donate: bool = True):
-  """-> jitted step(trainable, opt_state, frozen, batch, rng) -> (trainable, opt_state, metrics)."""
+def make_train_step(model, method: api.Method, tx: optax.GradientTransformation, donate: bool = True,
+                    skip_nonfinite: bool = False):
+  """-> jitted step(trainable, opt_state, frozen, batch, rng) -> (trainable, opt_state, metrics).
+
+  With `skip_nonfinite`, a step whose loss or gradient is NaN/Inf leaves the
+  state unchanged (metrics["skipped"] = 1) instead of poisoning it.
+  """
   loss_fn = make_loss_fn(training_model(model, method), method)
 
   @functools.partial(jax.jit, donate_argnums=(0, 1) if donate else ())
   def step(trainable, opt_state, frozen, batch, rng):
     (loss, tokens), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable, frozen, batch, rng)
-    updates, opt_state = tx.update(grads, opt_state, trainable)
-    trainable = optax.apply_updates(trainable, updates)
-    return trainable, opt_state, {"loss": loss, "tokens": tokens, "grad_norm": optax.global_norm(grads)}
+    grad_norm = optax.global_norm(grads)
+    updates, new_opt_state = tx.update(grads, opt_state, trainable)
+    new_trainable = optax.apply_updates(trainable, updates)
+    metrics = {"loss": loss, "tokens": tokens, "grad_norm": grad_norm}
+    if skip_nonfinite:
+      ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+      keep = lambda new, old: jnp.where(ok, new, old)
+      new_trainable = jax.tree.map(keep, new_trainable, trainable)
+      new_opt_state = jax.tree.map(keep, new_opt_state, opt_state)
+      metrics["skipped"] = 1 - ok.astype(jnp.int32)
+    return new_trainable, new_opt_state, metrics
 
   return step

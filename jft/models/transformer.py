@@ -17,7 +17,8 @@ optional leaves in brackets):
 Calling conventions
 * `model.apply({"params": p}, ids, attention_mask=mask)` -> logits
   `[batch, seq, vocab]` (float32). `attention_mask` is 1 for real tokens and
-  may pad on either side; positions count only real tokens.
+  may pad on either side; positions count only real tokens. Values 1, 2, 3...
+  mark packed examples: attention stays inside each, positions restart.
 * With `cache=...` (see `init_cache`) the call decodes incrementally and
   returns `(logits, cache)`: `attention_mask` then covers the whole cache
   length and `cache_index` is where the new tokens are written.
@@ -131,18 +132,30 @@ class Block(nn.Module):
     return x, new_cache
 
 
-def attention_mask_4d(key_mask, q_index, window: Optional[int]):
-  """Boolean [B, Tq, S]: causal in index space, padding keys off, optional window.
+def attention_mask_4d(segments, q_index, window: Optional[int]):
+  """Boolean [B, Tq, S]: causal in index space, same segment only, optional window.
 
-  `key_mask` [B, S] marks real keys; `q_index` [Tq] is each query's index in
-  the key sequence. Indices (not positions) decide causality and the window,
-  as in transformers, so left padding changes nothing.
+  `segments` [B, S] is the attention mask generalised: 0 = padding, and tokens
+  attend only to earlier tokens with the same nonzero value, so a plain 0/1
+  mask is ordinary padding and 1, 2, 3... separates packed examples.
+  `q_index` [Tq] is each query's index in the key sequence. Indices (not
+  positions) decide causality and the window, as in transformers.
   """
-  k_index = jnp.arange(key_mask.shape[1])
+  k_index = jnp.arange(segments.shape[1])
   allowed = k_index[None, :] <= q_index[:, None]
   if window is not None:
     allowed &= (q_index[:, None] - k_index[None, :]) < window
-  return allowed[None] & key_mask[:, None, :].astype(bool)
+  seg_q = jnp.take(segments, q_index, axis=1)
+  same = (seg_q[:, :, None] == segments[:, None, :]) & (segments[:, None, :] != 0)
+  return allowed[None] & same
+
+
+def segment_positions(segments):
+  """Position of each token within its segment (padding skipped): [B, S] -> [B, S]."""
+  index = jnp.arange(segments.shape[1])
+  starts = jnp.concatenate([jnp.ones_like(segments[:, :1], bool), segments[:, 1:] != segments[:, :-1]], axis=1)
+  start_index = jax.lax.cummax(jnp.where(starts, index, 0), axis=1)
+  return index - start_index
 
 
 class Transformer(nn.Module):
@@ -153,7 +166,8 @@ class Transformer(nn.Module):
   hooks: Hooks = Hooks()  # static hook settings (layers.Hooks); methods set them
 
   @nn.compact
-  def __call__(self, input_ids, attention_mask=None, positions=None, cache=None, cache_index=0):
+  def __call__(self, input_ids, attention_mask=None, positions=None, cache=None, cache_index=0,
+               last_only: bool = False):
     c = self.config
     b, t = input_ids.shape
     if attention_mask is None:
@@ -180,10 +194,10 @@ class Transformer(nn.Module):
     cache_index = jnp.asarray(cache_index, jnp.int32)
     q_index = cache_index + jnp.arange(t)
     if positions is None:
-      # Position of a token = number of real tokens before it (padding skipped);
+      # Position of a token = real tokens before it in its segment (padding skipped);
       # prefix-tuning keys count as earlier tokens, as peft's cache makes them.
-      counts = jnp.cumsum(attention_mask.astype(jnp.int32), axis=1) - 1 + self._prefix_length()
-      positions = jnp.maximum(jnp.take(counts, q_index, axis=1), 0)
+      counts = segment_positions(attention_mask.astype(jnp.int32)) + self._prefix_length()
+      positions = jnp.take(counts, q_index, axis=1)
     mask = attention_mask_4d(attention_mask, q_index, c.sliding_window)
 
     cos = sin = None
@@ -202,6 +216,9 @@ class Transformer(nn.Module):
     x, new_cache = stack(c, self.dtype, self.param_dtype, self.hooks, name="layers")(
         x, cache, mask, cos, sin, cache_index)
 
+    if last_only:  # classification/decoding need one position; skip the rest of the vocab matmul
+      x = x[:, -1:]
+      n_prompt = 0
     x = make_norm(c, self.dtype, self.param_dtype, "norm")(x)
     if c.tie_word_embeddings:
       logits = embed.attend(x)

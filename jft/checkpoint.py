@@ -1,0 +1,39 @@
+"""Run checkpoints with orbax: trainable params, optimizer state, step, rng, data position.
+
+The frozen base is never written here; a run records which base it needs
+(path and content hash, in the run folder) and reloads it from there.
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import orbax.checkpoint as ocp
+
+
+def manager(workdir: str, keep: int) -> ocp.CheckpointManager:
+  return ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, "checkpoints")),
+                               options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True),
+                               item_names=("state", "meta"))
+
+
+def save(mngr: ocp.CheckpointManager, step: int, state: dict, meta: dict):
+  mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
+            force=True)
+  mngr.wait_until_finished()
+
+
+def restore(mngr: ocp.CheckpointManager, abstract_state: dict, step: int | None = None):
+  """-> (step, state, meta) of `step` (default: the latest)."""
+  step = mngr.latest_step() if step is None else step
+  if step is None:
+    return None
+  out = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
+                                                    meta=ocp.args.JsonRestore()))
+  return step, out["state"], out["meta"]
+
+
+def abstract(tree):
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
+                      tree)

@@ -1,0 +1,191 @@
+"""Experiment configs: `configs/NAME.py:arg` files, typed arguments, command-line overrides.
+
+A config file defines `get_config(arg=None) -> ml_collections.ConfigDict`.
+`arg` is a comma list `method=lora,mode=local` parsed with `parse_arg`
+against typed defaults. Any field can then be overridden as
+`--config.optim.lr=3e-4`; the string is parsed to the field's type. Every
+mistake (unknown key, wrong type, missing required field) fails here, before
+any model is loaded, naming the field and the closest valid names.
+"""
+
+from __future__ import annotations
+
+import ast
+import difflib
+import importlib.util
+import os
+from typing import Any, Iterable
+
+import ml_collections
+
+from jft.errors import JftError
+
+REQUIRED = "???"  # a string field that must be set before a run
+
+
+class ConfigError(JftError, ValueError):
+  pass
+
+
+def _typed(text: str, like: Any, where: str):
+  """Parse `text` to the type of `like` (the default)."""
+  if isinstance(like, bool):
+    low = text.lower()
+    if low in ("true", "1", "yes"):
+      return True
+    if low in ("false", "0", "no"):
+      return False
+    raise ConfigError(f"{where}: expected a bool (true/false), got {text!r}")
+  if isinstance(like, int) and not isinstance(like, bool):
+    try:
+      return int(text)
+    except ValueError:
+      raise ConfigError(f"{where}: expected an int, got {text!r}") from None
+  if isinstance(like, float):
+    try:
+      return float(text)
+    except ValueError:
+      raise ConfigError(f"{where}: expected a float, got {text!r}") from None
+  if isinstance(like, str):
+    return text
+  if isinstance(like, (tuple, list)):
+    try:
+      value = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+      value = tuple(t.strip() for t in text.split(",") if t.strip())
+    if isinstance(value, (str, int, float)):
+      value = (value,)
+    return tuple(value)
+  # None (optional) or anything else: a Python literal if it is one, else the string.
+  if text.lower() == "none":
+    return None
+  try:
+    return ast.literal_eval(text)
+  except (ValueError, SyntaxError):
+    return text
+
+
+def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
+  """`"method=lora,mode=local"` -> ConfigDict typed by `defaults` (unknown names are errors)."""
+  out = ml_collections.ConfigDict(defaults)
+  if not arg:
+    return out
+  for item in arg.split(","):
+    if not item.strip():
+      continue
+    if "=" not in item:
+      raise ConfigError(f"config argument {item!r}: expected name=value")
+    key, value = (s.strip() for s in item.split("=", 1))
+    if key not in defaults:
+      raise ConfigError(f"config argument {key!r} is unknown; valid: {', '.join(defaults)}{_close(key, defaults)}")
+    out[key] = _typed(value, defaults[key], f"config argument {key}")
+  return out
+
+
+def _close(key: str, names: Iterable[str]) -> str:
+  close = difflib.get_close_matches(key, list(names), n=3, cutoff=0.5)
+  return f" (did you mean {', '.join(close)}?)" if close else ""
+
+
+def flat_keys(config: ml_collections.ConfigDict, prefix: str = "") -> dict[str, Any]:
+  out = {}
+  for key, value in config.items():
+    path = f"{prefix}{key}"
+    if isinstance(value, ml_collections.ConfigDict):
+      out.update(flat_keys(value, path + "."))
+    else:
+      out[path] = value
+  return out
+
+
+def load_config(spec: str) -> ml_collections.ConfigDict:
+  """`path/to/file.py[:arg]` -> the file's `get_config(arg)`."""
+  path, _, arg = spec.partition(":")
+  if not os.path.isfile(path):
+    raise ConfigError(f"config file {path!r} does not exist")
+  module_spec = importlib.util.spec_from_file_location(f"jft_config_{abs(hash(path))}", path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  if not hasattr(module, "get_config"):
+    raise ConfigError(f"{path}: defines no get_config(arg=None)")
+  try:
+    config = module.get_config(arg or None)
+  except (ValueError, KeyError, TypeError) as e:
+    raise ConfigError(f"{path}: {e}") from None
+  config.lock()  # from here on, a misspelt key is an error, not a new field
+  return config
+
+
+def override(config: ml_collections.ConfigDict, key: str, text: str):
+  """Set `a.b.c` from a command-line string, typed by the current value."""
+  keys = flat_keys(config)
+  if key not in keys:
+    raise ConfigError(f"unknown config field {key!r}{_close(key, keys)}")
+  node = config
+  *parents, leaf = key.split(".")
+  for part in parents:
+    node = node[part]
+  value = _typed(text, keys[key], f"--config.{key}")
+  with config.unlocked():
+    try:
+      node[leaf] = value
+    except TypeError as e:
+      raise ConfigError(f"--config.{key}={text!r}: {e}") from None
+
+
+def parse_overrides(argv: list[str]) -> list[tuple[str, str]]:
+  """`--config.a.b=1` and `--config.a.b 1` -> [("a.b", "1")]; anything else is an error."""
+  out, i = [], 0
+  while i < len(argv):
+    arg = argv[i]
+    if not arg.startswith("--config."):
+      raise ConfigError(f"unrecognised argument {arg!r} (overrides look like --config.optim.lr=3e-4)")
+    body = arg[len("--config."):]
+    if "=" in body:
+      key, value = body.split("=", 1)
+    elif i + 1 < len(argv):
+      key, value = body, argv[i + 1]
+      i += 1
+    else:
+      raise ConfigError(f"{arg}: missing a value")
+    out.append((key, value))
+    i += 1
+  return out
+
+
+def check_required(config: ml_collections.ConfigDict):
+  missing = [k for k, v in flat_keys(config).items() if v == REQUIRED]
+  if missing:
+    raise ConfigError(f"required config field(s) not set: {', '.join(missing)} "
+                      f"(set them with --config.{missing[0]}=...)")
+
+
+def build(spec: str, overrides: list[tuple[str, str]] = ()) -> ml_collections.ConfigDict:
+  """The resolved config of a run: file + argument + overrides, validated."""
+  config = load_config(spec)
+  for key, value in overrides:
+    override(config, key, value)
+  check_required(config)
+  return config
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """The fields of a run config, with defaults. Experiment files start here and edit."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.model = dict(name="smollm2-135m", dtype="float32", remat="none")
+  c.method = dict(name="lora", hparams=dict(rank=8, alpha=16.0, targets=("q_proj", "v_proj")))
+  c.quant = dict(format="", blocksize=64, double_quant=True)  # format "" = dense base
+  c.data = dict(task="classification", path=REQUIRED, chat=True, template="{text}", text_field="text",
+                label_field="label", labels=("negative", "positive"), prompt_field="prompt",
+                response_field="response", max_length=128, truncation="left", pack=False, bucket=1,
+                train_split="train", eval_split="validation", test_split="test",
+                max_train_examples=0, max_eval_examples=0, max_test_examples=0)
+  c.train = dict(steps=100, batch_size=8, log_every=10, eval_every=0, save_every=50, keep=2,
+                 nan_policy="stop", mesh=dict(data=-1, fsdp=1, tensor=1))
+  c.optim = dict(name="adamw", lr=1e-4, schedule="cosine", warmup_steps=10, final_lr_ratio=0.1, b1=0.9,
+                 b2=0.999, momentum=0.9, weight_decay=0.0,
+                 decay_rules=((r"(.*/)?(bias|scale|lora_magnitude|prompt_embeddings)", False),),
+                 clip_norm=1.0, grad_accum=1)
+  c.eval = dict(batch_size=32, zero_shot=True, exact_match=False, metric="accuracy")
+  return c

@@ -1,0 +1,273 @@
+"""Data: files or `datasets` objects -> tokenized prompt/response examples -> resumable batches.
+
+    load_split(path, split)            local JSON/JSONL/CSV/TSV/parquet (a folder or a file), any
+                                       `datasets` object, or a hub name where a hub is reachable
+    classification_examples(...)       text -> prompt, label word -> response
+    sft_examples(...)                  prompt/response pairs, chat template or prompt template
+    tokenize(...)                      ids + loss mask (response tokens only) + truncation
+    Batches                            seeded, epoch-aware order; padding with length bucketing
+                                       or packing; its position is part of the checkpoint
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+from typing import Any, Iterable, Optional, Sequence
+
+import numpy as np
+
+from jft.errors import JftError
+
+EXTENSIONS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".tsv": "csv", ".parquet": "parquet"}
+
+
+class DataError(JftError, ValueError):
+  pass
+
+
+def _verify_checksum(folder: str, file: str):
+  sums = os.path.join(folder, "SHA256SUMS")
+  if not os.path.isfile(sums):
+    return
+  expected = dict(reversed(line.split()) for line in open(sums) if line.strip())
+  if file in expected:
+    with open(os.path.join(folder, file), "rb") as f:
+      digest = hashlib.sha256(f.read()).hexdigest()
+    if digest != expected[file]:
+      raise DataError(f"{os.path.join(folder, file)}: checksum mismatch (expected {expected[file][:12]}..., "
+                      f"got {digest[:12]}...); rebuild it with scripts/prepare_data.py")
+
+
+def load_split(source: Any, split: str = "train"):
+  """A `datasets.Dataset` for one split of a local folder/file, a DatasetDict, or a hub name."""
+  import datasets
+
+  if isinstance(source, datasets.DatasetDict):
+    if split not in source:
+      raise DataError(f"no split {split!r}; have {sorted(source)}")
+    return source[split]
+  if isinstance(source, datasets.Dataset):
+    return source
+  path = str(source)
+  if os.path.isdir(path):
+    files = [f for f in sorted(os.listdir(path)) if os.path.splitext(f)[0] == split
+             and os.path.splitext(f)[1] in EXTENSIONS]
+    if not files:
+      raise DataError(f"{path}: no file for split {split!r} (looked for {split}{{{','.join(EXTENSIONS)}}}); "
+                      f"found {sorted(os.listdir(path))}")
+    _verify_checksum(path, files[0])
+    path = os.path.join(path, files[0])
+  if os.path.isfile(path):
+    ext = os.path.splitext(path)[1]
+    if ext not in EXTENSIONS:
+      raise DataError(f"{path}: unsupported file type {ext!r}; use one of {sorted(EXTENSIONS)}")
+    kwargs = {"delimiter": "\t"} if ext == ".tsv" else {}
+    return datasets.load_dataset(EXTENSIONS[ext], data_files={split: path}, split=split, **kwargs)
+  if os.path.sep in path or path.startswith("."):
+    raise DataError(f"{path}: no such file or folder")
+  return datasets.load_dataset(path, split=split)  # a hub dataset, where a hub is reachable
+
+
+def _field(row: dict, name: str, where: str):
+  if name not in row:
+    raise DataError(f"{where}: rows have no field {name!r}; fields: {sorted(row)}")
+  return row[name]
+
+
+def render_prompt(tokenizer, text: str, template: str, chat: bool) -> str:
+  """The prompt string: `template` with {text}, wrapped in the chat template if asked and available."""
+  prompt = template.format(text=text)
+  if chat and getattr(tokenizer, "chat_template", None):
+    return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                         tokenize=False)
+  return prompt
+
+
+def classification_examples(dataset, tokenizer, *, text_field: str, label_field: str, labels: Sequence[str],
+                            template: str, chat: bool, limit: Optional[int] = None):
+  """Rows -> [{"prompt", "response", "label"}]: classification as generation of a label word."""
+  out = []
+  for i, row in enumerate(dataset):
+    if limit is not None and i >= limit:
+      break
+    label = str(_field(row, label_field, "classification data"))
+    if label not in labels:
+      raise DataError(f"row {i}: label {label!r} is not one of the configured labels {list(labels)}")
+    out.append({"prompt": render_prompt(tokenizer, _field(row, text_field, "classification data"), template, chat),
+                "response": label, "label": labels.index(label)})
+  return out
+
+
+def sft_examples(dataset, tokenizer, *, prompt_field: str, response_field: str, template: str, chat: bool,
+                 limit: Optional[int] = None):
+  out = []
+  for i, row in enumerate(dataset):
+    if limit is not None and i >= limit:
+      break
+    out.append({"prompt": render_prompt(tokenizer, _field(row, prompt_field, "SFT data"), template, chat),
+                "response": str(_field(row, response_field, "SFT data"))})
+  return out
+
+
+def response_ids(tokenizer, response: str, chat: bool) -> list[int]:
+  """Response tokens, ending with the end-of-turn/eos token so the model learns to stop."""
+  ids = tokenizer(response if chat else " " + response, add_special_tokens=False)["input_ids"]
+  if tokenizer.eos_token_id is not None:
+    ids = ids + [tokenizer.eos_token_id]
+  return ids
+
+
+def tokenize(examples, tokenizer, max_length: int, chat: bool, truncation: str = "left"):
+  """-> list of (input_ids, loss_mask) int32 arrays; loss only on response tokens.
+
+  Too long: the prompt is cut (from the left by default, keeping its end, where
+  the question is), never the response; a response longer than max_length is an error.
+  """
+  out = []
+  for ex in examples:
+    prompt = tokenizer(ex["prompt"], add_special_tokens=not chat)["input_ids"]
+    response = response_ids(tokenizer, ex["response"], chat)
+    room = max_length - len(response)
+    if room < 1:
+      raise DataError(f"response of {len(response)} tokens does not fit max_length={max_length}: "
+                      f"{ex['response'][:60]!r}")
+    if len(prompt) > room:
+      prompt = prompt[-room:] if truncation == "left" else prompt[:room]
+    ids = np.asarray(prompt + response, np.int32)
+    mask = np.asarray([0] * len(prompt) + [1] * len(response), np.int32)
+    out.append((ids, mask))
+  return out
+
+
+def pad_batch(rows, length: int, pad_id: int = 0, left: bool = False):
+  """Rows of (ids, loss_mask) -> batch dict; attention_mask marks real tokens."""
+  b = len(rows)
+  ids = np.full((b, length), pad_id, np.int32)
+  attn = np.zeros((b, length), np.int32)
+  loss = np.zeros((b, length), np.int32)
+  for r, (x, m) in enumerate(rows):
+    sl = slice(length - len(x), length) if left else slice(0, len(x))
+    ids[r, sl], attn[r, sl], loss[r, sl] = x, 1, m
+  return {"input_ids": ids, "attention_mask": attn, "loss_mask": loss}
+
+
+def pack_rows(rows, length: int, pad_id: int = 0):
+  """Greedy packing into rows of `length`: attention_mask holds segment ids 1, 2, ... (0 = padding)."""
+  packed, current, used = [], [], 0
+  for x, m in rows:
+    if used + len(x) > length and current:
+      packed.append(current)
+      current, used = [], 0
+    current.append((x, m))
+    used += len(x)
+  if current:
+    packed.append(current)
+  ids = np.full((len(packed), length), pad_id, np.int32)
+  seg = np.zeros((len(packed), length), np.int32)
+  loss = np.zeros((len(packed), length), np.int32)
+  for r, group in enumerate(packed):
+    pos = 0
+    for s, (x, m) in enumerate(group, start=1):
+      ids[r, pos:pos + len(x)], seg[r, pos:pos + len(x)], loss[r, pos:pos + len(x)] = x, s, m
+      pos += len(x)
+  return {"input_ids": ids, "attention_mask": seg, "loss_mask": loss}
+
+
+@dataclasses.dataclass
+class Batches:
+  """An endless, seeded, epoch-aware stream of training batches with a restorable position.
+
+  Epoch e visits the examples in `permutation(seed, e)`. With `pack`, each
+  batch packs the next examples into `batch_size` rows of `max_length`;
+  otherwise rows are padded to the longest in the batch (rounded up to a
+  multiple of 16, so few shapes compile), and `bucket` > 1 sorts windows of
+  `bucket * batch_size` examples by length first (less padding).
+  """
+  rows: list
+  batch_size: int
+  max_length: int
+  seed: int = 0
+  pack: bool = False
+  bucket: int = 1
+  pad_id: int = 0
+  epoch: int = 0
+  index: int = 0  # batches already taken in this epoch
+
+  def _epoch_batches(self, epoch: int) -> list[list[int]]:
+    order = np.random.default_rng([self.seed, epoch]).permutation(len(self.rows))
+    if self.pack:
+      batches, current, used = [], [], 0
+      capacity = self.batch_size * self.max_length
+      for i in order:
+        n = len(self.rows[i][0])
+        if used + n > capacity and current:
+          batches.append(current)
+          current, used = [], 0
+        current.append(int(i))
+        used += n
+      return batches  # the last partial batch is dropped: every batch is full
+    window = self.batch_size * max(self.bucket, 1)
+    batches = []
+    for start in range(0, len(order) - self.batch_size + 1, window):
+      chunk = order[start:start + window]
+      if self.bucket > 1:
+        chunk = sorted(chunk, key=lambda i: len(self.rows[i][0]))
+      batches += [list(map(int, chunk[j:j + self.batch_size]))
+                  for j in range(0, len(chunk) - self.batch_size + 1, self.batch_size)]
+    if self.bucket > 1:
+      rng = np.random.default_rng([self.seed, epoch, 1])
+      batches = [batches[i] for i in rng.permutation(len(batches))]
+    return batches
+
+  def __post_init__(self):
+    if len(self.rows) < self.batch_size:
+      raise DataError(f"{len(self.rows)} examples cannot fill one batch of {self.batch_size}")
+    self._cache = (None, None)
+
+  def _batches(self):
+    if self._cache[0] != self.epoch:
+      self._cache = (self.epoch, self._epoch_batches(self.epoch))
+    return self._cache[1]
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> dict:
+    batches = self._batches()
+    if self.index >= len(batches):
+      self.epoch, self.index = self.epoch + 1, 0
+      batches = self._batches()
+    chosen = [self.rows[i] for i in batches[self.index]]
+    self.index += 1
+    if self.pack:
+      batch = pack_rows(chosen, self.max_length, self.pad_id)
+      if batch["input_ids"].shape[0] < self.batch_size:  # fixed shape: pad with empty rows
+        extra = self.batch_size - batch["input_ids"].shape[0]
+        batch = {k: np.concatenate([v, np.zeros((extra, self.max_length), v.dtype)]) for k, v in batch.items()}
+      return {k: v[: self.batch_size] for k, v in batch.items()}
+    longest = max(len(x) for x, _ in chosen)
+    return pad_batch(chosen, min(-(-longest // 16) * 16, self.max_length), self.pad_id)
+
+  @property
+  def batches_per_epoch(self) -> int:
+    return len(self._batches())
+
+  def state(self) -> dict:
+    return {"epoch": self.epoch, "index": self.index, "seed": self.seed}
+
+  def restore(self, state: dict):
+    if state.get("seed", self.seed) != self.seed:
+      raise DataError(f"data position was saved with seed {state['seed']}, this run uses {self.seed}")
+    self.epoch, self.index = int(state["epoch"]), int(state["index"])
+
+
+def eval_batches(rows, batch_size: int, pad_id: int = 0, left: bool = True) -> Iterable[tuple[dict, int]]:
+  """Fixed-order batches for evaluation (left padding, so every prompt ends at the last index)."""
+  for start in range(0, len(rows), batch_size):
+    chunk = rows[start:start + batch_size]
+    n = len(chunk)
+    chunk = chunk + [chunk[-1]] * (batch_size - n)  # one shape for the whole pass
+    longest = max(len(x) for x, _ in chunk)
+    yield pad_batch(chunk, -(-longest // 16) * 16, pad_id, left=left), n

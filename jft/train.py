@@ -1,0 +1,299 @@
+"""`train(config, workdir)`: one flat fine-tuning run, top to bottom.
+
+Sections: run folder -> model, method, quantization -> data -> state (eval_shape ->
+shardings -> jitted init) -> resume -> zero-shot evaluation -> loop (step, log,
+evaluate, checkpoint, stop on signal or non-finite loss) -> test evaluation ->
+summary. The step itself lives in `jft.step`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jft import checkpoint, data, evaluate, peft, run, sharding
+from jft.errors import JftError
+from jft.step import make_train_step
+
+
+class TrainingError(JftError, RuntimeError):
+  pass
+
+
+def examples_for(config, tokenizer, split: str, limit):
+  """Prompt/response examples of one split, as the config's task defines them."""
+  d = config.data
+  ds = data.load_split(d.path, split)
+  if d.task == "classification":
+    return data.classification_examples(ds, tokenizer, text_field=d.text_field, label_field=d.label_field,
+                                        labels=tuple(d.labels), template=d.template, chat=d.chat, limit=limit)
+  if d.task == "sft":
+    return data.sft_examples(ds, tokenizer, prompt_field=d.prompt_field, response_field=d.response_field,
+                             template=d.template, chat=d.chat, limit=limit)
+  raise TrainingError(f"data.task={d.task!r}; expected classification or sft")
+
+
+def evaluate_split(config, model, params, tokenizer, examples) -> dict:
+  """Loss/perplexity always; accuracy (label words) for classification; exact match if asked."""
+  d = config.data
+  rows = data.tokenize(examples, tokenizer, d.max_length, d.chat, d.truncation)
+  out = evaluate.loss_and_perplexity(model, params, rows, config.eval.batch_size)
+  if d.task == "classification":
+    out["accuracy"] = evaluate.label_accuracy(model, params, tokenizer, examples, tuple(d.labels), d.chat,
+                                              config.eval.batch_size, d.max_length)["accuracy"]
+  if config.eval.exact_match:
+    out.update(evaluate.exact_match(model, params, tokenizer, examples, d.chat, config.eval.batch_size))
+  return out
+
+
+class _Log:
+  """metrics.jsonl + TensorBoard + console, one call per event."""
+
+  def __init__(self, workdir: str):
+    self.file = open(os.path.join(workdir, "metrics.jsonl"), "a")
+    try:
+      from tensorboardX import SummaryWriter
+      self.tb = SummaryWriter(os.path.join(workdir, "tb"))
+    except ImportError:  # TensorBoard is optional; metrics.jsonl always exists
+      self.tb = None
+
+  def __call__(self, step: int, kind: str, metrics: dict):
+    record = {"step": step, "kind": kind, "time": time.time(), **metrics}
+    self.file.write(json.dumps(record) + "\n")
+    self.file.flush()
+    if self.tb is not None:
+      for k, v in metrics.items():
+        if isinstance(v, (int, float)):
+          self.tb.add_scalar(f"{kind}/{k}", v, step)
+
+  def close(self):
+    self.file.close()
+    if self.tb is not None:
+      self.tb.close()
+
+
+def train(config, workdir: str, resume: bool = False, echo=print) -> dict:
+  t_start = time.time()
+  c = config
+
+  # ---- Run folder ------------------------------------------------------------
+  os.makedirs(workdir, exist_ok=True)
+  has_checkpoints = os.path.isdir(os.path.join(workdir, "checkpoints")) and any(
+      n.isdigit() for n in os.listdir(os.path.join(workdir, "checkpoints")))
+  if has_checkpoints and not resume:
+    raise TrainingError(f"{workdir} already holds checkpoints: pass --resume to continue it, "
+                        "or choose a new --workdir")
+  if resume and os.path.isfile(os.path.join(workdir, "config.json")):
+    saved = run.read_config(workdir).to_dict()
+    if json.loads(json.dumps(saved)) != json.loads(json.dumps(c.to_dict())):
+      raise TrainingError(f"{workdir}: --resume with a config that differs from the run's config.json")
+  run.write_json(os.path.join(workdir, "config.json"), c.to_dict())
+  run.write_json(os.path.join(workdir, "versions.json"), run.versions())
+
+  # ---- Model, method, quantization -------------------------------------------
+  identity = run.base_identity(c.model.name)
+  run.check_base(workdir, identity)
+  run.write_json(os.path.join(workdir, "base.json"), identity)
+  model, base, method, tokenizer = run.build_model(c)
+  echo(f"model {c.model.name}, method {method.name}" + (f" on a {c.quant.format} base" if c.quant.format else ""))
+
+  # ---- Data ------------------------------------------------------------------
+  d = c.data
+  train_examples = examples_for(c, tokenizer, d.train_split, d.max_train_examples or None)
+  eval_examples = examples_for(c, tokenizer, d.eval_split, d.max_eval_examples or None) if d.eval_split else []
+  pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+  batches = data.Batches(data.tokenize(train_examples, tokenizer, d.max_length, d.chat, d.truncation),
+                         c.train.batch_size, d.max_length, seed=c.seed, pack=d.pack, bucket=d.bucket, pad_id=pad_id)
+
+  # ---- State: eval_shape -> shardings -> jitted init --------------------------
+  mesh = sharding.make_mesh(c.train.mesh.to_dict())
+  init = lambda rng, params: peft.split(method, method.init(rng, params))
+  abstract_trainable, abstract_frozen = jax.eval_shape(init, jax.random.PRNGKey(c.seed), base)
+  out_shardings = (sharding.shardings(abstract_trainable, mesh), sharding.shardings(abstract_frozen, mesh))
+  trainable, frozen = jax.jit(init, out_shardings=out_shardings)(jax.random.PRNGKey(c.seed),
+                                                                 sharding.put(base, mesh))
+  del base
+  counts = peft.count(method, peft.combine(trainable, frozen))
+  echo(str(counts))
+  tx = run.make_tx(c, trainable)
+  opt_state = jax.jit(tx.init)(trainable)
+  step_fn = make_train_step(model, method, tx, skip_nonfinite=c.train.nan_policy == "skip")
+  rng = jax.random.PRNGKey(c.seed + 1)
+  eval_model = method.configure(model)
+
+  def run_params(trainable_):
+    return method.materialize(peft.combine(trainable_, frozen))
+
+  # ---- Resume ----------------------------------------------------------------
+  mngr = checkpoint.manager(workdir, c.train.keep)
+  best_mngr = run.best_manager(workdir)
+  start, best = 0, None
+  if resume:
+    restored = checkpoint.restore(mngr, run.state_template(c, trainable))
+    if restored is None:
+      echo(f"--resume: no checkpoint in {workdir}; starting from step 0")
+    else:
+      start, state, meta = restored
+      trainable, opt_state, rng = state["trainable"], state["opt_state"], state["rng"]
+      batches.restore(meta["data"])
+      best = meta.get("best")
+      echo(f"resumed from step {start}")
+  log = _Log(workdir)
+
+  def save(step: int):
+    checkpoint.save(mngr, step, {"trainable": trainable, "opt_state": opt_state, "step": jnp.int32(step),
+                                 "rng": rng}, {"data": batches.state(), "best": best})
+
+  # ---- Zero-shot evaluation --------------------------------------------------
+  results = {"counts": {"trainable": counts.trainable, "total": counts.total, "percent": counts.percent}}
+  if start == 0 and c.eval.zero_shot and eval_examples:
+    zero = evaluate_split(c, eval_model, run_params(trainable), tokenizer, eval_examples)
+    results["zero_shot"] = zero
+    log(0, "zero_shot", zero)
+    echo("zero-shot " + _fmt(zero))
+
+  # ---- Loop ------------------------------------------------------------------
+  stop = {"signal": None}
+
+  def on_signal(signum, _frame):
+    stop["signal"] = signum
+
+  previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+  bar = _progress(c.train.steps, start)
+  last_saved, t_last, tokens_since = start, time.time(), 0
+  step = start
+  try:
+    for step in range(start, c.train.steps):
+      batch = next(batches)
+      batch = jax.device_put({k: jnp.asarray(v) for k, v in batch.items()}, sharding.batch_sharding(mesh))
+      trainable, opt_state, metrics = step_fn(trainable, opt_state, frozen, batch,
+                                              jax.random.fold_in(rng, step))
+      loss = float(metrics["loss"])
+      tokens_since += int(metrics["tokens"])
+      if not math.isfinite(loss) and c.train.nan_policy == "stop":
+        raise TrainingError(f"non-finite loss ({loss}) at step {step + 1}; stopped. The last good checkpoint is "
+                            f"step {last_saved} in {workdir} (resume with --resume after fixing the cause)")
+      done = step + 1
+      if done % c.train.log_every == 0 or done == c.train.steps:
+        dt = time.time() - t_last
+        rate = tokens_since / max(dt, 1e-9)
+        record = {"loss": loss, "grad_norm": float(metrics["grad_norm"]), "tokens_per_s": rate,
+                  "skipped": int(metrics.get("skipped", 0))}
+        log(done, "train", record)
+        bar.update(done, loss, rate)
+        t_last, tokens_since = time.time(), 0
+      if eval_examples and c.train.eval_every and done % c.train.eval_every == 0 and done < c.train.steps:
+        ev = evaluate_split(c, eval_model, run_params(trainable), tokenizer, eval_examples)
+        log(done, "eval", ev)
+        bar.write(f"step {done}: eval " + _fmt(ev))
+        best = _track_best(c, best, done, ev, best_mngr, trainable)
+      if (done % c.train.save_every == 0 and done < c.train.steps) or stop["signal"] is not None:
+        save(done)
+        last_saved = done
+      if stop["signal"] is not None:
+        bar.write(f"stopped by signal {stop['signal']} after step {done}; checkpoint saved, resume with --resume")
+        break
+  finally:
+    bar.close()
+    for s, h in previous.items():
+      signal.signal(s, h)
+
+  interrupted = stop["signal"] is not None
+  if not interrupted:
+    if eval_examples:
+      ev = evaluate_split(c, eval_model, run_params(trainable), tokenizer, eval_examples)
+      log(c.train.steps, "eval", ev)
+      best = _track_best(c, best, c.train.steps, ev, best_mngr, trainable)
+      results["validation"] = ev
+      echo("validation " + _fmt(ev))
+    if mngr.latest_step() != c.train.steps:
+      save(c.train.steps)
+
+  # ---- Test evaluation (the best checkpoint) ---------------------------------
+  if not interrupted and d.test_split:
+    test_examples = examples_for(c, tokenizer, d.test_split, d.max_test_examples or None)
+    params = run_params(trainable)
+    if best is not None and best["step"] != c.train.steps:
+      _, state, _ = checkpoint.restore(best_mngr, {"trainable": checkpoint.abstract(trainable)})
+      params = run_params(state["trainable"])
+    results["test"] = evaluate_split(c, eval_model, params, tokenizer, test_examples)
+    log(c.train.steps, "test", results["test"])
+    echo("test " + _fmt(results["test"]))
+  results.update(steps=step + 1 if interrupted else c.train.steps, interrupted=interrupted, best=best,
+                 seconds=time.time() - t_start)
+  log.close()
+  _write_summary(workdir, c, method, results)
+  return results
+
+
+def _track_best(c, best, step, ev, mngr, trainable):
+  metric = c.eval.metric
+  if metric not in ev:
+    return best
+  better = best is None or (ev[metric] > best["value"] if metric != "loss" else ev[metric] < best["value"])
+  if better:
+    best = {"step": step, "metric": metric, "value": ev[metric]}
+    checkpoint.save(mngr, step, {"trainable": trainable}, best)
+  return best
+
+
+def _fmt(metrics: dict) -> str:
+  return ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float))
+
+
+class _progress:
+  """tqdm on a terminal (loss, tokens/s, time left); plain lines otherwise."""
+
+  def __init__(self, total: int, initial: int):
+    self.tty = sys.stderr.isatty()
+    self.total, self.t0, self.initial = total, time.time(), initial
+    if self.tty:
+      from tqdm import tqdm
+      self.bar = tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True)
+
+  def update(self, step: int, loss: float, rate: float):
+    if self.tty:
+      self.bar.n = step
+      self.bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{rate:.0f}")
+      self.bar.refresh()
+    else:
+      done = step - self.initial
+      left = (time.time() - self.t0) / max(done, 1) * (self.total - step)
+      print(f"step {step}/{self.total}  loss {loss:.4f}  {rate:.0f} tok/s  ~{left:.0f}s left", file=sys.stderr,
+            flush=True)
+
+  def write(self, text: str):
+    if self.tty:
+      self.bar.write(text)
+    else:
+      print(text, file=sys.stderr, flush=True)
+
+  def close(self):
+    if self.tty:
+      self.bar.close()
+
+
+def _write_summary(workdir: str, c, method, results: dict):
+  lines = [f"# Run {os.path.basename(os.path.abspath(workdir))}", "",
+           f"- model: `{c.model.name}` ({c.model.dtype}), method: `{method.name}` "
+           f"{json.dumps(c.method.hparams.to_dict())}" + (f", base quantized to {c.quant.format}" if c.quant.format else ""),
+           f"- trainable: {results['counts']['trainable']:,} of {results['counts']['total']:,} "
+           f"({results['counts']['percent']:.4f}%)",
+           f"- steps: {results['steps']} x batch {c.train.batch_size}, {results['seconds']:.0f} s"
+           + (" (interrupted)" if results["interrupted"] else "")]
+  for key in ("zero_shot", "validation", "test"):
+    if key in results:
+      lines.append(f"- {key.replace('_', '-')}: " + _fmt(results[key]))
+  if results.get("best"):
+    b = results["best"]
+    lines.append(f"- best {b['metric']}: {b['value']:.4f} at step {b['step']}")
+  with open(os.path.join(workdir, "summary.md"), "w") as f:
+    f.write("\n".join(lines) + "\n")
