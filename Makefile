@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 
-.PHONY: demo test test-slow clean
+.PHONY: demo generate test test-slow clean
 
 $(VENV)/.runtime: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -21,7 +21,11 @@ $(VENV)/.test: $(VENV)/.runtime
 	$(PIP) install -q -e ".[test]"
 	touch $@
 
+# The main job: LoRA fine-tuning of SmolLM2-135M-Instruct on Rotten Tomatoes sentiment (embedded data).
 demo: $(VENV)/.runtime
+	$(VENV)/bin/jft train --config configs/sentiment.py:method=lora --workdir runs/quickstart-$$(date +%Y%m%d-%H%M%S)
+
+generate: $(VENV)/.runtime
 	$(VENV)/bin/jft generate --model smollm2-135m --prompt "What is the capital of France?"
 
 test: $(VENV)/.test

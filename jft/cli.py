@@ -21,10 +21,11 @@ def _train(args) -> int:
   config = _config(args)  # every config error surfaces here, before any compute
   results = train(config, args.workdir, resume=args.resume)
   print(f"run folder: {os.path.abspath(args.workdir)}")
-  if "zero_shot" in results and "accuracy" in results["zero_shot"]:
-    print(f"zero-shot accuracy (validation, before training): {results['zero_shot']['accuracy']:.4f}")
+  zero = results.get("zero_shot", {})
+  if "accuracy" in zero:
+    print(f"zero-shot accuracy before training ({zero['split']} split): {zero['accuracy']:.4f}")
   if "test" in results:
-    print("test after training: " + ", ".join(f"{k} {v:.4f}" for k, v in results["test"].items()))
+    print("after training, test split: " + ", ".join(f"{k} {v:.4f}" for k, v in results["test"].items()))
   return 0
 
 

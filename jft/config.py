@@ -176,7 +176,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.model = dict(name="smollm2-135m", dtype="float32", remat="none")
   c.method = dict(name="lora", hparams=dict(rank=8, alpha=16.0, targets=("q_proj", "v_proj")))
   c.quant = dict(format="", blocksize=64, double_quant=True)  # format "" = dense base
-  c.data = dict(task="classification", path=REQUIRED, chat=True, template="{text}", text_field="text",
+  c.data = dict(task="classification", path=REQUIRED, chat=True, system="", template="{text}", text_field="text",
                 label_field="label", labels=("negative", "positive"), prompt_field="prompt",
                 response_field="response", max_length=128, truncation="left", pack=False, bucket=1,
                 train_split="train", eval_split="validation", test_split="test",
@@ -187,5 +187,5 @@ def default_config() -> ml_collections.ConfigDict:
                  b2=0.999, momentum=0.9, weight_decay=0.0,
                  decay_rules=((r"(.*/)?(bias|scale|lora_magnitude|prompt_embeddings)", False),),
                  clip_norm=1.0, grad_accum=1)
-  c.eval = dict(batch_size=32, zero_shot=True, exact_match=False, metric="accuracy")
+  c.eval = dict(batch_size=32, zero_shot=True, zero_shot_split="eval", exact_match=False, metric="accuracy")
   return c

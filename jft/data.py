@@ -76,17 +76,18 @@ def _field(row: dict, name: str, where: str):
   return row[name]
 
 
-def render_prompt(tokenizer, text: str, template: str, chat: bool) -> str:
-  """The prompt string: `template` with {text}, wrapped in the chat template if asked and available."""
+def render_prompt(tokenizer, text: str, template: str, chat: bool, system: str = "") -> str:
+  """The prompt string: `template` with {text}, wrapped in the chat template if asked and available
+  (with `system` as the system message; empty keeps the template's default)."""
   prompt = template.format(text=text)
   if chat and getattr(tokenizer, "chat_template", None):
-    return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                         tokenize=False)
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+    return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
   return prompt
 
 
 def classification_examples(dataset, tokenizer, *, text_field: str, label_field: str, labels: Sequence[str],
-                            template: str, chat: bool, limit: Optional[int] = None):
+                            template: str, chat: bool, limit: Optional[int] = None, system: str = ""):
   """Rows -> [{"prompt", "response", "label"}]: classification as generation of a label word."""
   out = []
   for i, row in enumerate(dataset):
@@ -95,18 +96,19 @@ def classification_examples(dataset, tokenizer, *, text_field: str, label_field:
     label = str(_field(row, label_field, "classification data"))
     if label not in labels:
       raise DataError(f"row {i}: label {label!r} is not one of the configured labels {list(labels)}")
-    out.append({"prompt": render_prompt(tokenizer, _field(row, text_field, "classification data"), template, chat),
+    out.append({"prompt": render_prompt(tokenizer, _field(row, text_field, "classification data"), template, chat,
+                                        system),
                 "response": label, "label": labels.index(label)})
   return out
 
 
 def sft_examples(dataset, tokenizer, *, prompt_field: str, response_field: str, template: str, chat: bool,
-                 limit: Optional[int] = None):
+                 limit: Optional[int] = None, system: str = ""):
   out = []
   for i, row in enumerate(dataset):
     if limit is not None and i >= limit:
       break
-    out.append({"prompt": render_prompt(tokenizer, _field(row, prompt_field, "SFT data"), template, chat),
+    out.append({"prompt": render_prompt(tokenizer, _field(row, prompt_field, "SFT data"), template, chat, system),
                 "response": str(_field(row, response_field, "SFT data"))})
   return out
 

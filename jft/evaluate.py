@@ -38,33 +38,43 @@ def loss_and_perplexity(model, params, rows, batch_size: int = 16) -> dict:
   return {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
 
 
+@functools.partial(jax.jit, static_argnames=("model",))
+def _classification_sums(model, params, batch, answer_index, labels, label_ids):
+  logits = model.apply({"params": params}, batch["input_ids"], attention_mask=batch["attention_mask"])
+  loss, n = next_token_loss(logits, batch["input_ids"], batch["loss_mask"])
+  at_answer = jnp.take_along_axis(logits, answer_index[:, None, None], axis=1)[:, 0]
+  pred = jnp.argmax(at_answer[:, label_ids], axis=-1)
+  return loss * n, n, pred, (pred == labels)
+
+
+def classification(model, params, rows, labels: Sequence[int], label_ids: Sequence[int], batch_size: int = 32) -> dict:
+  """Loss/perplexity of the responses and label-word accuracy, from one forward pass.
+
+  The prediction at the position before the response compares the logits of
+  each label word's first token (the response is the gold label word).
+  """
+  total = count = 0.0
+  correct = 0
+  label_ids = jnp.asarray(label_ids)
+  for start, (batch, n) in zip(range(0, len(rows), batch_size), data.eval_batches(rows, batch_size, left=False)):
+    batch = {k: v.copy() for k, v in batch.items()}
+    batch["loss_mask"][n:] = 0
+    answer = np.argmax(batch["loss_mask"] > 0, axis=1) - 1  # last prompt token
+    gold = np.asarray(list(labels[start:start + n]) + [0] * (len(answer) - n), np.int32)
+    s, c, _, hit = _classification_sums(model, params, {k: jnp.asarray(v) for k, v in batch.items()},
+                                        jnp.asarray(answer), jnp.asarray(gold), label_ids)
+    total, count = total + float(s), count + float(c)
+    correct += int(np.asarray(hit)[:n].sum())
+  loss = total / max(count, 1.0)
+  return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "accuracy": correct / max(len(rows), 1)}
+
+
 def label_token_ids(tokenizer, labels: Sequence[str], chat: bool) -> list[int]:
   """The first token of each label word as the model would write it; they must differ."""
   ids = [data.response_ids(tokenizer, label, chat)[0] for label in labels]
   if len(set(ids)) != len(ids):
     raise data.DataError(f"labels {list(labels)} share their first token {ids}; choose distinct label words")
   return ids
-
-
-@functools.partial(jax.jit, static_argnames=("model",))
-def _last_logits(model, params, ids, mask):
-  return model.apply({"params": params}, ids, attention_mask=mask, last_only=True)[:, -1]
-
-
-def label_accuracy(model, params, tokenizer, examples, labels: Sequence[str], chat: bool,
-                   batch_size: int = 32, max_length: int = 256) -> dict:
-  """Accuracy of argmax over the label words' first-token logits after each prompt."""
-  label_ids = jnp.asarray(label_token_ids(tokenizer, labels, chat))
-  prompts = [np.asarray(tokenizer(ex["prompt"], add_special_tokens=not chat)["input_ids"][-max_length:], np.int32)
-             for ex in examples]
-  rows = [(p, np.zeros_like(p)) for p in prompts]
-  correct, predictions = 0, []
-  for start, (batch, n) in zip(range(0, len(rows), batch_size), data.eval_batches(rows, batch_size)):
-    logits = _last_logits(model, params, jnp.asarray(batch["input_ids"]), jnp.asarray(batch["attention_mask"]))
-    pred = np.asarray(jnp.argmax(logits[:, label_ids], axis=-1))[:n]
-    predictions += pred.tolist()
-    correct += int(sum(int(p) == examples[start + i]["label"] for i, p in enumerate(pred)))
-  return {"accuracy": correct / max(len(examples), 1), "predictions": predictions}
 
 
 def exact_match(model, params, tokenizer, examples, chat: bool, batch_size: int = 16,

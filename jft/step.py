@@ -60,10 +60,11 @@ def make_train_step(model, method: api.Method, tx: optax.GradientTransformation,
   @functools.partial(jax.jit, donate_argnums=(0, 1) if donate else ())
   def step(trainable, opt_state, frozen, batch, rng):
     (loss, tokens), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable, frozen, batch, rng)
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     updates, new_opt_state = tx.update(grads, opt_state, trainable)
     new_trainable = optax.apply_updates(trainable, updates)
-    metrics = {"loss": loss, "tokens": tokens, "grad_norm": grad_norm}
+    metrics = {"loss": loss, "loss_tokens": tokens, "grad_norm": grad_norm,
+               "tokens": (batch["attention_mask"] != 0).sum()}
     if skip_nonfinite:
       ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
       keep = lambda new, old: jnp.where(ok, new, old)

@@ -34,10 +34,11 @@ def examples_for(config, tokenizer, split: str, limit):
   ds = data.load_split(d.path, split)
   if d.task == "classification":
     return data.classification_examples(ds, tokenizer, text_field=d.text_field, label_field=d.label_field,
-                                        labels=tuple(d.labels), template=d.template, chat=d.chat, limit=limit)
+                                        labels=tuple(d.labels), template=d.template, chat=d.chat, limit=limit,
+                                        system=d.system)
   if d.task == "sft":
     return data.sft_examples(ds, tokenizer, prompt_field=d.prompt_field, response_field=d.response_field,
-                             template=d.template, chat=d.chat, limit=limit)
+                             template=d.template, chat=d.chat, limit=limit, system=d.system)
   raise TrainingError(f"data.task={d.task!r}; expected classification or sft")
 
 
@@ -45,10 +46,12 @@ def evaluate_split(config, model, params, tokenizer, examples) -> dict:
   """Loss/perplexity always; accuracy (label words) for classification; exact match if asked."""
   d = config.data
   rows = data.tokenize(examples, tokenizer, d.max_length, d.chat, d.truncation)
-  out = evaluate.loss_and_perplexity(model, params, rows, config.eval.batch_size)
-  if d.task == "classification":
-    out["accuracy"] = evaluate.label_accuracy(model, params, tokenizer, examples, tuple(d.labels), d.chat,
-                                              config.eval.batch_size, d.max_length)["accuracy"]
+  if d.task == "classification":  # loss and label accuracy from one forward pass
+    out = evaluate.classification(model, params, rows, [ex["label"] for ex in examples],
+                                  evaluate.label_token_ids(tokenizer, tuple(d.labels), d.chat),
+                                  config.eval.batch_size)
+  else:
+    out = evaluate.loss_and_perplexity(model, params, rows, config.eval.batch_size)
   if config.eval.exact_match:
     out.update(evaluate.exact_match(model, params, tokenizer, examples, d.chat, config.eval.batch_size))
   return out
@@ -154,9 +157,12 @@ def train(config, workdir: str, resume: bool = False, echo=print) -> dict:
 
   # ---- Zero-shot evaluation --------------------------------------------------
   results = {"counts": {"trainable": counts.trainable, "total": counts.total, "percent": counts.percent}}
-  if start == 0 and c.eval.zero_shot and eval_examples:
-    zero = evaluate_split(c, eval_model, run_params(trainable), tokenizer, eval_examples)
-    results["zero_shot"] = zero
+  zero_split = {"eval": d.eval_split, "test": d.test_split}[c.eval.zero_shot_split]
+  if start == 0 and c.eval.zero_shot and zero_split:
+    limit = d.max_eval_examples if c.eval.zero_shot_split == "eval" else d.max_test_examples
+    zero = evaluate_split(c, eval_model, run_params(trainable), tokenizer,
+                          examples_for(c, tokenizer, zero_split, limit or None))
+    results["zero_shot"] = {"split": zero_split, **zero}
     log(0, "zero_shot", zero)
     echo("zero-shot " + _fmt(zero))
 

@@ -57,7 +57,8 @@ def _decode(model: Transformer, sampling: Sampling, params, ids, mask, stop_toke
   steps = sampling.max_new_tokens
   cache = init_cache(model.config, b, p + steps, model.dtype)
   key_mask = jnp.concatenate([mask, jnp.zeros((b, steps), mask.dtype)], axis=1)
-  logits, cache = model.apply({"params": params}, ids, attention_mask=key_mask, cache=cache, cache_index=0)
+  logits, cache = model.apply({"params": params}, ids, attention_mask=key_mask, cache=cache, cache_index=0,
+                              last_only=True)
 
   def cond(state):
     step, _, _, _, _, done, _ = state

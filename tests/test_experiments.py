@@ -1,0 +1,292 @@
+"""Configs and CLI errors, data pipelines, and a tiny end-to-end run with kill/resume, eval and export."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import jft
+from jft import cli, config as cfg, data, peft, run
+from jft.step import make_train_step
+from jft.train import TrainingError, train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = os.path.join(ROOT, "configs", "tiny.py")
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+  """A random 2-layer Llama with SmolLM2's tokenizer (so the chat template and vocab are real)."""
+  import torch
+  import transformers
+
+  folder = str(tmp_path_factory.mktemp("tiny_llama"))
+  config = transformers.LlamaConfig(vocab_size=49152, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                                    tie_word_embeddings=True)
+  torch.manual_seed(0)
+  transformers.AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+  jft.load_tokenizer("smollm2-135m").save_pretrained(folder)
+  return folder
+
+
+# ---------------------------------------------------------------------------- configs
+
+
+def test_config_arguments_and_overrides_are_typed():
+  c = cfg.build(f"{ROOT}/configs/sentiment.py:method=qlora,mode=local",
+                [("optim.lr", "3e-4"), ("train.steps", "7"), ("data.chat", "false"),
+                 ("method.hparams.targets", "q_proj,k_proj")])
+  assert c.optim.lr == 3e-4 and c.train.steps == 7 and c.data.chat is False
+  assert c.quant.format == "nf4" and c.method.name == "lora"
+  assert tuple(c.method.hparams.targets) == ("q_proj", "k_proj")
+
+
+@pytest.mark.parametrize("spec, overrides, message", [
+    ("configs/sentiment.py:methd=lora", [], r"'methd' is unknown.*did you mean method"),
+    ("configs/sentiment.py:method=lorra", [], r"method='lorra'"),
+    ("configs/sentiment.py", [("optim.lrr", "1")], r"unknown config field 'optim.lrr'.*did you mean optim.lr"),
+    ("configs/sentiment.py", [("train.steps", "many")], r"train.steps: expected an int, got 'many'"),
+    ("configs/sentiment.py", [("data.chat", "maybe")], r"data.chat: expected a bool"),
+    ("configs/tiny.py", [], r"required config field\(s\) not set: model.name"),
+    ("configs/nope.py", [], r"does not exist"),
+])
+def test_config_errors_name_the_field(spec, overrides, message):
+  with pytest.raises(cfg.ConfigError, match=message):
+    cfg.build(os.path.join(ROOT, spec.split(":")[0]) + (":" + spec.split(":")[1] if ":" in spec else ""),
+              overrides)
+
+
+def test_cli_reports_config_errors_before_compute(capsys, tmp_path):
+  code = cli.main(["train", "--config", TINY, "--config.optim.lr=fast", "--workdir", str(tmp_path / "r")])
+  assert code == 2
+  assert "optim.lr: expected a float, got 'fast'" in capsys.readouterr().err
+  assert not os.path.exists(tmp_path / "r")  # nothing was started
+  with pytest.raises(SystemExit):
+    cli.main(["eval", "--workdir", str(tmp_path), "--bogus"])
+  for command in ("train", "eval", "export", "generate"):
+    with pytest.raises(SystemExit) as exit_:
+      cli.main([command, "--help"])
+    assert exit_.value.code == 0
+
+
+# ---------------------------------------------------------------------------- data
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+  return jft.load_tokenizer("smollm2-135m")
+
+
+def test_prompt_masking_token_by_token(tokenizer):
+  ex = {"prompt": "Is it good?", "response": "positive"}
+  (ids, mask), = data.tokenize([ex], tokenizer, max_length=64, chat=False)
+  prompt = tokenizer("Is it good?")["input_ids"]
+  response = tokenizer(" positive", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+  assert ids.tolist() == prompt + response
+  assert mask.tolist() == [0] * len(prompt) + [1] * len(response)
+  # Too long: the prompt loses its beginning, the response is kept whole.
+  long = {"prompt": "word " * 50 + "Is it good?", "response": "positive"}
+  (ids, mask), = data.tokenize([long], tokenizer, max_length=12, chat=False)
+  assert len(ids) == 12 and ids[-len(response):].tolist() == response and mask.sum() == len(response)
+  assert tokenizer.decode(ids[: 12 - len(response)]).endswith("Is it good?")
+  with pytest.raises(data.DataError, match="does not fit"):
+    data.tokenize([ex], tokenizer, max_length=2, chat=False)
+
+
+def test_chat_examples_use_the_chat_template(tokenizer):
+  rows = [{"text": "A fine film.", "label": "positive"}]
+  (ex,) = data.classification_examples(rows, tokenizer, text_field="text", label_field="label",
+                                       labels=("negative", "positive"), template="Review: {text}", chat=True)
+  assert ex["prompt"].startswith("<|im_start|>") and ex["prompt"].endswith("<|im_start|>assistant\n")
+  assert ex["label"] == 1
+  with pytest.raises(data.DataError, match="label 'meh'"):
+    data.classification_examples([{"text": "x", "label": "meh"}], tokenizer, text_field="text",
+                                 label_field="label", labels=("negative", "positive"), template="{text}", chat=True)
+  with pytest.raises(data.DataError, match="no field 'review'"):
+    data.classification_examples(rows, tokenizer, text_field="review", label_field="label",
+                                 labels=("negative", "positive"), template="{text}", chat=True)
+
+
+def test_packing_keeps_attention_inside_each_example(tiny_model):
+  model, params = jft.load_pretrained(tiny_model)
+  rows = [(np.arange(5, 12, dtype=np.int32), np.asarray([0, 0, 0, 1, 1, 1, 1], np.int32)),
+          (np.arange(20, 25, dtype=np.int32), np.asarray([0, 0, 1, 1, 1], np.int32)),
+          (np.arange(40, 43, dtype=np.int32), np.asarray([0, 1, 1], np.int32))]
+  packed = data.pack_rows(rows, length=16)
+  assert packed["input_ids"].shape == (1, 16)
+  assert packed["attention_mask"][0].tolist() == [1] * 7 + [2] * 5 + [3] * 3 + [0]
+  assert packed["loss_mask"][0].tolist() == [0, 0, 0, 1, 1, 1, 1, 0, 0, 1, 1, 1, 0, 1, 1, 0]
+  out = np.asarray(model.apply({"params": params}, jnp.asarray(packed["input_ids"]),
+                               attention_mask=jnp.asarray(packed["attention_mask"])))[0]
+  start = 0
+  for ids, _ in rows:  # each packed example computes exactly what it computes alone
+    alone = np.asarray(model.apply({"params": params}, jnp.asarray(ids[None])))[0]
+    np.testing.assert_allclose(out[start:start + len(ids)], alone, atol=1e-5)
+    start += len(ids)
+
+
+def test_batches_resume_exactly_across_epochs():
+  rows = [(np.arange(n, dtype=np.int32) + 1, np.ones(n, np.int32)) for n in range(3, 40)]
+  for kwargs in (dict(), dict(bucket=4), dict(pack=True)):
+    reference = data.Batches(rows, batch_size=4, max_length=48, seed=3, **kwargs)
+    stream = [next(reference) for _ in range(25)]  # several epochs
+    for cut in (1, 7, 11):
+      first = data.Batches(rows, batch_size=4, max_length=48, seed=3, **kwargs)
+      for _ in range(cut):
+        next(first)
+      resumed = data.Batches(rows, batch_size=4, max_length=48, seed=3, **kwargs)
+      resumed.restore(json.loads(json.dumps(first.state())))
+      for expected in stream[cut:]:
+        got = next(resumed)
+        for k in expected:
+          np.testing.assert_array_equal(got[k], expected[k])
+  other = data.Batches(rows, batch_size=4, max_length=48, seed=4)
+  assert not np.array_equal(next(other)["input_ids"], stream[0]["input_ids"])
+  with pytest.raises(data.DataError, match="seed 3"):
+    other.restore(reference.state())
+
+
+def test_local_files_of_every_kind(tmp_path):
+  rows = [{"text": "good", "label": "positive"}, {"text": "bad", "label": "negative"}]
+  (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+  (tmp_path / "t.csv").write_text("text,label\ngood,positive\nbad,negative\n")
+  (tmp_path / "t.tsv").write_text("text\tlabel\ngood\tpositive\nbad\tnegative\n")
+  import datasets
+  datasets.Dataset.from_list(rows).to_parquet(str(tmp_path / "t.parquet"))
+  for source in (str(tmp_path), str(tmp_path / "t.csv"), str(tmp_path / "t.tsv"), str(tmp_path / "t.parquet"),
+                 datasets.Dataset.from_list(rows), datasets.DatasetDict({"train": datasets.Dataset.from_list(rows)})):
+    ds = data.load_split(source, "train")
+    assert [r["text"] for r in ds] == ["good", "bad"]
+  with pytest.raises(data.DataError, match="no file for split 'test'"):
+    data.load_split(str(tmp_path), "test")
+
+
+def test_embedded_data_checksums():
+  with open(os.path.join(ROOT, "data", "sentiment", "SHA256SUMS")) as f:
+    assert len(f.read().split()) == 6
+  sizes = {s: len(data.load_split(os.path.join(ROOT, "data", "sentiment"), s)) for s in ("train", "validation", "test")}
+  assert sizes == {"train": 8058, "validation": 1008, "test": 1006}
+  assert len(data.load_split(os.path.join(ROOT, "data", "chat"), "train")) > 2000
+
+
+# ---------------------------------------------------------------------------- train step details
+
+
+def test_nonfinite_steps_are_skipped_or_stop_the_run(tiny_model, tmp_path):
+  model, params = jft.load_pretrained(tiny_model)
+  method, tx = peft.LoRA(rank=2), optax.sgd(0.1)
+  trainable, frozen = peft.split(method, method.init(jax.random.PRNGKey(0), params))
+  trainable = jax.tree.map(lambda x: x * jnp.nan, trainable)
+  batch = {"input_ids": jnp.ones((2, 8), jnp.int32), "attention_mask": jnp.ones((2, 8), jnp.int32)}
+  step = make_train_step(model, method, tx, donate=False, skip_nonfinite=True)
+  new, _, metrics = step(trainable, tx.init(trainable), frozen, batch, jax.random.PRNGKey(0))
+  assert int(metrics["skipped"]) == 1
+  c = cfg.build(TINY, [("model.name", tiny_model), ("optim.lr", "nan"), ("optim.clip_norm", "0"),
+                       ("optim.name", "sgd"), ("optim.warmup_steps", "0"), ("eval.zero_shot", "false")])
+  with pytest.raises(TrainingError, match=r"non-finite loss .* at step \d+; stopped. The last good checkpoint"):
+    train(c, str(tmp_path / "nan"), echo=lambda *_: None)
+
+
+# ---------------------------------------------------------------------------- end to end
+
+
+def _jft(*args, **kw):
+  return subprocess.Popen([sys.executable, "-m", "jft.cli", *args], stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True, cwd=ROOT, **kw)
+
+
+def _losses(workdir):
+  """step -> loss, the last record of each step (a resumed run logs some steps again)."""
+  out = {}
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    for line in f:
+      rec = json.loads(line)
+      if rec["kind"] == "train":
+        out[rec["step"]] = rec["loss"]
+  return out
+
+
+def test_kill_resume_equals_uninterrupted_then_eval_and_export(tiny_model, tmp_path):
+  args = ["train", "--config", TINY, f"--config.model.name={tiny_model}", "--config.train.steps=10"]
+  reference = str(tmp_path / "reference")
+  p = _jft(*args, "--workdir", reference)
+  out, err = p.communicate(timeout=600)
+  assert p.returncode == 0, err
+  assert "zero-shot accuracy before training" in out and "after training, test split" in out and reference in out
+  expected = _losses(reference)
+  assert sorted(expected) == list(range(1, 11))
+
+  # SIGKILL mid-run (after a checkpoint), then --resume: the same losses, bit for bit.
+  killed = str(tmp_path / "killed")
+  p = _jft(*args, "--workdir", killed)
+  deadline = time.time() + 300
+  while not os.path.isdir(os.path.join(killed, "checkpoints", "4")):
+    assert p.poll() is None and time.time() < deadline, "run ended before its step-4 checkpoint"
+    time.sleep(0.2)
+  p.send_signal(signal.SIGKILL)
+  p.wait()
+  assert p.returncode == -signal.SIGKILL
+  p = _jft(*args, "--workdir", killed)
+  _, err = p.communicate(timeout=600)
+  assert p.returncode != 0 and "already holds checkpoints" in err  # no silent restart from scratch
+  p = _jft(*args, "--workdir", killed, "--resume")
+  _, err = p.communicate(timeout=600)
+  assert p.returncode == 0, err
+  assert "resumed from step" in err or "resumed from step" in _
+  assert _losses(killed) == expected
+
+  # SIGTERM: the run saves where it is and exits cleanly; resuming finishes identically.
+  termed = str(tmp_path / "termed")
+  p = _jft(*args, "--workdir", termed)
+  deadline = time.time() + 300
+  while not os.path.isfile(os.path.join(termed, "metrics.jsonl")) or len(_losses(termed)) < 3:
+    assert p.poll() is None and time.time() < deadline
+    time.sleep(0.1)
+  p.send_signal(signal.SIGTERM)
+  _, err = p.communicate(timeout=300)
+  assert p.returncode == 0, err
+  if "stopped by signal" in err:
+    p = _jft(*args, "--workdir", termed, "--resume")
+    assert p.wait(timeout=600) == 0
+  assert _losses(termed) == expected
+
+  # The run folder holds what reproduces it.
+  for name in ("config.json", "versions.json", "base.json", "summary.md", "metrics.jsonl"):
+    assert os.path.isfile(os.path.join(reference, name)), name
+  assert os.listdir(os.path.join(reference, "tb"))
+  assert json.load(open(os.path.join(reference, "versions.json")))["jax"] == jax.__version__
+
+  # eval and export from the run, in-process.
+  assert cli.main(["eval", "--workdir", reference, "--limit", "8"]) == 0
+  for fmt in ("peft", "merged", "adapters"):
+    assert cli.main(["export", "--workdir", reference, "--format", fmt, "--out", str(tmp_path / fmt)]) == 0
+  assert {"adapter_config.json", "adapter_model.safetensors"} <= set(os.listdir(tmp_path / "peft"))
+  assert "model.safetensors" in os.listdir(tmp_path / "merged")
+  _, model, _, params, _ = run.restore_params(reference)
+  merged_model, merged_params = jft.load_pretrained(str(tmp_path / "merged"))
+  ids = jnp.asarray([[1, 2, 3, 4, 5]])
+  np.testing.assert_allclose(merged_model.apply({"params": merged_params}, ids),
+                             model.apply({"params": params}, ids), atol=1e-4)
+
+  # A different base is refused.
+  other = str(tmp_path / "other_base")
+  import shutil
+  shutil.copytree(tiny_model, other)
+  from safetensors.numpy import load_file, save_file
+  tensors = load_file(os.path.join(other, "model.safetensors"))
+  tensors["model.norm.weight"] = tensors["model.norm.weight"] + 1
+  save_file(tensors, os.path.join(other, "model.safetensors"), metadata={"format": "pt"})
+  with open(os.path.join(reference, "base.json")) as f:
+    recorded = json.load(f)
+  with pytest.raises(run.RunError, match="refusing to mix"):
+    run.check_base(reference, run.base_identity(other))
+  assert recorded["sha256"] == run.base_identity(tiny_model)["sha256"]
