@@ -290,3 +290,50 @@ def test_kill_resume_equals_uninterrupted_then_eval_and_export(tiny_model, tmp_p
   with pytest.raises(run.RunError, match="refusing to mix"):
     run.check_base(reference, run.base_identity(other))
   assert recorded["sha256"] == run.base_identity(tiny_model)["sha256"]
+
+
+@pytest.mark.parametrize("overrides", [
+    [("optim.name", "sgd"), ("optim.schedule", "linear"), ("optim.weight_decay", "0.01")],
+    [("optim.name", "adafactor"), ("optim.schedule", "constant")],
+    [("optim.grad_accum", "2"), ("optim.warmup_steps", "0")],
+])
+def test_optimizers_from_config(overrides, tiny_model):
+  from jft.optim import make_optimizer
+
+  c = cfg.build(TINY, [("model.name", tiny_model)] + overrides)
+  model, params = jft.load_pretrained(tiny_model)
+  method = peft.LoRA(rank=2)
+  trainable, frozen = peft.split(method, method.init(jax.random.PRNGKey(0), params))
+  tx = make_optimizer(c.optim, c.train.steps, trainable)
+  step = make_train_step(model, method, tx, donate=False)
+  batch = {"input_ids": jnp.asarray(np.arange(16).reshape(2, 8) + 5, jnp.int32),
+           "attention_mask": jnp.ones((2, 8), jnp.int32)}
+  state = tx.init(trainable)
+  before = trainable
+  for i in range(2):
+    trainable, state, _ = step(trainable, state, frozen, batch, jax.random.PRNGKey(i))
+  moved = jax.tree.leaves(jax.tree.map(lambda a, b: float(jnp.abs(a - b).max()), trainable, before))
+  assert max(moved) > 0
+
+
+def test_exact_match_from_greedy_generation(tiny_model):
+  from jft import evaluate
+  from jft.models.generate import Sampling, generate
+
+  model, params = jft.load_pretrained(tiny_model)
+  tok = jft.load_tokenizer(tiny_model)
+  prompts = ["Review: fine\nSentiment:", "Review: awful\nSentiment:"]
+  outs = generate(model, params, [tok(p)["input_ids"] for p in prompts], Sampling(max_new_tokens=2))
+  examples = [{"prompt": p, "response": tok.decode(o, skip_special_tokens=True).strip()} for p, o in zip(prompts, outs)]
+  assert evaluate.exact_match(model, params, tok, examples, chat=False, max_new_tokens=2)["exact_match"] == 1.0
+  examples[0]["response"] = "something else entirely"
+  assert evaluate.exact_match(model, params, tok, examples, chat=False, max_new_tokens=2)["exact_match"] == 0.5
+
+
+def test_chat_sft_local_run_packs_and_trains(tiny_model, tmp_path):
+  c = cfg.build(os.path.join(ROOT, "configs", "chat_sft.py") + ":mode=local", [("model.name", tiny_model)])
+  results = train(c, str(tmp_path / "chat"), echo=lambda *_: None)
+  assert results["steps"] == c.train.steps and not results["interrupted"]
+  with open(tmp_path / "chat" / "metrics.jsonl") as f:
+    losses = [json.loads(l)["loss"] for l in f if json.loads(l)["kind"] == "train"]
+  assert len(losses) == c.train.steps // c.train.log_every and all(np.isfinite(losses))
