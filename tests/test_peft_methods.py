@@ -123,6 +123,10 @@ def test_train_only_trainable(name, base):
   masked_state = optax.masked(tx, peft.mask(method, adapted)).init(adapted)
   real = [x for x in jax.tree.leaves(masked_state) if hasattr(x, "shape") and x.ndim > 0]
   assert sum(x.size for x in real) == 2 * sum(x.size for x in jax.tree.leaves(trainable))
+  partitioned = optax.partition({"trainable": tx, "frozen": optax.set_to_zero()},
+                                peft.labels(method, adapted)).init(adapted)
+  real = [x for x in jax.tree.leaves(partitioned) if hasattr(x, "shape") and x.ndim > 0]
+  assert sum(x.size for x in real) == 2 * sum(x.size for x in jax.tree.leaves(trainable))
 
   # A few steps lower the loss, and the trained model differs from the base.
   @jax.jit

@@ -17,7 +17,7 @@ Trees are nested dicts; paths are `/`-joined (see `jft.rules`).
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, ClassVar, Mapping, Sequence
+from typing import Any, ClassVar, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -238,17 +238,6 @@ class Compose(Method):
 
   def hparams(self):
     return {"method": self.name, "parts": [m.hparams() for m in self.methods]}
-
-
-def leaves_named(params: Params, names: Sequence[str]) -> dict[str, Any]:
-  return {p: v for p, v in rules.flatten(params).items() if p.rsplit("/", 1)[-1] in names}
-
-
-def drop_leaves(params: Params, predicate: Callable[[str], bool]) -> tuple[Params, Params]:
-  """-> (kept, dropped) by path predicate."""
-  flat = rules.flatten(params)
-  dropped = {p: v for p, v in flat.items() if predicate(p)}
-  return rules.unflatten({p: v for p, v in flat.items() if p not in dropped}), rules.unflatten(dropped)
 
 
 def f32(x):
