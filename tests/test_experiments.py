@@ -337,3 +337,14 @@ def test_chat_sft_local_run_packs_and_trains(tiny_model, tmp_path):
   with open(tmp_path / "chat" / "metrics.jsonl") as f:
     losses = [json.loads(l)["loss"] for l in f if json.loads(l)["kind"] == "train"]
   assert len(losses) == c.train.steps // c.train.log_every and all(np.isfinite(losses))
+
+
+def test_bfloat16_compute_keeps_float32_trainable_state(tiny_model, tmp_path):
+  c = cfg.build(TINY + ":steps=2", [("model.name", tiny_model), ("model.dtype", "bfloat16"),
+                                     ("eval.zero_shot", "false"), ("data.test_split", "")])
+  results = train(c, str(tmp_path / "bf16"), echo=lambda *_: None)
+  assert np.isfinite(results["validation"]["loss"])
+  _, model, method, params, _ = run.restore_params(str(tmp_path / "bf16"), "latest")
+  assert model.dtype == jnp.bfloat16
+  assert params["layers"]["self_attn"]["q_proj"]["kernel"].dtype == jnp.bfloat16
+  assert params["layers"]["self_attn"]["q_proj"]["lora_a"].dtype == jnp.float32
