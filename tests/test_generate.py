@@ -91,3 +91,20 @@ def test_sampled_generation_is_reproducible(hf_models):
   a = generate(model, params, [[1, 2, 3]], s, seed=1)
   assert a == generate(model, params, [[1, 2, 3]], s, seed=1)
   assert any(generate(model, params, [[1, 2, 3]], s, seed=k) != a for k in range(2, 6))
+
+
+@pytest.mark.parametrize("method_name", ["prompt", "prefix"])
+def test_prompt_and_prefix_tuned_models_decode_with_the_cache(method_name, hf_models):
+  """Virtual tokens (prompt tuning) and prefix keys/values decode like full recomputation."""
+  import jax
+
+  from jft import peft
+  model, params = jft.load_pretrained(hf_models("llama")[0])
+  method = peft.build(method_name, num_virtual_tokens=3)
+  adapted = method.init(jax.random.PRNGKey(0), params)
+  prompts = [[5, 17, 3, 9, 44, 2, 8], [7, 1]]  # left padding between the virtual tokens and the text
+  out = generate(model, adapted, prompts, Sampling(max_new_tokens=6))
+  base = generate(model, params, prompts, Sampling(max_new_tokens=6))
+  assert out != base
+  for prompt, got in zip(prompts, out):
+    assert got == naive_greedy(model, adapted, prompt, 6)

@@ -55,10 +55,13 @@ def sample_token(logits, rng, s: Sampling):
 def _decode(model: Transformer, sampling: Sampling, params, ids, mask, stop_tokens, rng, pad_id):
   b, p = ids.shape
   steps = sampling.max_new_tokens
-  cache = init_cache(model.config, b, p + steps, model.dtype)
-  key_mask = jnp.concatenate([mask, jnp.zeros((b, steps), mask.dtype)], axis=1)
+  # Prompt-tuning vectors take the first cache slots; the prefill writes them with the prompt.
+  n = params["prompt_embeddings"].shape[0] if "prompt_embeddings" in params else 0
+  cache = init_cache(model.config, b, n + p + steps, model.dtype)
+  key_mask = jnp.concatenate([jnp.ones((b, n), mask.dtype), mask, jnp.zeros((b, steps), mask.dtype)], axis=1)
   logits, cache = model.apply({"params": params}, ids, attention_mask=key_mask, cache=cache, cache_index=0,
                               last_only=True)
+  p = n + p
 
   def cond(state):
     step, _, _, _, _, done, _ = state
@@ -72,7 +75,7 @@ def _decode(model: Transformer, sampling: Sampling, params, ids, mask, stop_toke
     done = done | jnp.isin(tok, stop_tokens)
     key_mask = key_mask.at[:, p + step].set(1)
     logits, cache = model.apply({"params": params}, tok[:, None], attention_mask=key_mask,
-                                cache=cache, cache_index=p + step)
+                                cache=cache, cache_index=p + step, prepend_prompt=False)
     return step + 1, cache, key_mask, logits[:, -1], out, done, rng
 
   out = jnp.full((b, steps), pad_id, jnp.int32)

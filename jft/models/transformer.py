@@ -151,11 +151,19 @@ def attention_mask_4d(segments, q_index, window: Optional[int]):
 
 
 def segment_positions(segments):
-  """Position of each token within its segment (padding skipped): [B, S] -> [B, S]."""
-  index = jnp.arange(segments.shape[1])
-  starts = jnp.concatenate([jnp.ones_like(segments[:, :1], bool), segments[:, 1:] != segments[:, :-1]], axis=1)
-  start_index = jax.lax.cummax(jnp.where(starts, index, 0), axis=1)
-  return index - start_index
+  """Position of each token among the real tokens of its segment: [B, S] -> [B, S].
+
+  Padding is skipped (left padding does not shift positions, and prompt-tuning
+  vectors before left padding stay contiguous with the text); packed segments
+  1, 2, ... each start at 0. Relies on segment ids never decreasing along a row.
+  """
+  real = segments != 0
+  count = jnp.cumsum(real, axis=1) - 1  # real tokens up to here, minus one
+  last_seg = jax.lax.cummax(jnp.where(real, segments, 0), axis=1)
+  prev_seg = jnp.concatenate([jnp.zeros_like(last_seg[:, :1]), last_seg[:, :-1]], axis=1)
+  starts = real & (segments != prev_seg)
+  start_count = jax.lax.cummax(jnp.where(starts, count, 0), axis=1)
+  return jnp.where(real, count - start_count, 0)
 
 
 class Transformer(nn.Module):
@@ -167,7 +175,7 @@ class Transformer(nn.Module):
 
   @nn.compact
   def __call__(self, input_ids, attention_mask=None, positions=None, cache=None, cache_index=0,
-               last_only: bool = False):
+               last_only: bool = False, prepend_prompt: bool = True):
     c = self.config
     b, t = input_ids.shape
     if attention_mask is None:
@@ -179,16 +187,16 @@ class Transformer(nn.Module):
 
     # Hook 4: prompt vectors prepended to the input (prompt tuning, P-tuning). They
     # are ordinary earlier tokens for masks and positions; their logits are dropped.
+    # With a cache, the caller's mask already covers their slots, and decoding steps
+    # after the prefill pass prepend_prompt=False.
     n_prompt = 0
-    if self.has_variable("params", "prompt_embeddings"):
-      if cache is not None:
-        raise NotImplementedError("prompt tuning with a KV cache: decode without prompt_embeddings "
-                                  "or use prefix tuning")
+    if self.has_variable("params", "prompt_embeddings") and prepend_prompt:
       prompt = self.get_variable("params", "prompt_embeddings").astype(self.dtype)
       n_prompt = prompt.shape[0]
       x = jnp.concatenate([jnp.broadcast_to(prompt[None], (b, *prompt.shape)), x], axis=1)
-      attention_mask = jnp.concatenate(
-          [jnp.ones((b, n_prompt), attention_mask.dtype), attention_mask], axis=1)
+      if cache is None:
+        attention_mask = jnp.concatenate(
+            [jnp.ones((b, n_prompt), attention_mask.dtype), attention_mask], axis=1)
       t += n_prompt
 
     cache_index = jnp.asarray(cache_index, jnp.int32)
