@@ -348,3 +348,13 @@ def test_bfloat16_compute_keeps_float32_trainable_state(tiny_model, tmp_path):
   assert model.dtype == jnp.bfloat16
   assert params["layers"]["self_attn"]["q_proj"]["kernel"].dtype == jnp.bfloat16
   assert params["layers"]["self_attn"]["q_proj"]["lora_a"].dtype == jnp.float32
+
+
+def test_compare_methods_script_writes_a_table(tiny_model, tmp_path):
+  out = subprocess.run([sys.executable, os.path.join(ROOT, "experiments", "compare_methods.py"), "--config", TINY,
+                        "--methods", "ia3", "--set", f"model.name={tiny_model}", "--set", "train.steps=2",
+                        "--out", str(tmp_path / "cmp")], capture_output=True, text=True, timeout=600, cwd=ROOT)
+  assert out.returncode == 0, out.stderr
+  assert "| ia3 | 192 |" in out.stdout
+  with open(tmp_path / "cmp" / "results.csv") as f:
+    assert f.readline().startswith("method,trainable,percent")
