@@ -71,3 +71,19 @@ def test_cli_generate_mentions_paris():
                        capture_output=True, text=True, timeout=600)
   assert out.returncode == 0, out.stderr
   assert "Paris" in out.stdout
+
+
+def test_tokenizer_without_torch_equals_transformers():
+  """jft reads the GGUF tokenizer itself (transformers' GGUF reader needs torch, the demo has none)."""
+  from transformers import AutoTokenizer
+
+  path = resolve("smollm2-135m")
+  ours = jft.load_tokenizer("smollm2-135m")
+  ref = AutoTokenizer.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path))
+  for text in ["Hello world!", "  spaces\n\ttabs and émojis 🙂", "<|im_start|>user\nhi<|im_end|>", *PROMPTS]:
+    assert ours(text)["input_ids"] == ref(text)["input_ids"]
+  chat = [{"role": "user", "content": "Hi there"}]
+  assert (ours.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
+          == ref.apply_chat_template(chat, add_generation_prompt=True, tokenize=False))
+  assert (ours.eos_token_id, ours.pad_token_id, ours.bos_token_id) == (ref.eos_token_id, ref.pad_token_id,
+                                                                       ref.bos_token_id)

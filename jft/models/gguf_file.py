@@ -119,3 +119,36 @@ def load_gguf(path: str, dtype):
     return w
 
   return config, hf.params_from_hf(config, {n: path for n in by_hf}, read, dtype)
+
+
+def load_tokenizer(path: str):
+  """The tokenizer a GGUF file describes, without torch.
+
+  transformers builds it from the file's `tokenizer.*` metadata, but its GGUF
+  reader imports torch; jft reads the metadata with the `gguf` package and hands
+  it to the same builder (`convert_gguf_tokenizer`), so the result is the
+  tokenizer `AutoTokenizer.from_pretrained(..., gguf_file=...)` gives.
+  """
+  import gguf
+  from transformers.integrations.gguf.gguf_tokenizer_mapping import (GGUF_TOKENIZER_MAPPING,
+                                                                      convert_gguf_tokenizer)
+  from transformers.tokenization_utils_tokenizers import TokenizersBackend
+
+  try:
+    reader = gguf.GGUFReader(path)
+  except Exception as e:
+    raise errors.CorruptCheckpointError(f"{path}: not a readable GGUF file ({e})") from e
+  metadata = {k: f.contents() for k, f in reader.fields.items()
+              if k.startswith("tokenizer.") or k == "general.architecture"}
+  groups = {group: {name: metadata[f"tokenizer.{key}"] for key, name in renames.items()
+                    if f"tokenizer.{key}" in metadata}
+            for group, renames in GGUF_TOKENIZER_MAPPING.items()}
+  tokenizer_dict, tokenizer_config = groups["tokenizer"], groups["tokenizer_config"]
+  if tokenizer_dict.get("tokenizer_type") == "llama":  # sentencepiece vocabularies add BOS unless told
+    tokenizer_config.setdefault("add_bos_token", True)
+  for name, key in (("bos_token", "bos_token_id"), ("eos_token", "eos_token_id"),
+                    ("unk_token", "unknown_token_id"), ("pad_token", "padding_token_id")):
+    token_id = metadata.get(f"tokenizer.ggml.{key}")
+    tokenizer_config[name] = tokenizer_dict["tokens"][token_id] if token_id is not None else None
+  backend, extra = convert_gguf_tokenizer(metadata["general.architecture"], tokenizer_dict)
+  return TokenizersBackend(tokenizer_object=backend, **tokenizer_config, **extra)

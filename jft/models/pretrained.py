@@ -68,7 +68,7 @@ def load_tokenizer(name_or_path: str):
 
   path = resolve(name_or_path)
   if path.endswith(".gguf"):
-    return AutoTokenizer.from_pretrained(os.path.dirname(path) or ".", gguf_file=os.path.basename(path))
+    return gguf_file.load_tokenizer(path)
   return AutoTokenizer.from_pretrained(path)
 
 
