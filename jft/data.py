@@ -272,4 +272,6 @@ def eval_batches(rows, batch_size: int, pad_id: int = 0, left: bool = True) -> I
     n = len(chunk)
     chunk = chunk + [chunk[-1]] * (batch_size - n)  # one shape for the whole pass
     longest = max(len(x) for x, _ in chunk)
-    yield pad_batch(chunk, -(-longest // 16) * 16, pad_id, left=left), n
+    batch = pad_batch(chunk, -(-longest // 16) * 16, pad_id, left=left)
+    batch["loss_mask"][n:] = 0  # filler rows repeat the last example; they must not count
+    yield batch, n

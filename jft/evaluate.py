@@ -27,15 +27,17 @@ def _loss_sums(model, params, batch):
   return loss * n, n
 
 
-def loss_and_perplexity(model, params, rows, batch_size: int = 16) -> dict:
-  total = count = 0.0
-  for batch, n in data.eval_batches(rows, batch_size, left=False):
-    batch = {k: v.copy() for k, v in batch.items()}
-    batch["loss_mask"][n:] = 0  # filler rows repeat the last example; they must not count
-    s, c = _loss_sums(model, params, {k: jnp.asarray(v) for k, v in batch.items()})
-    total, count = total + float(s), count + float(c)
+def _summary(total: float, count: float) -> dict:
   loss = total / max(count, 1.0)
   return {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
+
+
+def loss_and_perplexity(model, params, rows, batch_size: int = 16) -> dict:
+  total = count = 0.0
+  for batch, _ in data.eval_batches(rows, batch_size, left=False):
+    s, c = _loss_sums(model, params, {k: jnp.asarray(v) for k, v in batch.items()})
+    total, count = total + float(s), count + float(c)
+  return _summary(total, count)
 
 
 @functools.partial(jax.jit, static_argnames=("model",))
@@ -43,8 +45,7 @@ def _classification_sums(model, params, batch, answer_index, labels, label_ids):
   logits = model.apply({"params": params}, batch["input_ids"], attention_mask=batch["attention_mask"])
   loss, n = next_token_loss(logits, batch["input_ids"], batch["loss_mask"])
   at_answer = jnp.take_along_axis(logits, answer_index[:, None, None], axis=1)[:, 0]
-  pred = jnp.argmax(at_answer[:, label_ids], axis=-1)
-  return loss * n, n, pred, (pred == labels)
+  return loss * n, n, jnp.argmax(at_answer[:, label_ids], axis=-1) == labels
 
 
 def classification(model, params, rows, labels: Sequence[int], label_ids: Sequence[int], batch_size: int = 32) -> dict:
@@ -57,16 +58,13 @@ def classification(model, params, rows, labels: Sequence[int], label_ids: Sequen
   correct = 0
   label_ids = jnp.asarray(label_ids)
   for start, (batch, n) in zip(range(0, len(rows), batch_size), data.eval_batches(rows, batch_size, left=False)):
-    batch = {k: v.copy() for k, v in batch.items()}
-    batch["loss_mask"][n:] = 0
-    answer = np.argmax(batch["loss_mask"] > 0, axis=1) - 1  # last prompt token
+    answer = np.argmax(batch["loss_mask"] > 0, axis=1) - 1  # last prompt token (filler rows: unused)
     gold = np.asarray(list(labels[start:start + n]) + [0] * (len(answer) - n), np.int32)
-    s, c, _, hit = _classification_sums(model, params, {k: jnp.asarray(v) for k, v in batch.items()},
+    s, c, hit = _classification_sums(model, params, {k: jnp.asarray(v) for k, v in batch.items()},
                                         jnp.asarray(answer), jnp.asarray(gold), label_ids)
     total, count = total + float(s), count + float(c)
     correct += int(np.asarray(hit)[:n].sum())
-  loss = total / max(count, 1.0)
-  return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "accuracy": correct / max(len(rows), 1)}
+  return {**_summary(total, count), "accuracy": correct / max(len(rows), 1)}
 
 
 def label_token_ids(tokenizer, labels: Sequence[str], chat: bool) -> list[int]:

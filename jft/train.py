@@ -17,7 +17,6 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from jft import checkpoint, data, evaluate, peft, run, sharding
 from jft.errors import JftError
@@ -182,6 +181,7 @@ def train(config, workdir: str, resume: bool = False, echo=print) -> dict:
       batch = jax.device_put({k: jnp.asarray(v) for k, v in batch.items()}, sharding.batch_sharding(mesh))
       trainable, opt_state, metrics = step_fn(trainable, opt_state, frozen, batch,
                                               jax.random.fold_in(rng, step))
+      metrics = jax.device_get(metrics)  # one host transfer per step (the loss is checked every step)
       loss = float(metrics["loss"])
       tokens_since += int(metrics["tokens"])
       if not math.isfinite(loss) and c.train.nan_policy == "stop":

@@ -1,6 +1,5 @@
 """Shared fixtures: tiny random Hugging Face checkpoints built with torch."""
 
-import os
 
 import numpy as np
 import pytest

@@ -9,7 +9,7 @@ from conftest import padded_batch
 
 import jft
 from jft import peft, rules
-from jft.peft import api, multi
+from jft.peft import multi
 
 L, D, FFN, KV, V = 2, 32, 48, 16, 101  # the tiny Llama of conftest: 4 heads, 2 kv heads, head_dim 8
 

@@ -1,6 +1,5 @@
 """Quantization against bitsandbytes (bit for bit), its storage cost, and QLoRA end to end."""
 
-import os
 import subprocess
 import sys
 

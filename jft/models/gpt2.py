@@ -8,7 +8,7 @@ and fuses q/k/v into one `c_attn`; the table below slices it into separate
 from __future__ import annotations
 
 from jft.models.config import ModelConfig
-from jft.models.keymap import COPY, TRANSPOSE, Key, Split
+from jft.models.keymap import TRANSPOSE, Key, Split
 
 MODEL_TYPES = ("gpt2",)
 
