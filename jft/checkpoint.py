@@ -1,7 +1,11 @@
-"""Run checkpoints with orbax: trainable params, optimizer state, step, rng, data position.
+"""Run checkpoints with orbax: trainable params and optimizer state (sharded arrays),
+plus JSON metadata (data position, best so far).
 
 The frozen base is never written here; a run records which base it needs
-(path and content hash, in the run folder) and reloads it from there.
+(path and content hash, in the run folder) and reloads it from there. Every
+process calls `save` and `restore` with its shards (orbax coordinates them);
+restore templates carry the target shardings, so a checkpoint written on one
+mesh restores onto another.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ def save(mngr: ocp.CheckpointManager, step: int, state: dict, meta: dict):
 
 
 def restore(mngr: ocp.CheckpointManager, abstract_state: dict, step: int | None = None):
-  """-> (step, state, meta) of `step` (default: the latest)."""
+  """-> (step, state, meta) of `step` (default: the latest); arrays placed as the template's shardings."""
   step = mngr.latest_step() if step is None else step
   if step is None:
     return None

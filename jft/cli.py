@@ -15,12 +15,25 @@ def _config(args):
   return cfg.build(args.config, cfg.parse_overrides(args.overrides))
 
 
+def _join(args):
+  """Join a multi-process run (explicit flags, or the scheduler's environment with --distributed)."""
+  if args.coordinator or args.distributed:
+    from jft import sharding
+    sharding.initialize_distributed(args.coordinator, args.num_processes, args.process_id)
+
+
 def _train(args) -> int:
+  from jft import sharding
   from jft.train import train
 
   config = _config(args)  # every config error surfaces here, before any compute
-  results = train(config, args.workdir, resume=args.resume)
+  _join(args)
+  results = train(config, args.workdir, resume=args.resume, dry_run=args.dry_run)
+  if not sharding.is_primary():
+    return 0
   print(f"run folder: {os.path.abspath(args.workdir)}")
+  if args.dry_run:
+    return 0
   zero = results.get("zero_shot", {})
   if "accuracy" in zero:
     print(f"zero-shot accuracy before training ({zero['split']} split): {zero['accuracy']:.4f}")
@@ -133,6 +146,16 @@ def build_parser() -> argparse.ArgumentParser:
   t.add_argument("--config", required=True, help="configs/FILE.py[:name=value,...]")
   t.add_argument("--workdir", required=True, help="run folder (config, metrics, checkpoints)")
   t.add_argument("--resume", action="store_true", help="continue the run in --workdir from its last checkpoint")
+  t.add_argument("--dry-run", action="store_true",
+                 help="build and place the state, compile the step, write shardings.json (with the compiled "
+                      "step's memory per device), and stop")
+  m = t.add_argument_group("multi-process runs (jax.distributed; every process runs the same command)")
+  m.add_argument("--coordinator", metavar="HOST:PORT", help="address of process 0's coordination service")
+  m.add_argument("--num-processes", type=int, help="number of processes in the run")
+  m.add_argument("--process-id", type=int, help="this process's index, 0 .. N-1")
+  m.add_argument("--distributed", action="store_true",
+                 help="join a multi-process run described by the scheduler's environment "
+                      "(SLURM, Cloud TPU, Kubernetes indexed jobs, Open MPI)")
   t.set_defaults(run=_train, accepts_overrides=True)
 
   e = sub.add_parser("eval", help="evaluate a run on a split")

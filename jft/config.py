@@ -19,6 +19,7 @@ from typing import Any, Iterable
 import ml_collections
 
 from jft.errors import JftError
+from jft.sharding import AXIS_RULES
 
 REQUIRED = "???"  # a string field that must be set before a run
 
@@ -182,7 +183,9 @@ def default_config() -> ml_collections.ConfigDict:
                 train_split="train", eval_split="validation", test_split="test",
                 max_train_examples=0, max_eval_examples=0, max_test_examples=0)
   c.train = dict(steps=100, batch_size=8, log_every=10, eval_every=0, save_every=50, keep=2,
-                 nan_policy="stop", mesh=dict(data=-1, fsdp=1, tensor=1))
+                 nan_policy="stop", mesh=dict(data=-1, fsdp=1, tensor=1),
+                 # logical axis -> mesh axis (jft.sharding.AXIS_RULES); path overrides (regex, per-layer spec)
+                 axis_rules=AXIS_RULES, sharding_overrides=())
   c.optim = dict(name="adamw", lr=1e-4, schedule="cosine", warmup_steps=10, final_lr_ratio=0.1, b1=0.9,
                  b2=0.999, momentum=0.9, weight_decay=0.0,
                  decay_rules=((r"(.*/)?(bias|scale|lora_magnitude|prompt_embeddings)", False),),

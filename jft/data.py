@@ -186,6 +186,10 @@ class Batches:
   otherwise rows are padded to the longest in the batch (rounded up to a
   multiple of 16, so few shapes compile), and `bucket` > 1 sorts windows of
   `bucket * batch_size` examples by length first (less padding).
+
+  In a multi-process run every process walks the same global order and
+  builds only its `shard` of rows, padded to the length the whole global
+  batch needs, so all processes agree on every batch's shape.
   """
   rows: list
   batch_size: int
@@ -194,6 +198,7 @@ class Batches:
   pack: bool = False
   bucket: int = 1
   pad_id: int = 0
+  shard: Optional[tuple] = None  # (lo, hi): the rows of each global batch this process builds
   epoch: int = 0
   index: int = 0  # batches already taken in this epoch
 
@@ -243,14 +248,15 @@ class Batches:
       batches = self._batches()
     chosen = [self.rows[i] for i in batches[self.index]]
     self.index += 1
+    lo, hi = self.shard or (0, self.batch_size)
     if self.pack:
       batch = pack_rows(chosen, self.max_length, self.pad_id)
       if batch["input_ids"].shape[0] < self.batch_size:  # fixed shape: pad with empty rows
         extra = self.batch_size - batch["input_ids"].shape[0]
         batch = {k: np.concatenate([v, np.zeros((extra, self.max_length), v.dtype)]) for k, v in batch.items()}
-      return {k: v[: self.batch_size] for k, v in batch.items()}
-    longest = max(len(x) for x, _ in chosen)
-    return pad_batch(chosen, min(-(-longest // 16) * 16, self.max_length), self.pad_id)
+      return {k: v[lo:hi] for k, v in batch.items()}
+    longest = max(len(x) for x, _ in chosen)  # of the global batch: one shape in every process
+    return pad_batch(chosen[lo:hi], min(-(-longest // 16) * 16, self.max_length), self.pad_id)
 
   @property
   def batches_per_epoch(self) -> int:
@@ -274,4 +280,5 @@ def eval_batches(rows, batch_size: int, pad_id: int = 0, left: bool = True) -> I
     longest = max(len(x) for x, _ in chunk)
     batch = pad_batch(chunk, -(-longest // 16) * 16, pad_id, left=left)
     batch["loss_mask"][n:] = 0  # filler rows repeat the last example; they must not count
+    batch["valid"] = (np.arange(batch_size) < n).astype(np.int32)
     yield batch, n

@@ -2,7 +2,9 @@
 
 Every function takes the model as the method configured it and the params as
 the model runs them (`method.materialize(...)`), so training, `jft eval` and
-ablations measure the same thing.
+ablations measure the same thing. With a `mesh`, every batch is split over
+its batch axes (each process keeps its rows) and only sums leave the device,
+so metrics are the same on one device and on many processes.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jft import data
+from jft import data, sharding
 from jft.models.generate import Sampling, generate
 from jft.step import next_token_loss
 
@@ -32,23 +34,39 @@ def _summary(total: float, count: float) -> dict:
   return {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
 
 
-def loss_and_perplexity(model, params, rows, batch_size: int = 16) -> dict:
+def _place(batch: dict, mesh):
+  if mesh is None:
+    return {k: jnp.asarray(v) for k, v in batch.items()}
+  return sharding.host_batch(mesh, batch)
+
+
+def _batch_size(batch_size: int, mesh) -> int:
+  """Rounded up to a multiple of the mesh's batch axes (the extra rows are fillers)."""
+  if mesh is None:
+    return batch_size
+  n = sharding.batch_size_divides(mesh)
+  return -(-batch_size // n) * n
+
+
+def loss_and_perplexity(model, params, rows, batch_size: int = 16, mesh=None) -> dict:
   total = count = 0.0
-  for batch, _ in data.eval_batches(rows, batch_size, left=False):
-    s, c = _loss_sums(model, params, {k: jnp.asarray(v) for k, v in batch.items()})
+  for batch, _ in data.eval_batches(rows, _batch_size(batch_size, mesh), left=False):
+    s, c = _loss_sums(model, params, _place(batch, mesh))
     total, count = total + float(s), count + float(c)
   return _summary(total, count)
 
 
 @functools.partial(jax.jit, static_argnames=("model",))
-def _classification_sums(model, params, batch, answer_index, labels, label_ids):
+def _classification_sums(model, params, batch, label_ids):
   logits = model.apply({"params": params}, batch["input_ids"], attention_mask=batch["attention_mask"])
   loss, n = next_token_loss(logits, batch["input_ids"], batch["loss_mask"])
-  at_answer = jnp.take_along_axis(logits, answer_index[:, None, None], axis=1)[:, 0]
-  return loss * n, n, jnp.argmax(at_answer[:, label_ids], axis=-1) == labels
+  at_answer = jnp.take_along_axis(logits, batch["answer"][:, None, None], axis=1)[:, 0]
+  hit = (jnp.argmax(at_answer[:, label_ids], axis=-1) == batch["gold"]) & (batch["valid"] != 0)
+  return loss * n, n, hit.sum()
 
 
-def classification(model, params, rows, labels: Sequence[int], label_ids: Sequence[int], batch_size: int = 32) -> dict:
+def classification(model, params, rows, labels: Sequence[int], label_ids: Sequence[int], batch_size: int = 32,
+                   mesh=None) -> dict:
   """Loss/perplexity of the responses and label-word accuracy, from one forward pass.
 
   The prediction at the position before the response compares the logits of
@@ -57,13 +75,12 @@ def classification(model, params, rows, labels: Sequence[int], label_ids: Sequen
   total = count = 0.0
   correct = 0
   label_ids = jnp.asarray(label_ids)
+  batch_size = _batch_size(batch_size, mesh)
   for start, (batch, n) in zip(range(0, len(rows), batch_size), data.eval_batches(rows, batch_size, left=False)):
-    answer = np.argmax(batch["loss_mask"] > 0, axis=1) - 1  # last prompt token (filler rows: unused)
-    gold = np.asarray(list(labels[start:start + n]) + [0] * (len(answer) - n), np.int32)
-    s, c, hit = _classification_sums(model, params, {k: jnp.asarray(v) for k, v in batch.items()},
-                                        jnp.asarray(answer), jnp.asarray(gold), label_ids)
-    total, count = total + float(s), count + float(c)
-    correct += int(np.asarray(hit)[:n].sum())
+    batch["answer"] = (np.argmax(batch["loss_mask"] > 0, axis=1) - 1).astype(np.int32)  # last prompt token
+    batch["gold"] = np.asarray(list(labels[start:start + n]) + [0] * (batch_size - n), np.int32)
+    s, c, hits = _classification_sums(model, params, _place(batch, mesh), label_ids)
+    total, count, correct = total + float(s), count + float(c), correct + int(hits)
   return {**_summary(total, count), "accuracy": correct / max(len(rows), 1)}
 
 

@@ -17,7 +17,13 @@ map, keep the second-level float32 scales. NF4 at block 64 then costs
 
 `QuantizedTensor` is a registered pytree node: its arrays are children (so
 `nn.scan` slices the layer axis and sharding sees them), shape and format are
-static. The `Linear` hook dequantizes it right before its matmul, inside
+static. Codes and block scales are stored per row of torch's `(out, in)`:
+codes `[..., out, in/2]`, scales `[..., out, in/blocksize]` (the same bytes as
+bitsandbytes' flat arrays, cut at row ends), so a quantized kernel shards along
+its input *and* its output axis like the dense kernel, and a block never
+straddles two devices (`partition_specs`). A row that is not a whole number of
+blocks makes bitsandbytes' blocks cross rows; such a tensor keeps one flat row
+and cannot be split. The `Linear` hook dequantizes it right before its matmul, inside
 `jax.checkpoint`, so no dequantized copy of a weight is kept for the backward
 pass. Quantization itself runs once, offline, in numpy.
 """
@@ -222,16 +228,19 @@ def pack4(codes: np.ndarray) -> np.ndarray:
   return ((codes[0::2] << 4) | codes[1::2]).astype(np.uint8)
 
 
-@jax.tree_util.register_pytree_node_class
+@jax.tree_util.register_pytree_with_keys_class
 @dataclasses.dataclass
 class QuantizedTensor:
   """A frozen quantized weight. Arrays may carry leading (layer) axes.
 
-  codes         uint8 [..., bytes]    packed codes (two per byte for 4-bit formats)
-  absmax        float32 [..., blocks] per-block scales (None with double quantization)
-  absmax_codes  uint8 [..., blocks]   double quantization: 8-bit scales ...
-  absmax_scale  float32 [..., blocks / 256]  ... their second-level scales
-  absmax_offset float32 [...]          ... and the subtracted mean
+  codes         uint8 [..., rows, bytes]    packed codes (two per byte for 4-bit formats)
+  absmax        float32 [..., rows, blocks] per-block scales (None with double quantization)
+  absmax_codes  uint8 [..., rows, blocks]   double quantization: 8-bit scales ...
+  absmax_scale  float32 [..., all blocks / 256]  ... their second-level scales (flat, as bitsandbytes)
+  absmax_offset float32 [...]               ... and the subtracted mean
+
+  rows is the stored `out` dimension when `in` is a multiple of the block size
+  (`row_layout`), else 1 (bitsandbytes' blocks cross rows; not shardable).
   stored_shape  the weight's shape as quantized: torch's (out, in)
   transposed    True when the model uses it as (in, out) (a Flax kernel)
 
@@ -253,6 +262,10 @@ class QuantizedTensor:
     children = (self.codes, self.absmax, self.absmax_codes, self.absmax_scale, self.absmax_offset)
     return children, (self.stored_shape, self.fmt, self.blocksize, self.dtype, self.transposed)
 
+  def tree_flatten_with_keys(self):
+    children, aux = self.tree_flatten()
+    return [(jax.tree_util.GetAttrKey(n), c) for n, c in zip(_CHILDREN, children)], aux
+
   @classmethod
   def tree_unflatten(cls, aux, children):
     return cls(*children, *aux)
@@ -263,7 +276,11 @@ class QuantizedTensor:
 
   @property
   def lead(self) -> tuple:
-    return tuple(self.codes.shape[:-1])
+    return tuple(self.codes.shape[:-2])
+
+  @property
+  def row_layout(self) -> bool:
+    return row_layout(self.stored_shape, self.blocksize)
 
   @property
   def shape(self) -> tuple:
@@ -290,6 +307,11 @@ class QuantizedTensor:
     return 8 * self.nbytes / self.size
 
 
+def row_layout(stored_shape, blocksize: int) -> bool:
+  """Whether every row of the stored (out, in) matrix is a whole number of blocks."""
+  return stored_shape[1] % blocksize == 0
+
+
 def quantize_array(weight, fmt: str = "nf4", blocksize: int = 64, double_quant: bool = True,
                    transposed: bool = True) -> QuantizedTensor:
   """Quantize one weight (leading axes = stacked layers, each quantized on its own).
@@ -304,15 +326,17 @@ def quantize_array(weight, fmt: str = "nf4", blocksize: int = 64, double_quant: 
   inner, lead = w.shape[-2:], w.shape[:-2]
   flat = w.reshape(-1, int(np.prod(inner)))
   out = {"codes": [], "absmax": [], "absmax_codes": [], "absmax_scale": [], "absmax_offset": []}
-  for row in flat:
-    codes, absmax = blockwise8(row, blocksize) if fmt == "int8" else blockwise(row, blocksize, book)
-    out["codes"].append(codes if fmt == "int8" else pack4(codes))
+  rows = inner[0] if row_layout(inner, blocksize) else 1
+  by_row = lambda a: np.reshape(a, (rows, -1))
+  for matrix in flat:
+    codes, absmax = blockwise8(matrix, blocksize) if fmt == "int8" else blockwise(matrix, blocksize, book)
+    out["codes"].append(by_row(codes if fmt == "int8" else pack4(codes)))
     if double_quant:
       offset = torch_float32_mean(absmax)
       c2, s2 = blockwise8(absmax - offset, DQ_BLOCKSIZE)
-      out["absmax_codes"].append(c2), out["absmax_scale"].append(s2), out["absmax_offset"].append(offset)
+      out["absmax_codes"].append(by_row(c2)), out["absmax_scale"].append(s2), out["absmax_offset"].append(offset)
     else:
-      out["absmax"].append(absmax)
+      out["absmax"].append(by_row(absmax))
   arrays = {k: (np.reshape(np.stack(v), tuple(lead) + np.shape(v[0])) if v else None) for k, v in out.items()}
   return QuantizedTensor(**{k: (jnp.asarray(v) if v is not None else None) for k, v in arrays.items()},
                          stored_shape=tuple(int(d) for d in inner), fmt=fmt, blocksize=blocksize,
@@ -325,28 +349,36 @@ def quantize_array(weight, fmt: str = "nf4", blocksize: int = 64, double_quant: 
 # ----------------------------------------------------------------------------
 
 def block_scales(q: QuantizedTensor):
-  """float32 [..., blocks]."""
+  """float32 [..., rows, blocks per row].
+
+  The second-level scales count blocks over the whole matrix (bitsandbytes'
+  order), so each block looks its scale up by its flat index; the lookup is
+  elementwise in the block, so it runs per shard.
+  """
   if not q.double_quant:
     return q.absmax
   dyn = jnp.asarray(dynamic_map())
-  blocks = q.absmax_codes.shape[-1]
-  scale = jnp.repeat(q.absmax_scale, DQ_BLOCKSIZE, axis=-1)[..., :blocks]
-  return dyn[q.absmax_codes.astype(jnp.int32)] * scale + q.absmax_offset[..., None]
+  rows, per_row = q.absmax_codes.shape[-2:]
+  flat_index = jnp.arange(rows)[:, None] * per_row + jnp.arange(per_row)[None, :]
+  scale = jnp.take(q.absmax_scale, flat_index // DQ_BLOCKSIZE, axis=-1)
+  return dyn[q.absmax_codes.astype(jnp.int32)] * scale + q.absmax_offset[..., None, None]
 
 
 def dequantize(q: QuantizedTensor, dtype=jnp.float32):
   """The dense weight (float32 arithmetic as bitsandbytes, then cast), in the model's layout."""
   book = jnp.asarray(codebook(q.fmt))
+  rows = q.codes.shape[-2]
   if q.fmt == "int8":
     idx = q.codes.astype(jnp.int32)
   else:
-    idx = jnp.stack([q.codes >> 4, q.codes & 0xF], axis=-1).reshape(*q.lead, -1).astype(jnp.int32)
-  n = int(np.prod(q.stored_shape))
+    idx = jnp.stack([q.codes >> 4, q.codes & 0xF], axis=-1).reshape(*q.lead, rows, -1).astype(jnp.int32)
+  n = int(np.prod(q.stored_shape)) // rows  # values per stored row
   scales = block_scales(q)
   blocks = scales.shape[-1]
   values = book[idx][..., :n]
-  values = jnp.pad(values, [(0, 0)] * len(q.lead) + [(0, blocks * q.blocksize - n)])
-  values = (values.reshape(*q.lead, blocks, q.blocksize) * scales[..., None]).reshape(*q.lead, -1)[..., :n]
+  values = jnp.pad(values, [(0, 0)] * (len(q.lead) + 1) + [(0, blocks * q.blocksize - n)])
+  values = (values.reshape(*q.lead, rows, blocks, q.blocksize) * scales[..., None])
+  values = values.reshape(*q.lead, rows, -1)[..., :n]
   w = values.reshape(*q.lead, *q.stored_shape)
   if q.transposed:
     w = jnp.swapaxes(w, -1, -2)
@@ -363,6 +395,35 @@ def matmul(x, q: QuantizedTensor, dtype):
   f = jax.checkpoint(lambda x, q: jnp.dot(x, dequantize(q, dtype)),
                      policy=jax.checkpoint_policies.nothing_saveable, prevent_cse=False)
   return f(x, q)
+
+
+def partition_specs(q: QuantizedTensor, dense_spec, where: str = "quantized kernel") -> QuantizedTensor:
+  """PartitionSpecs of each stored array, given the spec of the dense kernel it stands for.
+
+  The dense spec is `(*lead, in, out)` (as the model sees a Flax kernel);
+  codes and block scales are stored `(*lead, out, in/k)`, so they take the
+  same mesh axes with the last two swapped. The second-level double-quant
+  scales (one float per 256 blocks) and the offset shard only along the
+  layer axes. Whether an axis divides is checked on each array by the caller,
+  so `in/blocksize` not dividing the mesh axis is an error, never a split block.
+  """
+  from jax.sharding import PartitionSpec as P
+
+  spec = tuple(dense_spec) + (None,) * (q.ndim - len(tuple(dense_spec)))
+  lead, inner = spec[: len(q.lead)], spec[len(q.lead):]
+  stored = tuple(reversed(inner)) if q.transposed else tuple(inner)
+  if not q.row_layout and any(a is not None for a in stored):
+    raise QuantizationError(
+        f"{where}: its rows ({q.stored_shape[1]} values) are not a whole number of blocks of {q.blocksize}, "
+        f"so its blocks cross rows and it cannot be split along {stored}; quantize with a block size that "
+        f"divides {q.stored_shape[1]}, or do not shard this kernel")
+  rows = P(*lead, *stored)
+  return QuantizedTensor(
+      codes=rows, absmax=rows if q.absmax is not None else None,
+      absmax_codes=rows if q.absmax_codes is not None else None,
+      absmax_scale=P(*lead, None) if q.absmax_scale is not None else None,
+      absmax_offset=P(*lead) if q.absmax_offset is not None else None,
+      stored_shape=q.stored_shape, fmt=q.fmt, blocksize=q.blocksize, dtype=q.dtype, transposed=q.transposed)
 
 
 def as_dense(kernel, dtype=jnp.float32):
@@ -393,7 +454,7 @@ def to_tensors(params) -> tuple[dict, dict]:
         if value is not None:
           tensors[f"{path}:{child}"] = np.asarray(value)
       meta[path] = {"stored_shape": list(leaf.stored_shape), "fmt": leaf.fmt, "blocksize": leaf.blocksize,
-                    "dtype": leaf.dtype, "transposed": leaf.transposed}
+                    "dtype": leaf.dtype, "transposed": leaf.transposed, "layout": "rows"}
     else:
       tensors[path] = np.asarray(leaf)
   return tensors, meta
@@ -408,7 +469,13 @@ def from_tensors(tensors: dict, meta: dict, where: str = "quantized checkpoint")
     missing = [c for c in ("codes",) if f"{path}:{c}" not in tensors]
     if missing:
       raise QuantizationError(f"{where}: {path} has metadata but no {missing[0]} tensor")
-    children = {c: (jnp.asarray(tensors[f"{path}:{c}"]) if f"{path}:{c}" in tensors else None) for c in _CHILDREN}
+    children = {c: (np.asarray(tensors[f"{path}:{c}"]) if f"{path}:{c}" in tensors else None) for c in _CHILDREN}
+    if info.get("layout") != "rows":  # written before codes were stored per row: same bytes, one more axis
+      rows = info["stored_shape"][0] if row_layout(info["stored_shape"], info["blocksize"]) else 1
+      for c in ("codes", "absmax", "absmax_codes"):
+        if children[c] is not None:
+          children[c] = children[c].reshape(*children[c].shape[:-1], rows, -1)
+    children = {c: (jnp.asarray(v) if v is not None else None) for c, v in children.items()}
     flat[path] = QuantizedTensor(**children, stored_shape=tuple(info["stored_shape"]), fmt=info["fmt"],
                                  blocksize=info["blocksize"], dtype=info["dtype"], transposed=info["transposed"])
   return rules.unflatten(flat)

@@ -15,6 +15,7 @@ training, `jft eval`, `jft export` and `jft generate` build them the same way.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import importlib.metadata
 import json
@@ -27,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from jft import checkpoint, peft, quant
+from jft import checkpoint, peft, quant, sharding
 from jft.errors import JftError
 from jft.models import load_pretrained, load_tokenizer
 from jft.models.pretrained import resolve
@@ -93,10 +94,17 @@ def check_base(workdir: str, identity: dict):
                    f"but {identity['path']} has sha256 {identity['sha256'][:12]}...; refusing to mix them")
 
 
-def build_model(config):
-  """-> (model, base params (quantized if configured), method, tokenizer) from a run config."""
+def build_model(config, mesh=None):
+  """-> (model, base params (quantized if configured), method, tokenizer) from a run config.
+
+  With a mesh of more than one device the model pins its activations to it
+  (`sharding.activation_sharding`, by the config's axis rules).
+  """
   dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[config.model.dtype]
   model, base = load_pretrained(config.model.name, dtype=dtype, remat=config.model.remat)
+  if mesh is not None:
+    pinned = sharding.activation_sharding(mesh, config.train.axis_rules)
+    model = model.clone(hooks=dataclasses.replace(model.hooks, sharding=pinned))
   if config.quant.format:
     base, _ = quant.quantize(base, ((r"layers/.*/kernel", config.quant.format),), blocksize=config.quant.blocksize,
                              double_quant=config.quant.double_quant)
@@ -104,22 +112,9 @@ def build_model(config):
   return model, base, method, load_tokenizer(config.model.name)
 
 
-def init_state(method, base, seed: int):
-  """-> (trainable, frozen): the method's leaves added to the base and split once."""
-  init = jax.jit(lambda rng, params: peft.split(method, method.init(rng, params)))
-  return init(jax.random.PRNGKey(seed), base)
-
-
 def make_tx(config, trainable):
   from jft.optim import make_optimizer
   return make_optimizer(config.optim, config.train.steps, trainable)
-
-
-def state_template(config, trainable) -> dict:
-  """The saved training state's structure (abstract): what a checkpoint holds."""
-  tx = make_tx(config, trainable)
-  return checkpoint.abstract({"trainable": trainable, "opt_state": jax.eval_shape(tx.init, trainable),
-                              "step": jnp.zeros((), jnp.int32), "rng": jax.random.PRNGKey(0)})
 
 
 def best_manager(workdir: str):
@@ -128,22 +123,30 @@ def best_manager(workdir: str):
       options=checkpoint.ocp.CheckpointManagerOptions(max_to_keep=1, create=True), item_names=("state", "meta"))
 
 
-def restore_params(workdir: str, which: str = "best"):
+def restore_params(workdir: str, which: str = "best", mesh=None):
   """-> (config, model, method, params as the model runs them, tokenizer) of a run.
 
   `which`: "best" (by the validation metric, if the run tracked one) or "latest".
+  The state is built as in training (`jft.state`) on `mesh` (default: data
+  parallel over this process's devices), whatever mesh the run trained on.
   """
+  from jft import state
+
   config = read_config(workdir)
+  mesh = mesh if mesh is not None else sharding.make_mesh({"data": -1}, jax.local_devices())
   model, base, method, tokenizer = build_model(config)
   check_base(workdir, base_identity(config.model.name))
-  trainable, frozen = init_state(method, base, config.seed)
+  st = state.build(method, base, mesh, seed=config.seed, make_tx=lambda t: make_tx(config, t),
+                   abstract_opt_state=True, axis_rules=config.train.axis_rules,
+                   overrides=config.train.sharding_overrides)
   best = best_manager(workdir) if which == "best" else None
   if best is not None and best.latest_step() is not None:
-    _, state, _ = checkpoint.restore(best, {"trainable": checkpoint.abstract(trainable)})
+    _, saved, _ = checkpoint.restore(best, {"trainable": checkpoint.abstract(st.trainable)})
   else:
-    restored = checkpoint.restore(checkpoint.manager(workdir, keep=1), state_template(config, trainable))
+    template = checkpoint.abstract({"trainable": st.trainable, "opt_state": st.opt_state})
+    restored = checkpoint.restore(checkpoint.manager(workdir, keep=1), template)
     if restored is None:
       raise RunError(f"{workdir}: no checkpoint to restore")
-    state = restored[1]
-  params = method.materialize(peft.combine(state["trainable"], frozen))
+    saved = restored[1]
+  params = method.materialize(peft.combine(saved["trainable"], st.frozen))
   return config, method.configure(model), method, params, tokenizer

@@ -49,15 +49,22 @@ def make_loss_fn(model, method: api.Method):
 
 
 def make_train_step(model, method: api.Method, tx: optax.GradientTransformation, donate: bool = True,
-                    skip_nonfinite: bool = False):
+                    skip_nonfinite: bool = False, shardings: dict | None = None):
   """-> jitted step(trainable, opt_state, frozen, batch, rng) -> (trainable, opt_state, metrics).
 
   With `skip_nonfinite`, a step whose loss or gradient is NaN/Inf leaves the
   state unchanged (metrics["skipped"] = 1) instead of poisoning it.
+  `shardings` (`State.step_shardings()`) pins inputs and outputs: the state
+  leaves the step exactly as it came in, and metrics are replicated.
   """
   loss_fn = make_loss_fn(training_model(model, method), method)
+  placement = {}
+  if shardings is not None:
+    s = shardings
+    placement = dict(in_shardings=(s["trainable"], s["opt_state"], s["frozen"], s["batch"], s["replicated"]),
+                     out_shardings=(s["trainable"], s["opt_state"], s["replicated"]))
 
-  @functools.partial(jax.jit, donate_argnums=(0, 1) if donate else ())
+  @functools.partial(jax.jit, donate_argnums=(0, 1) if donate else (), **placement)
   def step(trainable, opt_state, frozen, batch, rng):
     (loss, tokens), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable, frozen, batch, rng)
     grad_norm = optax.tree.norm(grads)

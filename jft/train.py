@@ -17,8 +17,9 @@ import time
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from jft import checkpoint, data, evaluate, peft, run, sharding
+from jft import checkpoint, data, estimate, evaluate, peft, run, sharding, state
 from jft.errors import JftError
 from jft.step import make_train_step
 
@@ -41,26 +42,40 @@ def examples_for(config, tokenizer, split: str, limit):
   raise TrainingError(f"data.task={d.task!r}; expected classification or sft")
 
 
-def evaluate_split(config, model, params, tokenizer, examples) -> dict:
+def evaluate_split(config, model, params, tokenizer, examples, mesh=None) -> dict:
   """Loss/perplexity always; accuracy (label words) for classification; exact match if asked."""
   d = config.data
   rows = data.tokenize(examples, tokenizer, d.max_length, d.chat, d.truncation)
   if d.task == "classification":  # loss and label accuracy from one forward pass
     out = evaluate.classification(model, params, rows, [ex["label"] for ex in examples],
                                   evaluate.label_token_ids(tokenizer, tuple(d.labels), d.chat),
-                                  config.eval.batch_size)
+                                  config.eval.batch_size, mesh=mesh)
   else:
-    out = evaluate.loss_and_perplexity(model, params, rows, config.eval.batch_size)
+    out = evaluate.loss_and_perplexity(model, params, rows, config.eval.batch_size, mesh=mesh)
   if config.eval.exact_match:
     out.update(evaluate.exact_match(model, params, tokenizer, examples, d.chat, config.eval.batch_size))
   return out
 
 
 class _Log:
-  """metrics.jsonl + TensorBoard + console, one call per event."""
+  """metrics.jsonl + TensorBoard, one call per event; process 0 only (the others log nothing).
 
-  def __init__(self, workdir: str):
-    self.file = open(os.path.join(workdir, "metrics.jsonl"), "a")
+  On resume, records after the restored step are dropped first, so steps
+  redone after an interruption appear once.
+  """
+
+  def __init__(self, workdir: str, resumed_step: int | None = None, enabled: bool = True):
+    self.enabled = enabled
+    if not enabled:
+      return
+    path = os.path.join(workdir, "metrics.jsonl")
+    if resumed_step is not None and os.path.isfile(path):
+      with open(path) as f:
+        kept = [line for line in f if line.strip() and _record_step(line) <= resumed_step]
+      with open(path + ".tmp", "w") as f:
+        f.writelines(kept)
+      os.replace(path + ".tmp", path)
+    self.file = open(path, "a")
     try:
       from tensorboardX import SummaryWriter
       self.tb = SummaryWriter(os.path.join(workdir, "tb"))
@@ -68,6 +83,8 @@ class _Log:
       self.tb = None
 
   def __call__(self, step: int, kind: str, metrics: dict):
+    if not self.enabled:
+      return
     record = {"step": step, "kind": kind, "time": time.time(), **metrics}
     self.file.write(json.dumps(record) + "\n")
     self.file.flush()
@@ -77,35 +94,67 @@ class _Log:
           self.tb.add_scalar(f"{kind}/{k}", v, step)
 
   def close(self):
+    if not self.enabled:
+      return
     self.file.close()
     if self.tb is not None:
       self.tb.close()
 
 
-def train(config, workdir: str, resume: bool = False, echo=print) -> dict:
+def _record_step(line: str) -> int:
+  try:
+    return int(json.loads(line)["step"])
+  except (ValueError, KeyError, TypeError):
+    return 0
+
+
+# Fields that say where arrays live, not what is computed: a run may resume on another mesh.
+LAYOUT_FIELDS = ("mesh", "axis_rules", "sharding_overrides")
+
+
+def _same_run(saved: dict, current: dict) -> bool:
+  norm = lambda d: json.loads(json.dumps({**d, "train": {k: v for k, v in d.get("train", {}).items()
+                                                           if k not in LAYOUT_FIELDS}}))
+  return norm(saved) == norm(current)
+
+
+def train(config, workdir: str, resume: bool = False, echo=print, dry_run: bool = False) -> dict:
+  """Fine-tune as `config` says; every process of a multi-process run calls this.
+
+  `dry_run` builds and places the state, compiles the step and writes
+  `shardings.json` (with the compiled step's memory analysis), then stops.
+  """
   t_start = time.time()
   c = config
+  primary = sharding.is_primary()
+  if not primary:
+    echo = lambda *a, **k: None
 
   # ---- Run folder ------------------------------------------------------------
   os.makedirs(workdir, exist_ok=True)
   has_checkpoints = os.path.isdir(os.path.join(workdir, "checkpoints")) and any(
       n.isdigit() for n in os.listdir(os.path.join(workdir, "checkpoints")))
-  if has_checkpoints and not resume:
+  if has_checkpoints and not resume and not dry_run:
     raise TrainingError(f"{workdir} already holds checkpoints: pass --resume to continue it, "
                         "or choose a new --workdir")
   if resume and os.path.isfile(os.path.join(workdir, "config.json")):
-    saved = run.read_config(workdir).to_dict()
-    if json.loads(json.dumps(saved)) != json.loads(json.dumps(c.to_dict())):
-      raise TrainingError(f"{workdir}: --resume with a config that differs from the run's config.json")
-  run.write_json(os.path.join(workdir, "config.json"), c.to_dict())
-  run.write_json(os.path.join(workdir, "versions.json"), run.versions())
+    if not _same_run(run.read_config(workdir).to_dict(), c.to_dict()):
+      raise TrainingError(f"{workdir}: --resume with a config that differs from the run's config.json "
+                          f"(only train.{', train.'.join(LAYOUT_FIELDS)} may change)")
+  if primary:
+    run.write_json(os.path.join(workdir, "config.json"), c.to_dict())
+    run.write_json(os.path.join(workdir, "versions.json"), run.versions())
 
   # ---- Model, method, quantization -------------------------------------------
   identity = run.base_identity(c.model.name)
   run.check_base(workdir, identity)
-  run.write_json(os.path.join(workdir, "base.json"), identity)
-  model, base, method, tokenizer = run.build_model(c)
-  echo(f"model {c.model.name}, method {method.name}" + (f" on a {c.quant.format} base" if c.quant.format else ""))
+  if primary:
+    run.write_json(os.path.join(workdir, "base.json"), identity)
+  mesh = sharding.make_mesh(c.train.mesh.to_dict())
+  sharding.check_batch(mesh, c.train.batch_size)
+  model, base, method, tokenizer = run.build_model(c, mesh)
+  echo(f"model {c.model.name}, method {method.name}" + (f" on a {c.quant.format} base" if c.quant.format else "")
+       + f"; mesh {dict(mesh.shape)} over {jax.process_count()} process(es)")
 
   # ---- Data ------------------------------------------------------------------
   d = c.data
@@ -113,54 +162,64 @@ def train(config, workdir: str, resume: bool = False, echo=print) -> dict:
   eval_examples = examples_for(c, tokenizer, d.eval_split, d.max_eval_examples or None) if d.eval_split else []
   pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
   batches = data.Batches(data.tokenize(train_examples, tokenizer, d.max_length, d.chat, d.truncation),
-                         c.train.batch_size, d.max_length, seed=c.seed, pack=d.pack, bucket=d.bucket, pad_id=pad_id)
+                         c.train.batch_size, d.max_length, seed=c.seed, pack=d.pack, bucket=d.bucket, pad_id=pad_id,
+                         shard=sharding.process_rows(mesh, c.train.batch_size))
 
-  # ---- State: eval_shape -> shardings -> jitted init --------------------------
-  mesh = sharding.make_mesh(c.train.mesh.to_dict())
-  init = lambda rng, params: peft.split(method, method.init(rng, params))
-  abstract_trainable, abstract_frozen = jax.eval_shape(init, jax.random.PRNGKey(c.seed), base)
-  out_shardings = (sharding.shardings(abstract_trainable, mesh), sharding.shardings(abstract_frozen, mesh))
-  trainable, frozen = jax.jit(init, out_shardings=out_shardings)(jax.random.PRNGKey(c.seed),
-                                                                 sharding.put(base, mesh))
+  # ---- State: eval_shape -> shardings -> jitted init (jft.state) ---------------
+  st = state.build(method, base, mesh, seed=c.seed, make_tx=lambda t: run.make_tx(c, t),
+                   axis_rules=c.train.axis_rules, overrides=c.train.sharding_overrides)
   del base
+  trainable, frozen, opt_state = st.trainable, st.frozen, st.opt_state
   counts = peft.count(method, peft.combine(trainable, frozen))
   echo(str(counts))
-  tx = run.make_tx(c, trainable)
-  opt_state = jax.jit(tx.init)(trainable)
-  step_fn = make_train_step(model, method, tx, skip_nonfinite=c.train.nan_policy == "skip")
+  step_fn = make_train_step(model, method, st.tx, skip_nonfinite=c.train.nan_policy == "skip",
+                            shardings=st.step_shardings())
   rng = jax.random.PRNGKey(c.seed + 1)
   eval_model = method.configure(model)
+  layout_path = os.path.join(workdir, "shardings.json")
+  if dry_run:
+    memory = _compiled_memory(step_fn, st, c)
+    if primary:
+      sharding.write_layout(layout_path, {"params": peft.combine(trainable, frozen), "opt_state": opt_state},
+                            mesh, {"compiled_step_memory": memory})
+    echo(f"dry run: wrote {layout_path}; compiled step per device: "
+         + ", ".join(f"{k} {v / 2**20:.1f} MiB" for k, v in memory.items()))
+    return {"counts": counts, "compiled_step_memory": memory, "mesh": dict(mesh.shape)}
+  if primary:
+    sharding.write_layout(layout_path, {"params": peft.combine(trainable, frozen), "opt_state": opt_state}, mesh)
 
   def run_params(trainable_):
     return method.materialize(peft.combine(trainable_, frozen))
+
+  def evaluate_on(params, examples):
+    return evaluate_split(c, eval_model, params, tokenizer, examples, mesh=mesh)
 
   # ---- Resume ----------------------------------------------------------------
   mngr = checkpoint.manager(workdir, c.train.keep)
   best_mngr = run.best_manager(workdir)
   start, best = 0, None
   if resume:
-    restored = checkpoint.restore(mngr, run.state_template(c, trainable))
+    restored = checkpoint.restore(mngr, checkpoint.abstract({"trainable": trainable, "opt_state": opt_state}))
     if restored is None:
       echo(f"--resume: no checkpoint in {workdir}; starting from step 0")
     else:
-      start, state, meta = restored
-      trainable, opt_state, rng = state["trainable"], state["opt_state"], state["rng"]
+      start, saved, meta = restored
+      trainable, opt_state = saved["trainable"], saved["opt_state"]
       batches.restore(meta["data"])
       best = meta.get("best")
       echo(f"resumed from step {start}")
-  log = _Log(workdir)
+  log = _Log(workdir, resumed_step=start if resume else None, enabled=primary)
 
   def save(step: int):
-    checkpoint.save(mngr, step, {"trainable": trainable, "opt_state": opt_state, "step": jnp.int32(step),
-                                 "rng": rng}, {"data": batches.state(), "best": best})
+    checkpoint.save(mngr, step, {"trainable": trainable, "opt_state": opt_state},
+                    {"data": batches.state(), "best": best, "step": step})
 
   # ---- Zero-shot evaluation --------------------------------------------------
   results = {"counts": {"trainable": counts.trainable, "total": counts.total, "percent": counts.percent}}
   zero_split = {"eval": d.eval_split, "test": d.test_split}[c.eval.zero_shot_split]
   if start == 0 and c.eval.zero_shot and zero_split:
     limit = d.max_eval_examples if c.eval.zero_shot_split == "eval" else d.max_test_examples
-    zero = evaluate_split(c, eval_model, run_params(trainable), tokenizer,
-                          examples_for(c, tokenizer, zero_split, limit or None))
+    zero = evaluate_on(run_params(trainable), examples_for(c, tokenizer, zero_split, limit or None))
     results["zero_shot"] = {"split": zero_split, **zero}
     log(0, "zero_shot", zero)
     echo("zero-shot " + _fmt(zero))
@@ -172,15 +231,14 @@ def train(config, workdir: str, resume: bool = False, echo=print) -> dict:
     stop["signal"] = signum
 
   previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
-  bar = _progress(c.train.steps, start)
+  bar = _progress(c.train.steps, start, enabled=primary)
   last_saved, t_last, tokens_since = start, time.time(), 0
   step = start
   try:
     for step in range(start, c.train.steps):
-      batch = next(batches)
-      batch = jax.device_put({k: jnp.asarray(v) for k, v in batch.items()}, sharding.batch_sharding(mesh))
+      batch = sharding.global_batch(mesh, next(batches), c.train.batch_size)
       trainable, opt_state, metrics = step_fn(trainable, opt_state, frozen, batch,
-                                              jax.random.fold_in(rng, step))
+                                              np.asarray(jax.random.fold_in(rng, step)))
       metrics = jax.device_get(metrics)  # one host transfer per step (the loss is checked every step)
       loss = float(metrics["loss"])
       tokens_since += int(metrics["tokens"])
@@ -197,14 +255,16 @@ def train(config, workdir: str, resume: bool = False, echo=print) -> dict:
         bar.update(done, loss, rate)
         t_last, tokens_since = time.time(), 0
       if eval_examples and c.train.eval_every and done % c.train.eval_every == 0 and done < c.train.steps:
-        ev = evaluate_split(c, eval_model, run_params(trainable), tokenizer, eval_examples)
+        ev = evaluate_on(run_params(trainable), eval_examples)
         log(done, "eval", ev)
         bar.write(f"step {done}: eval " + _fmt(ev))
         best = _track_best(c, best, done, ev, best_mngr, trainable)
-      if (done % c.train.save_every == 0 and done < c.train.steps) or stop["signal"] is not None:
+      stopping = _any_process(stop["signal"] is not None)
+      if (done % c.train.save_every == 0 and done < c.train.steps) or stopping:
         save(done)
         last_saved = done
-      if stop["signal"] is not None:
+      if stopping:
+        stop["signal"] = stop["signal"] or "from another process"
         bar.write(f"stopped by signal {stop['signal']} after step {done}; checkpoint saved, resume with --resume")
         break
   finally:
@@ -215,7 +275,7 @@ def train(config, workdir: str, resume: bool = False, echo=print) -> dict:
   interrupted = stop["signal"] is not None
   if not interrupted:
     if eval_examples:
-      ev = evaluate_split(c, eval_model, run_params(trainable), tokenizer, eval_examples)
+      ev = evaluate_on(run_params(trainable), eval_examples)
       log(c.train.steps, "eval", ev)
       best = _track_best(c, best, c.train.steps, ev, best_mngr, trainable)
       results["validation"] = ev
@@ -228,16 +288,35 @@ def train(config, workdir: str, resume: bool = False, echo=print) -> dict:
     test_examples = examples_for(c, tokenizer, d.test_split, d.max_test_examples or None)
     params = run_params(trainable)
     if best is not None and best["step"] != c.train.steps:
-      _, state, _ = checkpoint.restore(best_mngr, {"trainable": checkpoint.abstract(trainable)})
-      params = run_params(state["trainable"])
-    results["test"] = evaluate_split(c, eval_model, params, tokenizer, test_examples)
+      _, saved, _ = checkpoint.restore(best_mngr, {"trainable": checkpoint.abstract(trainable)})
+      params = run_params(saved["trainable"])
+    results["test"] = evaluate_on(params, test_examples)
     log(c.train.steps, "test", results["test"])
     echo("test " + _fmt(results["test"]))
   results.update(steps=step + 1 if interrupted else c.train.steps, interrupted=interrupted, best=best,
                  seconds=time.time() - t_start)
   log.close()
-  _write_summary(workdir, c, method, results)
+  if primary:
+    _write_summary(workdir, c, method, results)
   return results
+
+
+def _any_process(flag: bool) -> bool:
+  """True if any process has `flag` (a signal reaches one process; all must stop and save together)."""
+  if jax.process_count() == 1:
+    return flag
+  from jax.experimental import multihost_utils
+  return bool(np.any(multihost_utils.process_allgather(np.int32(flag))))
+
+
+def _compiled_memory(step_fn, st, c) -> dict:
+  """Per-device bytes of the compiled train step (XLA's analysis), for a full-length batch."""
+  tokens = jax.ShapeDtypeStruct((c.train.batch_size, c.data.max_length), jnp.int32,
+                                sharding=sharding.batch_sharding(st.mesh))
+  batch = {"input_ids": tokens, "attention_mask": tokens, "loss_mask": tokens}
+  compiled = step_fn.lower(checkpoint.abstract(st.trainable), checkpoint.abstract(st.opt_state),
+                           checkpoint.abstract(st.frozen), batch, np.zeros(2, np.uint32)).compile()
+  return estimate.memory_of(compiled)
 
 
 def _track_best(c, best, step, ev, mngr, trainable):
@@ -247,6 +326,8 @@ def _track_best(c, best, step, ev, mngr, trainable):
   better = best is None or (ev[metric] > best["value"] if metric != "loss" else ev[metric] < best["value"])
   if better:
     best = {"step": step, "metric": metric, "value": ev[metric]}
+    if step in mngr.all_steps():  # redone after a resume from an older step: replace it
+      mngr.delete(step)
     checkpoint.save(mngr, step, {"trainable": trainable}, best)
   return best
 
@@ -258,8 +339,9 @@ def _fmt(metrics: dict) -> str:
 class _progress:
   """tqdm on a terminal (loss, tokens/s, time left); plain lines otherwise."""
 
-  def __init__(self, total: int, initial: int):
-    self.tty = sys.stderr.isatty()
+  def __init__(self, total: int, initial: int, enabled: bool = True):
+    self.enabled = enabled
+    self.tty = sys.stderr.isatty() and enabled
     self.total, self.t0, self.initial = total, time.time(), initial
     if self.tty:
       from tqdm import tqdm
@@ -270,7 +352,7 @@ class _progress:
       self.bar.n = step
       self.bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{rate:.0f}")
       self.bar.refresh()
-    else:
+    elif self.enabled:
       done = step - self.initial
       left = (time.time() - self.t0) / max(done, 1) * (self.total - step)
       print(f"step {step}/{self.total}  loss {loss:.4f}  {rate:.0f} tok/s  ~{left:.0f}s left", file=sys.stderr,
@@ -279,7 +361,7 @@ class _progress:
   def write(self, text: str):
     if self.tty:
       self.bar.write(text)
-    else:
+    elif self.enabled:
       print(text, file=sys.stderr, flush=True)
 
   def close(self):

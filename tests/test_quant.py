@@ -49,13 +49,13 @@ def check_4bit(weight_out_in, fmt, blocksize, double_quant):
   packed, state = F.quantize_4bit(torch.tensor(weight_out_in), blocksize=blocksize, quant_type=fmt,
                                   compress_statistics=double_quant)
   ours = quant.quantize_array(weight_out_in.T, fmt, blocksize, double_quant)  # from the Flax (in, out) kernel
-  assert np.array_equal(np.asarray(ours.codes), packed.numpy().reshape(-1))
+  assert np.array_equal(np.asarray(ours.codes).reshape(-1), packed.numpy().reshape(-1))
   if double_quant:
-    assert np.array_equal(np.asarray(ours.absmax_codes), state.absmax.numpy())
+    assert np.array_equal(np.asarray(ours.absmax_codes).reshape(-1), state.absmax.numpy())
     assert np.array_equal(np.asarray(ours.absmax_scale), state.state2.absmax.numpy())
     assert np.float32(ours.absmax_offset) == np.float32(state.offset)
   else:
-    assert np.array_equal(np.asarray(ours.absmax), state.absmax.numpy())
+    assert np.array_equal(np.asarray(ours.absmax).reshape(-1), state.absmax.numpy())
   if weight_out_in.shape[-1] % blocksize == 0:
     ref = F.dequantize_4bit(packed, state).numpy()
   else:
@@ -92,8 +92,8 @@ def test_int8_blockwise_bit_exact(blocksize, smol):
   for w in weights:
     codes, state = F.quantize_blockwise(torch.tensor(w), blocksize=blocksize)
     ours = quant.quantize_array(w.T, "int8", blocksize, double_quant=False)
-    assert np.array_equal(np.asarray(ours.codes), codes.numpy().reshape(-1))
-    assert np.array_equal(np.asarray(ours.absmax), state.absmax.numpy())
+    assert np.array_equal(np.asarray(ours.codes).reshape(-1), codes.numpy().reshape(-1))
+    assert np.array_equal(np.asarray(ours.absmax).reshape(-1), state.absmax.numpy())
     ref = F.dequantize_blockwise(codes, state).numpy()
     assert np.abs(np.asarray(quant.dequantize(ours)).T - ref).max() <= 1e-6 * np.abs(ref).max()
 

@@ -42,6 +42,16 @@ class Hooks:
   lora_dropout: float = 0.0
   adapter_activation: str = "relu"
   deterministic: bool = True  # False during training: enables dropout
+  # `jft.sharding.ActivationSharding` (or None): pins activations to mesh axes by
+  # logical name at layer boundaries; set by whoever runs the model on a mesh.
+  sharding: Any = None
+
+
+def constrain(x, hooks: "Hooks", axes):
+  """Pin an activation's sharding by logical axis names; a no-op without a mesh."""
+  if hooks is None or hooks.sharding is None:
+    return x
+  return hooks.sharding(x, axes)
 
 
 class Linear(nn.Module):

@@ -33,11 +33,30 @@ import jax
 import jax.numpy as jnp
 
 from jft.models.config import ModelConfig
-from jft.models.layers import (ACTIVATIONS, Adapter, Embed, Hooks, Linear, apply_rope, make_norm,
+from jft.models.layers import (ACTIVATIONS, Adapter, Embed, Hooks, Linear, apply_rope, constrain, make_norm,
                                rope_cos_sin, rope_inv_freq)
 
 Dtype = Any
 _MASKED = -1e30  # finite, so fully masked (padding) rows give no NaN
+
+# Logical axis names of every base parameter, by path (full match, first wins).
+# `jft.sharding` maps them to mesh axes; `layers` is the scanned layer axis.
+PARAM_AXES = (
+    (r"embed_tokens/embedding", ("vocab", "embed")),
+    (r"embed_positions/embedding", (None, "embed")),
+    (r"layers/self_attn/q_proj/kernel", ("layers", "embed", "heads")),
+    (r"layers/self_attn/(k|v)_proj/kernel", ("layers", "embed", "kv_heads")),
+    (r"layers/self_attn/q_proj/bias", ("layers", "heads")),
+    (r"layers/self_attn/(k|v)_proj/bias", ("layers", "kv_heads")),
+    (r"layers/self_attn/o_proj/kernel", ("layers", "heads", "embed")),
+    (r"layers/(self_attn/o_proj|mlp/down_proj)/bias", ("layers", "embed")),
+    (r"layers/mlp/(gate|up)_proj/kernel", ("layers", "embed", "mlp")),
+    (r"layers/mlp/(gate|up)_proj/bias", ("layers", "mlp")),
+    (r"layers/mlp/down_proj/kernel", ("layers", "mlp", "embed")),
+    (r"layers/(input|post_attention)_layernorm/(scale|bias)", ("layers", "norm")),
+    (r"norm/(scale|bias)", ("norm",)),
+    (r"lm_head/kernel", ("embed", "vocab")),
+)
 
 REMAT_POLICIES = {
     "none": None,
@@ -61,7 +80,7 @@ class Attention(nn.Module):
     q = dense("q_proj", c.num_heads * c.head_dim, c.qkv_bias)(x)
     k = dense("k_proj", c.num_kv_heads * c.head_dim, c.qkv_bias)(x)
     v = dense("v_proj", c.num_kv_heads * c.head_dim, c.qkv_bias)(x)
-    q = q.reshape(b, t, c.num_heads, c.head_dim)
+    q = constrain(q.reshape(b, t, c.num_heads, c.head_dim), self.hooks, ("batch", "length", "act_heads", None))
     k = k.reshape(b, t, c.num_kv_heads, c.head_dim)
     v = v.reshape(b, t, c.num_kv_heads, c.head_dim)
     if cos is not None:
@@ -109,6 +128,7 @@ class MLP(nn.Module):
     act = ACTIVATIONS[c.activation]
     up = dense("up_proj", c.intermediate_size)(x)
     h = act(dense("gate_proj", c.intermediate_size)(x)) * up if c.mlp == "gated" else act(up)
+    h = constrain(h, self.hooks, ("batch", "length", "act_mlp"))
     return dense("down_proj", c.hidden_size)(h)
 
 
@@ -122,6 +142,7 @@ class Block(nn.Module):
   @nn.compact
   def __call__(self, x, layer_cache, mask, cos, sin, cache_index):
     c = self.config
+    x = constrain(x, self.hooks, ("batch", "length", "act_embed"))
     h = make_norm(c, self.dtype, self.param_dtype, "input_layernorm")(x)
     h, new_cache = Attention(c, self.dtype, self.param_dtype, self.hooks, name="self_attn")(
         h, mask, cos, sin, layer_cache, cache_index)
@@ -129,7 +150,7 @@ class Block(nn.Module):
     h = make_norm(c, self.dtype, self.param_dtype, "post_attention_layernorm")(x)
     h = MLP(c, self.dtype, self.param_dtype, self.hooks, name="mlp")(h)
     x = x + Adapter(self.hooks, self.dtype, name="adapter_mlp")(h)
-    return x, new_cache
+    return constrain(x, self.hooks, ("batch", "length", "act_embed")), new_cache
 
 
 def attention_mask_4d(segments, q_index, window: Optional[int]):
@@ -232,6 +253,7 @@ class Transformer(nn.Module):
       logits = embed.attend(x)
     else:
       logits = Linear(c.vocab_size, False, self.dtype, self.param_dtype, name="lm_head")(x)
+    logits = constrain(logits, self.hooks, ("batch", "length", "act_vocab"))
     logits = logits[:, n_prompt:].astype(jnp.float32)
     return logits if cache is None else (logits, new_cache)
 

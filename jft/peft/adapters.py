@@ -42,6 +42,12 @@ class Adapters(api.Method):
   def is_trainable(self, path):
     return path.startswith(("layers/adapter_attn/", "layers/adapter_mlp/"))
 
+  def logical_axes(self, path, leaf, base_axes):
+    if not self.is_trainable(path):
+      return None
+    return {"down/kernel": ("layers", "embed", "adapter"), "down/bias": ("layers", "adapter"),
+            "up/kernel": ("layers", "adapter", "embed"), "up/bias": ("layers", "embed")}[path.split("/", 2)[2]]
+
   def configure(self, model):
     return model.clone(hooks=dataclasses.replace(model.hooks or Hooks(), adapter_activation=self.activation))
 

@@ -7,6 +7,7 @@ A method is a small frozen dataclass with pure functions on the param tree:
     configure(model) -> model          static hook settings (dropout, activation)
     materialize(params) -> params      the tree the model sees (e.g. prefix encoder -> prefix)
     merge(params) -> (merged, adapter) / unmerge(merged, adapter) -> params
+    logical_axes(path, leaf, base_axes) -> axis names of a leaf it adds (sharding)
 
 Everything else is derived here from the predicate, once, for every method:
 the trainable/frozen split done *before* `jax.grad` (frozen leaves are never
@@ -62,6 +63,15 @@ class Method:
   def hparams(self) -> dict:
     """Static hyperparameters, for run configs and exported adapter configs."""
     return {"method": self.name, **dataclasses.asdict(self)}
+
+  def logical_axes(self, path: str, leaf, base_axes) -> tuple | None:
+    """Logical axis names of a leaf this method added (None: not one of its leaves).
+
+    `base_axes(path)` gives the axes of a base parameter, so a leaf can follow
+    the kernel it belongs to (LoRA's A takes the kernel's input axis, B its
+    output axis). `jft.sharding` maps the names to mesh axes.
+    """
+    return None
 
 
 # ----------------------------------------------------------------------------
@@ -238,6 +248,23 @@ class Compose(Method):
 
   def hparams(self):
     return {"method": self.name, "parts": [m.hparams() for m in self.methods]}
+
+  def logical_axes(self, path, leaf, base_axes):
+    for m in self.methods:
+      axes = m.logical_axes(path, leaf, base_axes)
+      if axes is not None:
+        return axes
+    return None
+
+
+def module_axes(path: str, base_axes) -> tuple | None:
+  """Axes of the kernel beside a leaf (`.../q_proj/lora_a` -> those of `.../q_proj/kernel`)."""
+  return base_axes(path.rsplit("/", 1)[0] + "/kernel") if "/" in path else None
+
+
+def replicated_axes(leaf) -> tuple:
+  """Axes that no rule splits (small method leaves: encoders, settings)."""
+  return (None,) * len(leaf.shape)
 
 
 def f32(x):

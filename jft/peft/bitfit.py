@@ -28,6 +28,13 @@ class BitFit(api.Method):
   def is_trainable(self, path):
     return path.rsplit("/", 1)[-1] == "bias"
 
+  def logical_axes(self, path, leaf, base_axes):
+    """A bias the model's table does not name (e.g. on lm_head) follows the kernel's output axis."""
+    kernel = api.module_axes(path, base_axes)
+    if path.rsplit("/", 1)[-1] != "bias" or kernel is None:
+      return None
+    return (*kernel[:-2], kernel[-1])
+
   def init(self, rng, params):
     modules = api.select_modules(self.targets, api.linear_modules(params), self.name)
     additions = {}

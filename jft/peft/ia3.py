@@ -34,6 +34,13 @@ class IA3(api.Method):
   def is_trainable(self, path):
     return path.rsplit("/", 1)[-1] in ("ia3_in", "ia3_out")
 
+  def logical_axes(self, path, leaf, base_axes):
+    kernel = api.module_axes(path, base_axes)
+    name = path.rsplit("/", 1)[-1]
+    if name not in ("ia3_in", "ia3_out") or kernel is None:
+      return None
+    return (*kernel[:-2], kernel[-2] if name == "ia3_in" else kernel[-1])
+
   def init(self, rng, params):
     modules = api.select_modules(self.targets, api.linear_modules(params), self.name)
     ff = set(api.select_modules(self.feedforward, modules, self.name + " feedforward")) \

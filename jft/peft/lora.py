@@ -63,6 +63,16 @@ class LoRA(api.Method):
   def configure(self, model):
     return model.clone(hooks=dataclasses.replace(model.hooks or Hooks(), lora_dropout=self.dropout))
 
+  def logical_axes(self, path, leaf, base_axes):
+    """A follows the kernel's input axis, B its output axis; the rank axis is never split."""
+    kernel = api.module_axes(path, base_axes)
+    name = path.rsplit("/", 1)[-1]
+    if name not in LORA_LEAVES or kernel is None:
+      return None
+    lead, d_in, d_out = kernel[:-2], kernel[-2], kernel[-1]
+    return {"lora_a": (*lead, d_in, "rank"), "lora_b": (*lead, "rank", d_out), "lora_scale": lead,
+            "lora_magnitude": (*lead, d_out)}[name]
+
   def init(self, rng, params):
     modules = api.select_modules(self.targets, api.linear_modules(params), self.name)
     additions, replaced = {}, {}

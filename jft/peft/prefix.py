@@ -57,6 +57,13 @@ class Prefix(api.Method):
   def is_trainable(self, path):
     return path.startswith("prefix_encoder/") or path in ("layers/self_attn/prefix_k", "layers/self_attn/prefix_v")
 
+  def logical_axes(self, path, leaf, base_axes):
+    if path.startswith("prefix_encoder/"):
+      return api.replicated_axes(leaf)  # a small MLP used once per step
+    if path in ("layers/self_attn/prefix_k", "layers/self_attn/prefix_v"):
+      return ("layers", "virtual", "kv_heads")
+    return None
+
   def init(self, rng, params):
     layers, d, kvd = model_dims(params)
     n = self.num_virtual_tokens

@@ -46,6 +46,9 @@ class PromptTuning(api.Method):
   def is_trainable(self, path):
     return path == "prompt_embeddings"
 
+  def logical_axes(self, path, leaf, base_axes):
+    return ("virtual", "embed") if path == "prompt_embeddings" else None
+
   def init(self, rng, params):
     return api.with_leaves(params, {"prompt_embeddings": self._initial(rng, params)}, self.name)
 
@@ -74,6 +77,11 @@ class PTuning(api.Method):
 
   def is_trainable(self, path):
     return path.startswith("prompt_encoder/")
+
+  def logical_axes(self, path, leaf, base_axes):
+    if path == "prompt_embeddings":  # materialized inside the loss
+      return ("virtual", "embed")
+    return api.replicated_axes(leaf) if path.startswith("prompt_encoder/") else None
 
   def init(self, rng, params):
     d = params["embed_tokens"]["embedding"].shape[-1]
