@@ -204,7 +204,7 @@ class Transformer(nn.Module):
         raise ValueError("decoding with a cache needs attention_mask over the whole cache length")
       attention_mask = jnp.ones((b, t), jnp.int32)
     embed = Embed(c.vocab_size, c.hidden_size, self.dtype, self.param_dtype, name="embed_tokens")
-    x = embed(input_ids)
+    x = constrain(embed(input_ids), self.hooks, ("batch", "length", "act_embed"))
 
     # Hook 4: prompt vectors prepended to the input (prompt tuning, P-tuning). They
     # are ordinary earlier tokens for masks and positions; their logits are dropped.
