@@ -525,5 +525,33 @@ def quantize(params, rules_: rules.Rules = DEFAULT_RULES, blocksize: int = 64, d
   return rules.unflatten(flat), summary
 
 
+def abstract_quantize(params, rules_: rules.Rules = DEFAULT_RULES, blocksize: int = 64, double_quant: bool = True):
+  """`quantize` on shapes only (ShapeDtypeStructs in, QuantizedTensors of them out).
+
+  For memory estimates of models whose weights are not here: the stored
+  arrays have exactly the shapes `quantize_array` would give them.
+  """
+  flat = rules.flatten(params)
+  chosen = rules.assign(rules_, flat, default=None, what="quantization rule")
+  sds = jax.ShapeDtypeStruct
+  for path, fmt in chosen.items():
+    if fmt is None:
+      continue
+    *lead, d_in, d_out = flat[path].shape
+    stored = (d_out, d_in)
+    rows = d_out if row_layout(stored, blocksize) else 1
+    n = d_in * d_out
+    blocks = -(-n // blocksize)
+    per_row = (n // rows) if fmt == "int8" else -(-n // 2) // rows
+    scales = sds((*lead, rows, blocks // rows), np.uint8 if double_quant else np.float32)
+    flat[path] = QuantizedTensor(
+        codes=sds((*lead, rows, per_row), np.uint8), absmax=None if double_quant else scales,
+        absmax_codes=scales if double_quant else None,
+        absmax_scale=sds((*lead, -(-blocks // DQ_BLOCKSIZE)), np.float32) if double_quant else None,
+        absmax_offset=sds(tuple(lead), np.float32) if double_quant else None,
+        stored_shape=stored, fmt=fmt, blocksize=blocksize, dtype=str(flat[path].dtype), transposed=True)
+  return rules.unflatten(flat)
+
+
 def is_quantized(leaf) -> bool:
   return isinstance(leaf, QuantizedTensor)

@@ -358,3 +358,22 @@ def test_compare_methods_script_writes_a_table(tiny_model, tmp_path):
   assert "| ia3 | 192 |" in out.stdout
   with open(tmp_path / "cmp" / "results.csv") as f:
     assert f.readline().startswith("method,trainable,percent")
+
+
+def test_dry_run_writes_where_arrays_live(tiny_model, tmp_path, capsys):
+  workdir = str(tmp_path / "dry")
+  assert cli.main(["train", "--config", TINY, f"--config.model.name={tiny_model}", "--workdir", workdir,
+                   "--dry-run"]) == 0
+  layout = json.load(open(os.path.join(workdir, "shardings.json")))
+  assert layout["mesh"]["shape"] == {"data": 1, "fsdp": 1, "tensor": 1} and layout["mesh"]["processes"] == 1
+  memory = layout["compiled_step_memory"]
+  assert memory["total"] > memory["arguments"] > 0
+  leaves = {(leaf["group"], leaf["path"]): leaf for leaf in layout["leaves"]}
+  lora_a = leaves[("params", "layers/self_attn/q_proj/lora_a")]
+  assert lora_a["shape"] == [2, 32, 4] and lora_a["spec"] == [None, "fsdp", None]
+  assert lora_a["bytes_per_device"] == 2 * 32 * 4 * 4
+  assert any(g == "opt_state" and p.endswith("mu/layers/self_attn/q_proj/lora_a") for g, p in leaves)
+  assert layout["per_device_bytes"]["params"] == sum(v["bytes_per_device"] for (g, _), v in leaves.items()
+                                                     if g == "params")
+  assert not os.path.isdir(os.path.join(workdir, "checkpoints")) or not os.listdir(os.path.join(workdir, "checkpoints"))
+  assert "dry run: wrote" in capsys.readouterr().out
