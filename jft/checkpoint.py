@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 
 import jax
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
 
@@ -33,8 +34,20 @@ def restore(mngr: ocp.CheckpointManager, abstract_state: dict, step: int | None 
   step = mngr.latest_step() if step is None else step
   if step is None:
     return None
-  out = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
-                                                    meta=ocp.args.JsonRestore()))
+  restore = lambda template: mngr.restore(step, args=ocp.args.Composite(
+      state=ocp.args.StandardRestore(template), meta=ocp.args.JsonRestore()))
+  try:
+    out = restore(abstract_state)
+  except ValueError:
+    if "step" in abstract_state or "opt_state" not in abstract_state:
+      raise
+    # Written before step and rng moved to the JSON metadata: they are arrays in the state.
+    leaf = jax.tree.leaves(abstract_state)[0]
+    replicated = (jax.sharding.NamedSharding(leaf.sharding.mesh, jax.sharding.PartitionSpec())
+                  if isinstance(leaf.sharding, jax.sharding.NamedSharding) else leaf.sharding)
+    out = restore({**abstract_state, "step": jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated),
+                   "rng": jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=replicated)})
+    return step, {k: v for k, v in out["state"].items() if k not in ("step", "rng")}, out["meta"]
   return step, out["state"], out["meta"]
 
 

@@ -102,12 +102,16 @@ def initialize_distributed(coordinator: str | None = None, num_processes: int | 
   """
   if coordinator is not None and (num_processes is None or process_id is None):
     raise ShardingError("--coordinator needs --num-processes and --process-id")
+  if coordinator is not None and not 0 <= process_id < num_processes:
+    raise ShardingError(f"--process-id {process_id} is not in [0, {num_processes})")
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
   if coordinator is None:
-    jax.distributed.initialize()
+    try:
+      jax.distributed.initialize()
+    except (ValueError, RuntimeError) as e:
+      raise ShardingError(f"--distributed: JAX found no cluster to join ({e}); outside SLURM, Cloud TPU, "
+                          "Kubernetes or Open MPI pass --coordinator HOST:PORT --num-processes N --process-id I") from None
   else:
-    if not 0 <= process_id < num_processes:
-      raise ShardingError(f"--process-id {process_id} is not in [0, {num_processes})")
     jax.distributed.initialize(coordinator, num_processes=num_processes, process_id=process_id)
 
 

@@ -164,3 +164,28 @@ def test_layout_report(base):
   assert any(g == "opt_state" and p.endswith("mu/layers/self_attn/q_proj/lora_a") for g, p in paths)
   assert report["per_device_bytes"]["params"] == sum(
       leaf["bytes_per_device"] for leaf in report["leaves"] if leaf["group"] == "params")
+
+
+def test_checkpoints_restore_with_the_template_shardings(tmp_path):
+  """Restore places arrays as the template says; checkpoints that still hold step/rng arrays restore."""
+  from jft import checkpoint
+
+  m = sharding.make_mesh()
+  target = jax.sharding.NamedSharding(m, P(None, "fsdp"))
+  mngr = checkpoint.manager(str(tmp_path), keep=2)
+  old = {"trainable": {"a": jnp.ones((2, 4))}, "opt_state": {"b": jnp.zeros(3)}, "step": jnp.int32(3),
+         "rng": jax.random.PRNGKey(0)}
+  checkpoint.save(mngr, 3, old, {"data": {}})
+  template = {"trainable": {"a": jax.ShapeDtypeStruct((2, 4), jnp.float32, sharding=target)},
+              "opt_state": {"b": jax.ShapeDtypeStruct((3,), jnp.float32, sharding=sharding.replicated(m))}}
+  step, restored, meta = checkpoint.restore(checkpoint.manager(str(tmp_path), keep=2), template)
+  assert step == 3 and set(restored) == {"trainable", "opt_state"} and meta == {"data": {}}
+  assert restored["trainable"]["a"].sharding == target
+  np.testing.assert_array_equal(restored["trainable"]["a"], np.ones((2, 4)))
+
+
+def test_distributed_flags_are_checked():
+  with pytest.raises(sharding.ShardingError, match="--coordinator needs --num-processes and --process-id"):
+    sharding.initialize_distributed("127.0.0.1:1234")
+  with pytest.raises(sharding.ShardingError, match=r"--process-id 2 is not in \[0, 2\)"):
+    sharding.initialize_distributed("127.0.0.1:1234", 2, 2)
