@@ -43,31 +43,32 @@ def memory_of(compiled) -> dict:
   return out
 
 
+def compiled_step_memory(step_fn, st, batch: int, length: int) -> dict:
+  """Per-device bytes of a jitted train step for a full batch x length batch, compiled for the
+  state `st` (a `jft.state.State`, built or only described); nothing is executed."""
+  from jft import checkpoint, sharding
+
+  tokens = jax.ShapeDtypeStruct((batch, length), jnp.int32, sharding=sharding.batch_sharding(st.mesh))
+  lowered = step_fn.lower(checkpoint.abstract(st.trainable), checkpoint.abstract(st.opt_state),
+                          checkpoint.abstract(st.frozen), {"input_ids": tokens, "attention_mask": tokens},
+                          jax.ShapeDtypeStruct((2,), jnp.uint32))
+  return memory_of(lowered.compile())
+
+
 def sharded_step_memory(model, method, abstract_base, mesh, tx, batch: int, length: int,
                         axis_rules=None, overrides=()) -> dict:
   """Per-device bytes of the train step on `mesh`: state placed by the rules, batch split over
-  data x fsdp, activations pinned. `abstract_base` holds ShapeDtypeStructs (or QuantizedTensors
-  of them, `quant.abstract_quantize`); nothing is allocated or executed."""
+  data x fsdp, activations pinned; plus the state's own bytes per device (`state_params`,
+  `state_opt_state`). `abstract_base` holds ShapeDtypeStructs (or QuantizedTensors of them,
+  `quant.abstract_quantize`); nothing is allocated or executed."""
   import dataclasses
 
   from jft import sharding, state
 
   axis_rules = sharding.AXIS_RULES if axis_rules is None else axis_rules
   sharding.check_batch(mesh, batch)
-  abstract_t, abstract_f, (t_specs, f_specs), _ = state.specs(method, abstract_base, mesh, 0, axis_rules, overrides)
-  t_sh, f_sh = sharding.to_shardings(t_specs, mesh), sharding.to_shardings(f_specs, mesh)
-  placed = lambda tree, sh: jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, sh)
-  trainable, frozen = placed(abstract_t, t_sh), placed(abstract_f, f_sh)
-  abstract_opt = jax.eval_shape(tx.init, abstract_t)
-  o_sh = sharding.opt_state_shardings(abstract_opt, t_sh, mesh)
+  st = state.describe(method, abstract_base, mesh, make_tx=lambda _: tx, axis_rules=axis_rules, overrides=overrides)
   model = model.clone(hooks=dataclasses.replace(model.hooks, sharding=sharding.activation_sharding(mesh, axis_rules)))
-  shardings = {"trainable": t_sh, "frozen": f_sh, "opt_state": o_sh, "batch": sharding.batch_sharding(mesh),
-               "replicated": sharding.replicated(mesh)}
-  tokens = jax.ShapeDtypeStruct((batch, length), jnp.int32, sharding=shardings["batch"])
-  compiled = make_train_step(model, method, tx, shardings=shardings).lower(
-      trainable, placed(abstract_opt, o_sh), frozen, {"input_ids": tokens, "attention_mask": tokens},
-      jax.ShapeDtypeStruct((2,), jnp.uint32)).compile()
-  out = memory_of(compiled)
-  report = sharding.layout({"params": peft.combine(trainable, frozen), "opt_state": placed(abstract_opt, o_sh)}, mesh)
-  out.update({f"state_{k}": v for k, v in report["per_device_bytes"].items()})
+  out = compiled_step_memory(make_train_step(model, method, tx, shardings=st.step_shardings()), st, batch, length)
+  out.update({f"state_{k}": v for k, v in st.layout()["per_device_bytes"].items()})
   return out

@@ -55,6 +55,29 @@ def specs(method, base, mesh: Mesh, seed: int = 0, axis_rules=sharding.AXIS_RULE
   return abstract_t, abstract_f, (t_specs, f_specs), base_specs
 
 
+def _placed(tree, shardings):
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
+def describe(method, base, mesh: Mesh, *, seed: int = 0, make_tx=None, axis_rules=sharding.AXIS_RULES,
+             overrides=()) -> State:
+  """The state as shapes and shardings only (ShapeDtypeStructs): nothing is allocated.
+
+  `base` may itself be abstract (`jax.eval_shape`, `quant.abstract_quantize`), so
+  layouts and compiled-step memory of models whose weights are not here can be studied.
+  """
+  abstract_t, abstract_f, (t_specs, f_specs), _ = specs(method, base, mesh, seed, axis_rules, overrides)
+  t_sh, f_sh = sharding.to_shardings(t_specs, mesh), sharding.to_shardings(f_specs, mesh)
+  tx = opt_state = o_sh = None
+  if make_tx is not None:
+    tx = make_tx(abstract_t)
+    shapes = jax.eval_shape(tx.init, abstract_t)
+    o_sh = sharding.opt_state_shardings(shapes, t_sh, mesh)
+    opt_state = _placed(shapes, o_sh)
+  return State(_placed(abstract_t, t_sh), _placed(abstract_f, f_sh), opt_state, tx, mesh,
+               {"trainable": t_sh, "frozen": f_sh, "opt_state": o_sh})
+
+
 def build(method, base, mesh: Mesh, *, seed: int, make_tx=None, abstract_opt_state: bool = False,
           axis_rules=sharding.AXIS_RULES, overrides=()) -> State:
   """The method's leaves added to `base` and split, every array placed by the rules.
@@ -63,18 +86,13 @@ def build(method, base, mesh: Mesh, *, seed: int, make_tx=None, abstract_opt_sta
   `make_tx(trainable)` builds the optimizer; with `abstract_opt_state` its
   state is only described (a checkpoint's restore template), not allocated.
   """
-  _, _, (t_specs, f_specs), base_specs = specs(method, base, mesh, seed, axis_rules, overrides)
-  t_sh, f_sh = sharding.to_shardings(t_specs, mesh), sharding.to_shardings(f_specs, mesh)
-  base = sharding.put(base, sharding.to_shardings(base_specs, mesh))
+  plan = describe(method, base, mesh, seed=seed, make_tx=make_tx, axis_rules=axis_rules, overrides=overrides)
+  t_sh, f_sh = plan.shardings["trainable"], plan.shardings["frozen"]
+  placement = rules.flatten(peft.combine(t_sh, f_sh))
+  base = sharding.put(base, rules.unflatten({p: placement[p] for p in rules.flatten(base)}))
   init = jax.jit(_init_fn(method), out_shardings=(t_sh, f_sh), donate_argnums=1)
   trainable, frozen = init(jax.random.PRNGKey(seed), base)
-  tx = opt_state = o_sh = None
-  if make_tx is not None:
-    tx = make_tx(trainable)
-    shapes = jax.eval_shape(tx.init, trainable)
-    o_sh = sharding.opt_state_shardings(shapes, t_sh, mesh)
-    if abstract_opt_state:
-      opt_state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, o_sh)
-    else:
-      opt_state = jax.jit(tx.init, out_shardings=o_sh)(trainable)
-  return State(trainable, frozen, opt_state, tx, mesh, {"trainable": t_sh, "frozen": f_sh, "opt_state": o_sh})
+  opt_state = plan.opt_state
+  if plan.tx is not None and not abstract_opt_state:
+    opt_state = jax.jit(plan.tx.init, out_shardings=plan.shardings["opt_state"])(trainable)
+  return dataclasses.replace(plan, trainable=trainable, frozen=frozen, opt_state=opt_state)

@@ -178,7 +178,7 @@ def train(config, workdir: str, resume: bool = False, echo=print, dry_run: bool 
   eval_model = method.configure(model)
   layout_path = os.path.join(workdir, "shardings.json")
   if dry_run:
-    memory = _compiled_memory(step_fn, st, c)
+    memory = estimate.compiled_step_memory(step_fn, st, c.train.batch_size, d.max_length)
     if primary:
       sharding.write_layout(layout_path, {"params": peft.combine(trainable, frozen), "opt_state": opt_state},
                             mesh, {"compiled_step_memory": memory})
@@ -307,16 +307,6 @@ def _any_process(flag: bool) -> bool:
     return flag
   from jax.experimental import multihost_utils
   return bool(np.any(multihost_utils.process_allgather(np.int32(flag))))
-
-
-def _compiled_memory(step_fn, st, c) -> dict:
-  """Per-device bytes of the compiled train step (XLA's analysis), for a full-length batch."""
-  tokens = jax.ShapeDtypeStruct((c.train.batch_size, c.data.max_length), jnp.int32,
-                                sharding=sharding.batch_sharding(st.mesh))
-  batch = {"input_ids": tokens, "attention_mask": tokens, "loss_mask": tokens}
-  compiled = step_fn.lower(checkpoint.abstract(st.trainable), checkpoint.abstract(st.opt_state),
-                           checkpoint.abstract(st.frozen), batch, np.zeros(2, np.uint32)).compile()
-  return estimate.memory_of(compiled)
 
 
 def _track_best(c, best, step, ev, mngr, trainable):

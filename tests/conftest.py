@@ -40,6 +40,14 @@ def build_hf_model(family: str, folder: str, seed: int = 0):
 
 
 @pytest.fixture(scope="session")
+def smollm2():
+  """(model, params) of the embedded SmolLM2-135M, loaded once per session (tests must not donate them)."""
+  import jft
+
+  return jft.load_pretrained("smollm2-135m")
+
+
+@pytest.fixture(scope="session")
 def hf_models(tmp_path_factory):
   """family -> (folder, torch model), built once per session."""
   cache = {}

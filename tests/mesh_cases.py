@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jft import checkpoint, estimate, peft, quant, sharding, state
+from jft import estimate, peft, quant, sharding, state
 from jft.models.config import ModelConfig
 from jft.models.transformer import Transformer
 from jft.step import make_train_step
@@ -77,9 +77,7 @@ def run_case(method_name: str, mesh_name: str, cache: dict) -> dict:
   _, _, (t_specs, f_specs), _ = state.specs(method, base, mesh)
   model = model.clone(hooks=dataclasses.replace(model.hooks, sharding=sharding.activation_sharding(mesh)))
   step = make_train_step(model, method, tx, shardings=st.step_shardings())
-  batch0 = sharding.host_batch(mesh, batches()[0])
-  memory = estimate.memory_of(step.lower(checkpoint.abstract(st.trainable), checkpoint.abstract(st.opt_state),
-                                         checkpoint.abstract(st.frozen), batch0, np.zeros(2, np.uint32)).compile())
+  memory = estimate.compiled_step_memory(step, st, BATCH, LENGTH)
   trainable, opt_state, losses = st.trainable, st.opt_state, []
   for i, batch in enumerate(batches()):
     trainable, opt_state, metrics = step(trainable, opt_state, st.frozen, sharding.host_batch(mesh, batch),

@@ -36,8 +36,8 @@ def jax_leaves(tree):
   return [np.asarray(x) for x in jax.tree.leaves(tree)]
 
 
-def test_save_pretrained_writes_tokenizer(tmp_path):
-  model, params = jft.load_pretrained("smollm2-135m")
+def test_save_pretrained_writes_tokenizer(tmp_path, smollm2):
+  model, params = smollm2
   tok = jft.load_tokenizer("smollm2-135m")
   out = jft.save_pretrained(model, params, str(tmp_path / "smol"), tokenizer=tok)
   files = set(os.listdir(out))

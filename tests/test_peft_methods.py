@@ -267,9 +267,9 @@ def test_counts(base):
   assert (c.trainable, c.total, c.trainable_bytes) == (lora, base_total + lora, 4 * lora)
 
 
-def test_smollm2_lora_count_pinned():
+def test_smollm2_lora_count_pinned(smollm2):
   """LoRA r=8 on q and v of SmolLM2-135M, from the architecture: as peft prints it."""
-  model, params = jft.load_pretrained("smollm2-135m")
+  model, params = smollm2
   c = peft.count(peft.LoRA(rank=8), peft.LoRA(rank=8).init(jax.random.PRNGKey(0), params))
   d, kv, ffn, layers, vocab = 576, 192, 1536, 30, 49152
   per_layer = 2 * d * d + 2 * d * kv + 3 * d * ffn + 2 * d

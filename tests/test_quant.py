@@ -15,8 +15,8 @@ from jft.step import make_train_step
 
 
 @pytest.fixture(scope="module")
-def smol():
-  return jft.load_pretrained("smollm2-135m")
+def smol(smollm2):
+  return smollm2
 
 
 def torch_layout(kernel):
@@ -160,6 +160,7 @@ TEXT = ("The quick brown fox jumps over the lazy dog. Paris is the capital of Fr
         "the largest ocean on Earth.")
 
 
+@pytest.mark.slow  # 60 SmolLM2 train steps (about 2 minutes on 2 cores)
 def test_qlora_trains_like_lora(smol):
   """30 steps on a fixed batch of real text from the same start: QLoRA ends within 2% of LoRA's loss."""
   model, params = smol

@@ -16,14 +16,14 @@ PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, i
 
 
 @pytest.fixture(scope="module")
-def smol():
+def smol(smollm2):
   import torch
   import transformers
 
   path = resolve("smollm2-135m")
   hf_model = transformers.AutoModelForCausalLM.from_pretrained(
       os.path.dirname(path), gguf_file=os.path.basename(path), dtype=torch.float32).eval()
-  model, params = jft.load_pretrained("smollm2-135m")
+  model, params = smollm2
   return model, params, jft.load_tokenizer("smollm2-135m"), hf_model
 
 
