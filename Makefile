@@ -28,11 +28,12 @@ demo: $(VENV)/.runtime
 generate: $(VENV)/.runtime
 	$(VENV)/bin/jft generate --model smollm2-135m --prompt "What is the capital of France?"
 
+# Two workers (pytest-xdist): most tests are single-threaded compiles, so both cores stay busy.
 test: $(VENV)/.test
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2
 
 test-slow: $(VENV)/.test
-	$(PY) -m pytest -q -m slow
+	$(PY) -m pytest -q -n 2 -m slow
 
 clean:
 	rm -rf $(VENV)

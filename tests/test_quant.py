@@ -245,6 +245,7 @@ def test_merge_save_load_and_export(smol, tmp_path):
   assert np.abs(ref - np.asarray(out)).max() <= 1e-3
 
 
+@pytest.mark.slow  # SmolLM2 quantized and generated from the CLI (test_smollm2 keeps the plain CLI path)
 def test_cli_generate_quantized():
   out = subprocess.run([sys.executable, "-m", "jft.cli", "generate", "--model", "smollm2-135m", "--quantize",
                         "nf4", "--prompt", "What is the capital of France?", "--max-new-tokens", "16"],
