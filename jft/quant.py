@@ -26,6 +26,11 @@ blocks makes bitsandbytes' blocks cross rows; such a tensor keeps one flat row
 and cannot be split. The `Linear` hook dequantizes it right before its matmul, inside
 `jax.checkpoint`, so no dequantized copy of a weight is kept for the backward
 pass. Quantization itself runs once, offline, in numpy.
+
+The stored bytes are the ones bitsandbytes writes for the same weight; the
+float32 details of torch and bitsandbytes this needs (torch.linspace, the tie
+rule, the 8-bit rounding grid, torch's summation order for the mean) live in
+`jft.bnb_numerics`.
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jft import rules
+from jft.bnb_numerics import linspace_f32, nearest, nearest_8bit, torch_float32_mean
 from jft.errors import JftError
 
 
@@ -61,18 +67,6 @@ FP4 = np.array([0, 0.0625, 8, 12, 4, 6, 2, 3, -0.0, -0.0625, -8, -12, -4, -6, -2
 INT4 = np.array([7, 6, 5, 4, 3, 2, 1, 0, -0.0, -1, -2, -3, -4, -5, -6, -7], np.float32) / np.float32(7)
 
 
-def _linspace_f32(start: float, end: float, steps: int) -> np.ndarray:
-  """torch.linspace in float32, bit for bit: forward from `start` for the first half,
-  backward from `end` after, each value one fused multiply-add (a float32 product is
-  exact in float64, so float64 arithmetic rounded once to float32 is that FMA)."""
-  start32, end32 = np.float32(start), np.float32(end)
-  step = np.float64((end32 - start32) / np.float32(steps - 1))
-  i = np.arange(steps)
-  forward = (np.float64(start32) + step * i).astype(np.float32)
-  backward = (np.float64(end32) - step * (steps - i - 1)).astype(np.float32)
-  return np.where(i < steps // 2, forward, backward).astype(np.float32)
-
-
 @functools.lru_cache(maxsize=None)
 def dynamic_map(signed: bool = True, max_exponent_bits: int = 7, total_bits: int = 8) -> np.ndarray:
   """The 8-bit dynamic (exponent + fraction) map of Dettmers (2015), 256 sorted float32 values."""
@@ -80,7 +74,7 @@ def dynamic_map(signed: bool = True, max_exponent_bits: int = 7, total_bits: int
   non_sign = total_bits - 1
   for i in range(max_exponent_bits):
     n = 2 ** (i + non_sign - max_exponent_bits) + 1 if signed else 2 ** (i + non_sign - max_exponent_bits + 1) + 1
-    bounds = _linspace_f32(0.1, 1.0, n)
+    bounds = linspace_f32(0.1, 1.0, n)
     means = (bounds[:-1] + bounds[1:]) / np.float32(2)
     scale = np.float32(10.0 ** (-(max_exponent_bits - 1) + i))
     values += list(scale * means)
@@ -88,7 +82,7 @@ def dynamic_map(signed: bool = True, max_exponent_bits: int = 7, total_bits: int
       values += list(-scale * means)
   extra = 2 ** (non_sign - max_exponent_bits) - 1
   if extra > 0:
-    bounds = _linspace_f32(0.1, 1.0, extra + 1)
+    bounds = linspace_f32(0.1, 1.0, extra + 1)
     means = (bounds[:-1] + bounds[1:]) / np.float32(2)
     scale = np.float32(10.0 ** (-(max_exponent_bits - 1) + max_exponent_bits - 1))
     values += list(scale * means)
@@ -116,43 +110,16 @@ DQ_BLOCKSIZE = 256
 # numpy quantization (offline)
 # ----------------------------------------------------------------------------
 
-def _nearest(scaled: np.ndarray, book: np.ndarray) -> np.ndarray:
-  """Index of the nearest codebook entry; ties go to the lower sorted entry (torch.bucketize)."""
-  order = np.argsort(book, kind="stable")
-  ordered = book[order]
-  mid = (ordered[:-1] + ordered[1:]) / np.float32(2)
-  return order[np.searchsorted(mid, scaled, side="left")].astype(np.uint8)
-
-
-@functools.lru_cache(maxsize=None)
-def _lut_8bit() -> np.ndarray:
-  """Code of each point of a uniform 16-bit grid over [-1, 1] (nearest entry of the dynamic map)."""
-  grid = (np.arange(65536, dtype=np.float64) * 2 / 65535 - 1).astype(np.float32)
-  return _nearest(grid, dynamic_map())
-
-
-def _nearest_8bit(x: np.ndarray) -> np.ndarray:
-  """bitsandbytes' CPU rule for 8-bit codes: round the normalised value to a 16-bit grid,
-  ((v + 1) / 2) * 65535 + 0.5 truncated, in float32, then look its code up.
-
-  Near a midpoint this can pick the farther entry (the grid step is 3e-5), and
-  bit-exactness needs the same choice.
-  """
-  v = np.clip(np.asarray(x, np.float32), -1, 1)
-  idx = ((v + np.float32(1)) * np.float32(0.5) * np.float32(65535) + np.float32(0.5)).astype(np.int64)
-  return _lut_8bit()[idx]
-
-
 def blockwise8(flat: np.ndarray, blocksize: int):
   """8-bit blockwise quantization with the dynamic map, as bitsandbytes' CPU
-  `quantize_blockwise` does it: value / absmax (a true division), then `_nearest_8bit`."""
+  `quantize_blockwise` does it: value / absmax (a true division), then `bnb_numerics.nearest_8bit`."""
   flat = np.asarray(flat, np.float32).reshape(-1)
   pad = (-flat.size) % blocksize
   blocks = np.concatenate([flat, np.zeros(pad, np.float32)]).reshape(-1, blocksize)
   absmax = np.abs(blocks).max(axis=1).astype(np.float32)
   with np.errstate(divide="ignore", invalid="ignore"):
     scaled = (blocks / absmax[:, None]).astype(np.float32).reshape(-1)[: flat.size]
-  return _nearest_8bit(np.nan_to_num(scaled)), absmax
+  return nearest_8bit(np.nan_to_num(scaled), dynamic_map()), absmax
 
 
 def blockwise(flat: np.ndarray, blocksize: int, book: np.ndarray):
@@ -169,57 +136,7 @@ def blockwise(flat: np.ndarray, blocksize: int, book: np.ndarray):
     tail_max = np.maximum(np.abs(flat[full:]).max(), np.float32(1e-38))
     absmax = np.concatenate([absmax, [tail_max]]).astype(np.float32)
     scaled.append(np.clip(flat[full:] / tail_max, -1, 1))
-  return _nearest(np.concatenate(scaled).astype(np.float32), book), absmax.astype(np.float32)
-
-
-def torch_float32_mean(x: np.ndarray) -> np.float32:
-  """`torch.Tensor.mean()` of a contiguous float32 vector on the CPU, bit for bit.
-
-  Double quantization subtracts the mean of the block scales, and bitsandbytes
-  takes it with torch; a last-bit difference would move some 8-bit scale codes.
-  torch sums 8-lane vectors (AVX2 `Vectorized<float>`) through its cascade
-  (4 interleaved rows, 4 levels of partial sums, level step 2^max(4, ceil(log2 n)/4)),
-  then adds the scalar tail, then the 8 lanes, all in float32; mean = sum / n.
-  """
-  x = np.asarray(x, np.float32).reshape(-1)
-  lanes, ilp, levels = 8, 4, 4
-  vectors = x[: x.size // lanes * lanes].reshape(-1, lanes)
-
-  def cascade(rows):  # rows [size, ...] -> float32 sum over axis 0, torch's order
-    size = rows.shape[0]
-    power = max(4, (int(np.ceil(np.log2(size))) if size > 1 else 0) // levels)
-    step, mask = 1 << power, (1 << power) - 1
-    acc = np.zeros((levels,) + rows.shape[1:], np.float32)
-    i = 0
-    while i + step <= size:
-      for _ in range(step):
-        acc[0] += rows[i]
-        i += 1
-      for j in range(1, levels):
-        acc[j] += acc[j - 1]
-        acc[j - 1] = 0
-        if i & (mask << (j * power)):
-          break
-    for row in rows[i:]:
-      acc[0] += row
-    for j in range(1, levels):
-      acc[0] += acc[j]
-    return acc[0]
-
-  n_ilp = vectors.shape[0] // ilp
-  partial = (cascade(vectors[: n_ilp * ilp].reshape(n_ilp, ilp, lanes)) if n_ilp
-             else np.zeros((ilp, lanes), np.float32))
-  vec = partial[0].copy()
-  for row in vectors[n_ilp * ilp:]:
-    vec += row
-  for k in range(1, ilp):
-    vec += partial[k]
-  total = np.float32(0)
-  for v in x[vectors.size:]:
-    total = np.float32(total + v)
-  for v in vec:
-    total = np.float32(total + v)
-  return np.float32(total / np.float32(x.size))
+  return nearest(np.concatenate(scaled).astype(np.float32), book), absmax.astype(np.float32)
 
 
 def pack4(codes: np.ndarray) -> np.ndarray:
