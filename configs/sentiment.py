@@ -3,38 +3,44 @@
     jft train --config configs/sentiment.py:method=lora --workdir runs/sentiment-lora
     jft train --config configs/sentiment.py:method=qlora,mode=local --workdir runs/x
 
-Arguments: method = full | lora | qlora | dora | adapters | prefix | prompt | ptuning | bitfit | ia3;
-mode = demo (the README quickstart: fits 10 minutes on a 2-core CPU) | full | local (a smoke run).
+Arguments: method = any registered method (full, lora, dora, bottleneck, prefix, prompt, ptuning,
+bitfit, ia3, ... each with its own `recipe`: learning rate and hyperparameters) or qlora (LoRA on an
+NF4 base); mode = demo (the README quickstart: fits 10 minutes on a 2-core CPU) | full | local (a smoke run).
 Classification as generation: the model answers " positive" or " negative"; accuracy compares
 those two words' logits after "Sentiment:".
 """
 
+import dataclasses
 import os
 
+from jft import peft
 from jft.config import default_config, parse_arg
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
-# method -> (jft method name, hyperparameters, quantized base format, learning rate)
-METHODS = {
-    "full": ("full", dict(), "", 1e-5),
-    "lora": ("lora", dict(rank=8, alpha=16.0, targets=("q_proj", "v_proj")), "", 5e-4),
-    "qlora": ("lora", dict(rank=8, alpha=16.0, targets=("q_proj", "v_proj")), "nf4", 5e-4),
-    "dora": ("dora", dict(rank=8, alpha=16.0, targets=("q_proj", "v_proj")), "", 5e-4),
-    "adapters": ("adapters", dict(style="houlsby", size=32), "", 5e-4),
-    "prefix": ("prefix", dict(num_virtual_tokens=16), "", 1e-2),
-    "prompt": ("prompt", dict(num_virtual_tokens=16), "", 1e-2),
-    "ptuning": ("ptuning", dict(num_virtual_tokens=16, encoder="mlp", encoder_hidden=128), "", 1e-3),
-    "bitfit": ("bitfit", dict(), "", 1e-3),
-    "ia3": ("ia3", dict(), "", 5e-3),
-}
+
+def methods():
+  """method -> (jft method name, hyperparameters, quantized base format, learning rate), from the registry."""
+  rows = {}
+  for name, cls in sorted(peft.METHODS.items()):
+    if name == "compose":
+      continue
+    recipe = dict(cls.recipe)
+    lr = recipe.pop("lr")
+    # every hyperparameter is in the config, so any can be overridden (--config.method.hparams.rank=16)
+    hparams = {**{f.name: f.default for f in dataclasses.fields(cls)}, **recipe}
+    rows[name] = (name, hparams, "", lr)
+  rows["qlora"] = ("lora", rows["lora"][1], "nf4", rows["lora"][3])
+  rows.update({old: rows[new] for old, new in peft.ALIASES.items()})  # deprecated names keep working
+  return rows
 
 
 def get_config(arg=None):
   arg = parse_arg(arg, method="lora", mode="demo")
-  if arg.method not in METHODS:
-    raise ValueError(f"method={arg.method!r}; choose one of {', '.join(METHODS)}")
-  name, hparams, quant_format, lr = METHODS[arg.method]
+  table = methods()
+  if arg.method not in table:
+    raise ValueError(f"method={arg.method!r}; choose one of {', '.join(table)}")
+  name, hparams, quant_format, lr = table[arg.method]
   c = default_config()
   c.method.name = name
   c.method.hparams = hparams

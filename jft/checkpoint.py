@@ -16,6 +16,8 @@ import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
+from jft import errors
+
 
 def manager(workdir: str, keep: int) -> ocp.CheckpointManager:
   return ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, "checkpoints")),
@@ -29,26 +31,45 @@ def save(mngr: ocp.CheckpointManager, step: int, state: dict, meta: dict):
   mngr.wait_until_finished()
 
 
-def restore(mngr: ocp.CheckpointManager, abstract_state: dict, step: int | None = None):
-  """-> (step, state, meta) of `step` (default: the latest); arrays placed as the template's shardings."""
+def restore(mngr: ocp.CheckpointManager, abstract_state: dict, step: int | None = None, upgrade=None):
+  """-> (step, state, meta) of `step` (default: the latest); arrays placed as the template's shardings.
+
+  A checkpoint written by an older jft (leaves since renamed, step and rng
+  once stored as arrays) is read as written and matched to the template by
+  path, `upgrade(old path) -> path` (the method's `upgrade_path`) renaming
+  its leaves; anything that still differs is an error naming the paths.
+  """
   step = mngr.latest_step() if step is None else step
   if step is None:
     return None
-  restore = lambda template: mngr.restore(step, args=ocp.args.Composite(
+  read = lambda template: mngr.restore(step, args=ocp.args.Composite(
       state=ocp.args.StandardRestore(template), meta=ocp.args.JsonRestore()))
   try:
-    out = restore(abstract_state)
+    out = read(abstract_state)
+    return step, out["state"], out["meta"]
   except ValueError:
-    if "step" in abstract_state or "opt_state" not in abstract_state:
-      raise
-    # Written before step and rng moved to the JSON metadata: they are arrays in the state.
-    leaf = jax.tree.leaves(abstract_state)[0]
-    replicated = (jax.sharding.NamedSharding(leaf.sharding.mesh, jax.sharding.PartitionSpec())
-                  if isinstance(leaf.sharding, jax.sharding.NamedSharding) else leaf.sharding)
-    out = restore({**abstract_state, "step": jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated),
-                   "rng": jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=replicated)})
-    return step, {k: v for k, v in out["state"].items() if k not in ("step", "rng")}, out["meta"]
-  return step, out["state"], out["meta"]
+    out = read(None)
+  upgrade = upgrade or (lambda path: path)
+  saved = {upgrade(_path(p)): v for p, v in jax.tree_util.tree_flatten_with_path(out["state"])[0]}
+  saved = {p: v for p, v in saved.items() if p not in ("step", "rng")}  # moved to the JSON metadata
+  wanted, treedef = jax.tree_util.tree_flatten_with_path(abstract_state)
+  paths = [_path(p) for p, _ in wanted]
+  missing, extra = sorted(set(paths) - set(saved)), sorted(set(saved) - set(paths))
+  if missing or extra:
+    raise errors.CheckpointMismatchError(
+        f"{mngr.directory}/{step}: does not match this run (missing {missing[:4]}, unexpected {extra[:4]})")
+  leaves = []
+  for path, (_, like) in zip(paths, wanted):
+    if tuple(saved[path].shape) != tuple(like.shape):
+      raise errors.ShapeMismatchError(f"{mngr.directory}/{step}: {path} has shape {tuple(saved[path].shape)}, "
+                                      f"expected {tuple(like.shape)}")
+    leaves.append(jax.device_put(jnp.asarray(saved[path], like.dtype), like.sharding))
+  return step, jax.tree_util.tree_unflatten(treedef, leaves), out["meta"]
+
+
+def _path(keys) -> str:
+  """A tree path as `a/0/mu/b` whatever the containers (dicts, tuples, named tuples)."""
+  return "/".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in keys)
 
 
 def abstract(tree):

@@ -59,6 +59,9 @@ def _export(args) -> int:
   from jft.models.pretrained import save_pretrained
   from jft.peft import peft_format
 
+  if args.format == "adapters":
+    print("jft export: --format adapters is deprecated; use --format trainable", file=sys.stderr)
+    args.format = "trainable"
   config, model, method, params, tokenizer = run.restore_params(args.workdir, args.checkpoint)
   if args.format == "peft":
     peft_format.export_peft(method, params, model.config, args.out, base_model=config.model.name)
@@ -66,14 +69,14 @@ def _export(args) -> int:
     merged, _ = method.merge(params)
     dense = {p: (quant.dequantize(v) if quant.is_quantized(v) else v) for p, v in rules.flatten(merged).items()}
     save_pretrained(model, rules.unflatten(dense), args.out, tokenizer=tokenizer)
-  else:  # adapters: jft's own format, the trainable leaves as safetensors
+  else:  # trainable: jft's own format, the trainable leaves as safetensors + the method's hyperparameters
     from safetensors.numpy import save_file
     import numpy as np
     from jft import peft
     trainable, _ = peft.split(method, params)
     os.makedirs(args.out, exist_ok=True)
     save_file({p: np.asarray(v) for p, v in rules.flatten(trainable).items()},
-              os.path.join(args.out, "adapters.safetensors"))
+              os.path.join(args.out, "trainable.safetensors"))
     run.write_json(os.path.join(args.out, "method.json"), method.hparams())
   print(f"exported {args.format} to {os.path.abspath(args.out)}")
   return 0
@@ -165,9 +168,11 @@ def build_parser() -> argparse.ArgumentParser:
   e.add_argument("--checkpoint", choices=("best", "latest"), default="best")
   e.set_defaults(run=_eval)
 
-  x = sub.add_parser("export", help="export a run's adapter (peft format), merged model or adapters")
+  x = sub.add_parser("export", help="export a run's adapter (peft format), merged model or trainable leaves")
   x.add_argument("--workdir", required=True)
-  x.add_argument("--format", choices=("peft", "merged", "adapters"), required=True)
+  x.add_argument("--format", choices=("peft", "merged", "trainable", "adapters"), required=True,
+                 help="peft: a peft adapter folder; merged: a transformers checkpoint with the method folded in; "
+                      "trainable: jft's own (trainable leaves + method.json); adapters: deprecated name of trainable")
   x.add_argument("--out", required=True)
   x.add_argument("--checkpoint", choices=("best", "latest"), default="best")
   x.set_defaults(run=_export)

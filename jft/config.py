@@ -188,7 +188,8 @@ def default_config() -> ml_collections.ConfigDict:
                  axis_rules=AXIS_RULES, sharding_overrides=())
   c.optim = dict(name="adamw", lr=1e-4, schedule="cosine", warmup_steps=10, final_lr_ratio=0.1, b1=0.9,
                  b2=0.999, momentum=0.9, weight_decay=0.0,
-                 decay_rules=((r"(.*/)?(bias|scale|lora_magnitude|prompt_embeddings)", False),),
+                 # base leaves without decay; a method names its own (jft.peft.api.Leaf.decay)
+                 decay_rules=((r"(.*/)?(bias|scale)", False),),
                  clip_norm=1.0, grad_accum=1)
   c.eval = dict(batch_size=32, zero_shot=True, zero_shot_split="eval", exact_match=False, metric="accuracy")
   return c

@@ -31,3 +31,7 @@ class CorruptCheckpointError(CheckpointError):
 
 class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
   pass
+
+
+class CheckpointMismatchError(CheckpointError):
+  """A checkpoint's tree is not the one this run builds (another method, another model)."""

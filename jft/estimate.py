@@ -68,7 +68,7 @@ def sharded_step_memory(model, method, abstract_base, mesh, tx, batch: int, leng
   axis_rules = sharding.AXIS_RULES if axis_rules is None else axis_rules
   sharding.check_batch(mesh, batch)
   st = state.describe(method, abstract_base, mesh, make_tx=lambda _: tx, axis_rules=axis_rules, overrides=overrides)
-  model = model.clone(hooks=dataclasses.replace(model.hooks, sharding=sharding.activation_sharding(mesh, axis_rules)))
+  model = model.clone(settings=dataclasses.replace(model.settings, sharding=sharding.activation_sharding(mesh, axis_rules)))
   out = compiled_step_memory(make_train_step(model, method, tx, shardings=st.step_shardings()), st, batch, length)
   out.update({f"state_{k}": v for k, v in st.layout()["per_device_bytes"].items()})
   return out

@@ -6,6 +6,7 @@ so frozen leaves have no optimizer state by construction.
 
 from __future__ import annotations
 
+import jax
 import optax
 
 from jft import rules
@@ -33,23 +34,29 @@ def schedule(cfg, total_steps: int):
   return optax.join_schedules([optax.linear_schedule(0.0, cfg.lr, warmup), decay], [warmup])
 
 
-def decay_mask(cfg, trainable):
-  """Weight decay by rule (first full match wins; unmatched leaves decay)."""
-  return rules.map_tree(tuple(map(tuple, cfg.decay_rules)), trainable, default=True,
-                        require_all_rules_match=False)
+def decay_mask(cfg, trainable, method=None):
+  """Which leaves take weight decay: the method's say for its own leaves (LoRA's magnitude,
+  prompt vectors: no), and the config's rules (first full match wins; unmatched leaves decay)."""
+  by_rule = rules.map_tree(tuple(map(tuple, cfg.decay_rules)), trainable, default=True,
+                           require_all_rules_match=False)
+  if method is None:
+    return by_rule
+  from jft.peft import api
+  return jax.tree.map(lambda a, b: a and b, by_rule, api.decay_mask(method, trainable))
 
 
-def make_optimizer(cfg, total_steps: int, trainable) -> optax.GradientTransformation:
+def make_optimizer(cfg, total_steps: int, trainable, method=None) -> optax.GradientTransformation:
   lr = schedule(cfg, total_steps)
+  decay = decay_mask(cfg, trainable, method)
   if cfg.name == "adamw":
-    base = optax.adamw(lr, b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay, mask=decay_mask(cfg, trainable))
+    base = optax.adamw(lr, b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay, mask=decay)
   elif cfg.name == "sgd":
     base = optax.sgd(lr, momentum=cfg.momentum or None)
     if cfg.weight_decay:
-      base = optax.chain(optax.add_decayed_weights(cfg.weight_decay, mask=decay_mask(cfg, trainable)), base)
+      base = optax.chain(optax.add_decayed_weights(cfg.weight_decay, mask=decay), base)
   elif cfg.name == "adafactor":
     base = optax.adafactor(lr, weight_decay_rate=cfg.weight_decay or None,
-                           weight_decay_mask=decay_mask(cfg, trainable) if cfg.weight_decay else None)
+                           weight_decay_mask=decay if cfg.weight_decay else None)
   else:
     raise OptimError(f"optim.name={cfg.name!r}; expected adamw, sgd or adafactor")
   tx = optax.chain(optax.clip_by_global_norm(cfg.clip_norm), base) if cfg.clip_norm > 0 else base

@@ -104,7 +104,7 @@ def build_model(config, mesh=None):
   model, base = load_pretrained(config.model.name, dtype=dtype, remat=config.model.remat)
   if mesh is not None:
     pinned = sharding.activation_sharding(mesh, config.train.axis_rules)
-    model = model.clone(hooks=dataclasses.replace(model.hooks, sharding=pinned))
+    model = model.clone(settings=dataclasses.replace(model.settings, sharding=pinned))
   if config.quant.format:
     base, _ = quant.quantize(base, ((r"layers/.*/kernel", config.quant.format),), blocksize=config.quant.blocksize,
                              double_quant=config.quant.double_quant)
@@ -112,9 +112,9 @@ def build_model(config, mesh=None):
   return model, base, method, load_tokenizer(config.model.name)
 
 
-def make_tx(config, trainable):
+def make_tx(config, trainable, method=None):
   from jft.optim import make_optimizer
-  return make_optimizer(config.optim, config.train.steps, trainable)
+  return make_optimizer(config.optim, config.train.steps, trainable, method)
 
 
 def best_manager(workdir: str):
@@ -136,15 +136,16 @@ def restore_params(workdir: str, which: str = "best", mesh=None):
   mesh = mesh if mesh is not None else sharding.make_mesh({"data": -1}, jax.local_devices())
   model, base, method, tokenizer = build_model(config)
   check_base(workdir, base_identity(config.model.name))
-  st = state.build(method, base, mesh, seed=config.seed, make_tx=lambda t: make_tx(config, t),
+  st = state.build(method, base, mesh, seed=config.seed, make_tx=lambda t: make_tx(config, t, method),
                    abstract_opt_state=True, axis_rules=config.train.axis_rules,
                    overrides=config.train.sharding_overrides)
   best = best_manager(workdir) if which == "best" else None
   if best is not None and best.latest_step() is not None:
-    _, saved, _ = checkpoint.restore(best, {"trainable": checkpoint.abstract(st.trainable)})
+    _, saved, _ = checkpoint.restore(best, {"trainable": checkpoint.abstract(st.trainable)},
+                                     upgrade=method.upgrade_path)
   else:
     template = checkpoint.abstract({"trainable": st.trainable, "opt_state": st.opt_state})
-    restored = checkpoint.restore(checkpoint.manager(workdir, keep=1), template)
+    restored = checkpoint.restore(checkpoint.manager(workdir, keep=1), template, upgrade=method.upgrade_path)
     if restored is None:
       raise RunError(f"{workdir}: no checkpoint to restore")
     saved = restored[1]

@@ -346,7 +346,7 @@ def host_batch(mesh: Mesh, full: Mapping[str, np.ndarray]) -> dict:
 
 @dataclasses.dataclass(frozen=True)
 class ActivationSharding:
-  """Pins activations to mesh axes by logical name (the model's `Hooks.sharding`).
+  """Pins activations to mesh axes by logical name (the model's `Settings.sharding`).
 
   Called at layer boundaries so XLA's SPMD partitioner keeps the batch split
   over (data, fsdp) and the hidden features over tensor instead of

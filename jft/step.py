@@ -35,7 +35,7 @@ def next_token_loss(logits, input_ids, loss_mask):
 def training_model(model, method: api.Method):
   """The model as trained: the method's hook settings, dropout switched on."""
   model = method.configure(model)
-  return model.clone(hooks=dataclasses.replace(model.hooks, deterministic=False))
+  return model.clone(settings=dataclasses.replace(model.settings, deterministic=False))
 
 
 def make_loss_fn(model, method: api.Method):

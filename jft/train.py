@@ -166,7 +166,7 @@ def train(config, workdir: str, resume: bool = False, echo=print, dry_run: bool 
                          shard=sharding.process_rows(mesh, c.train.batch_size))
 
   # ---- State: eval_shape -> shardings -> jitted init (jft.state) ---------------
-  st = state.build(method, base, mesh, seed=c.seed, make_tx=lambda t: run.make_tx(c, t),
+  st = state.build(method, base, mesh, seed=c.seed, make_tx=lambda t: run.make_tx(c, t, method),
                    axis_rules=c.train.axis_rules, overrides=c.train.sharding_overrides)
   del base
   trainable, frozen, opt_state = st.trainable, st.frozen, st.opt_state
@@ -199,7 +199,8 @@ def train(config, workdir: str, resume: bool = False, echo=print, dry_run: bool 
   best_mngr = run.best_manager(workdir)
   start, best = 0, None
   if resume:
-    restored = checkpoint.restore(mngr, checkpoint.abstract({"trainable": trainable, "opt_state": opt_state}))
+    restored = checkpoint.restore(mngr, checkpoint.abstract({"trainable": trainable, "opt_state": opt_state}),
+                                  upgrade=method.upgrade_path)
     if restored is None:
       echo(f"--resume: no checkpoint in {workdir}; starting from step 0")
     else:
@@ -288,7 +289,8 @@ def train(config, workdir: str, resume: bool = False, echo=print, dry_run: bool 
     test_examples = examples_for(c, tokenizer, d.test_split, d.max_test_examples or None)
     params = run_params(trainable)
     if best is not None and best["step"] != c.train.steps:
-      _, saved, _ = checkpoint.restore(best_mngr, {"trainable": checkpoint.abstract(trainable)})
+      _, saved, _ = checkpoint.restore(best_mngr, {"trainable": checkpoint.abstract(trainable)},
+                                       upgrade=method.upgrade_path)
       params = run_params(saved["trainable"])
     results["test"] = evaluate_on(params, test_examples)
     log(c.train.steps, "test", results["test"])

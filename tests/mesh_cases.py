@@ -31,7 +31,7 @@ METHODS = {
     "lora": (peft.LoRA(rank=4, alpha=8.0, targets=ALL_LINEARS), None),
     "qlora": (peft.LoRA(rank=4, alpha=8.0, targets=ALL_LINEARS), "nf4"),
     "dora": (peft.DoRA(rank=4, alpha=8.0, targets=("q_proj", "v_proj", "down_proj")), None),
-    "adapters": (peft.Adapters(size=16), None),
+    "bottleneck": (peft.Bottleneck(size=16), None),
     "prompt": (peft.PromptTuning(num_virtual_tokens=4, init_from="random"), None),
 }
 MESHES = {"1": {"data": 1}, "8x1x1": {"data": 8}, "1x8x1": {"fsdp": 8},
@@ -75,7 +75,7 @@ def run_case(method_name: str, mesh_name: str, cache: dict) -> dict:
   tx = optax.adamw(1e-3, weight_decay=0.0)
   st = state.build(method, jax.tree.map(np.array, base), mesh, seed=0, make_tx=lambda _: tx)
   _, _, (t_specs, f_specs), _ = state.specs(method, base, mesh)
-  model = model.clone(hooks=dataclasses.replace(model.hooks, sharding=sharding.activation_sharding(mesh)))
+  model = model.clone(settings=dataclasses.replace(model.settings, sharding=sharding.activation_sharding(mesh)))
   step = make_train_step(model, method, tx, shardings=st.step_shardings())
   memory = estimate.compiled_step_memory(step, st, BATCH, LENGTH)
   trainable, opt_state, losses = st.trainable, st.opt_state, []

@@ -267,7 +267,7 @@ def test_kill_resume_equals_uninterrupted_then_eval_and_export(tiny_model, tmp_p
 
   # eval and export from the run, in-process.
   assert cli.main(["eval", "--workdir", reference, "--limit", "8"]) == 0
-  for fmt in ("peft", "merged", "adapters"):
+  for fmt in ("peft", "merged", "trainable"):
     assert cli.main(["export", "--workdir", reference, "--format", fmt, "--out", str(tmp_path / fmt)]) == 0
   assert {"adapter_config.json", "adapter_model.safetensors"} <= set(os.listdir(tmp_path / "peft"))
   assert "model.safetensors" in os.listdir(tmp_path / "merged")
@@ -347,7 +347,7 @@ def test_bfloat16_compute_keeps_float32_trainable_state(tiny_model, tmp_path):
   _, model, method, params, _ = run.restore_params(str(tmp_path / "bf16"), "latest")
   assert model.dtype == jnp.bfloat16
   assert params["layers"]["self_attn"]["q_proj"]["kernel"].dtype == jnp.bfloat16
-  assert params["layers"]["self_attn"]["q_proj"]["lora_a"].dtype == jnp.float32
+  assert params["layers"]["self_attn"]["q_proj"]["lora"]["a"].dtype == jnp.float32
 
 
 def test_compare_methods_script_writes_a_table(tiny_model, tmp_path):
@@ -369,11 +369,78 @@ def test_dry_run_writes_where_arrays_live(tiny_model, tmp_path, capsys):
   memory = layout["compiled_step_memory"]
   assert memory["total"] > memory["arguments"] > 0
   leaves = {(leaf["group"], leaf["path"]): leaf for leaf in layout["leaves"]}
-  lora_a = leaves[("params", "layers/self_attn/q_proj/lora_a")]
+  lora_a = leaves[("params", "layers/self_attn/q_proj/lora/a")]
   assert lora_a["shape"] == [2, 32, 4] and lora_a["spec"] == [None, "fsdp", None]
   assert lora_a["bytes_per_device"] == 2 * 32 * 4 * 4
-  assert any(g == "opt_state" and p.endswith("mu/layers/self_attn/q_proj/lora_a") for g, p in leaves)
+  assert any(g == "opt_state" and p.endswith("mu/layers/self_attn/q_proj/lora/a") for g, p in leaves)
   assert layout["per_device_bytes"]["params"] == sum(v["bytes_per_device"] for (g, _), v in leaves.items()
                                                      if g == "params")
   assert not os.path.isdir(os.path.join(workdir, "checkpoints")) or not os.listdir(os.path.join(workdir, "checkpoints"))
   assert "dry run: wrote" in capsys.readouterr().out
+
+
+def _write_legacy_layout(directory):
+  """Rewrite every orbax step under `directory` as an older jft wrote it: `q_proj/lora_a` beside the
+  kernel instead of `q_proj/lora/a`, and step/rng as arrays in the state."""
+  import orbax.checkpoint as ocp
+
+  def legacy(node):
+    if not isinstance(node, dict):
+      return np.asarray(node) if hasattr(node, "shape") else node
+    node = {k: legacy(v) for k, v in node.items()}
+    node.update({f"lora_{k}": v for k, v in node.pop("lora", {}).items()})
+    return node
+
+  mngr = ocp.CheckpointManager(directory, item_names=("state", "meta"))
+  for step in mngr.all_steps():
+    out = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()))
+    old = legacy(_as_dicts(out["state"]))
+    if "opt_state" in old:
+      old.update(step=np.int32(step), rng=np.zeros(2, np.uint32))
+    mngr.delete(step)
+    mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(old), meta=ocp.args.JsonSave(out["meta"])),
+              force=True)
+  mngr.wait_until_finished()
+
+
+def _as_dicts(node):
+  """Orbax's raw tree (dicts and lists) as nested dicts keyed by str (list index -> "0", "1", ...)."""
+  if isinstance(node, (list, tuple)):
+    return {str(i): _as_dicts(v) for i, v in enumerate(node)}
+  if isinstance(node, dict):
+    return {k: _as_dicts(v) for k, v in node.items()}
+  return node
+
+
+def test_checkpoints_of_the_older_layout_restore(tiny_model, tmp_path):
+  """Runs saved before methods grouped their leaves (`lora_a` beside the kernel) still load and resume."""
+  import orbax.checkpoint as ocp
+
+  workdir = str(tmp_path / "old")
+  c = cfg.build(TINY + ":steps=6", [("model.name", tiny_model), ("eval.zero_shot", "false"),
+                                     ("data.test_split", "")])
+  train(c, workdir, echo=lambda *_: None)
+  expected = _losses(workdir)
+  ocp.CheckpointManager(os.path.join(workdir, "checkpoints"), item_names=("state", "meta")).delete(6)
+  _, _, _, new_params, _ = run.restore_params(workdir, "latest")  # step 4
+  for sub in ("checkpoints", "best"):
+    _write_legacy_layout(os.path.join(workdir, sub))
+  _, _, _, old_params, _ = run.restore_params(workdir, "latest")
+  for path, value in jft.rules.flatten(new_params).items():
+    np.testing.assert_array_equal(np.asarray(jft.rules.flatten(old_params)[path]), np.asarray(value), err_msg=path)
+  run.restore_params(workdir, "best")
+  train(c, workdir, resume=True, echo=lambda *_: None)  # optimizer state restored too: the same losses
+  assert _losses(workdir) == expected
+
+
+def test_compose_from_a_config(tiny_model, tmp_path):
+  c = cfg.build(TINY + ":steps=2,method=compose", [("model.name", tiny_model), ("eval.zero_shot", "false"),
+                                                     ("data.test_split", "")])
+  with c.unlocked():
+    c.method.hparams = {"methods": ({"method": "lora", "rank": 2}, {"method": "bitfit"})}
+  results = train(c, str(tmp_path / "compose"), echo=lambda *_: None)
+  lora = 2 * ((32 * 2 + 2 * 32) + (32 * 2 + 2 * 16))  # r=2 on q (32 -> 32) and v (32 -> 16), 2 layers
+  bitfit = 2 * (32 + 16 + 16 + 32 + 64 + 64 + 32)  # a bias on every projection
+  assert results["counts"]["trainable"] == lora + bitfit
+  _, _, method, _, _ = run.restore_params(str(tmp_path / "compose"), "latest")
+  assert [m.name for m in method.methods] == ["lora", "bitfit"]

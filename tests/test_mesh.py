@@ -14,7 +14,7 @@ import sys
 import pytest
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-METHODS = ("full", "lora", "qlora", "dora", "adapters", "prompt")
+METHODS = ("full", "lora", "qlora", "dora", "bottleneck", "prompt")
 MESHES = ("8x1x1", "1x8x1", "2x2x2", "1x2x4")
 DEFAULT = ("qlora@2x2x2", "full@8x1x1", "full@1x8x1")
 
@@ -56,17 +56,17 @@ def test_qlora_specs_follow_the_kernel(default_cases):
   packed 4-bit codes and block scales are stored (out, in) and split the same way."""
   tp = default_cases["qlora@2x2x2"]
   t, f, o = (tp["actual"][g] for g in ("trainable", "frozen", "opt_state"))
-  assert t["layers/self_attn/q_proj/lora_a"] == "P(None, 'fsdp', None)"
-  assert t["layers/self_attn/q_proj/lora_b"] == "P(None, None, 'tensor')"
-  assert t["layers/mlp/down_proj/lora_a"] == "P(None, 'tensor', None)"
-  assert t["layers/mlp/down_proj/lora_b"] == "P(None, None, 'fsdp')"
+  assert t["layers/self_attn/q_proj/lora/a"] == "P(None, 'fsdp', None)"
+  assert t["layers/self_attn/q_proj/lora/b"] == "P(None, None, 'tensor')"
+  assert t["layers/mlp/down_proj/lora/a"] == "P(None, 'tensor', None)"
+  assert t["layers/mlp/down_proj/lora/b"] == "P(None, None, 'fsdp')"
   assert f["layers/self_attn/q_proj/kernel/codes"] == "P(None, 'tensor', 'fsdp')"
   assert f["layers/self_attn/q_proj/kernel/absmax_codes"] == "P(None, 'tensor', 'fsdp')"
   assert f["layers/mlp/down_proj/kernel/codes"] == "P(None, 'fsdp', 'tensor')"
   assert f["layers/self_attn/q_proj/kernel/absmax_scale"] == "P(None, None)"
   assert f["embed_tokens/embedding"] == "P('tensor', 'fsdp')"
   assert f["layers/input_layernorm/scale"] == "P(None, None)"
-  moments = {k: v for k, v in o.items() if k.endswith("layers/self_attn/q_proj/lora_a")}
+  moments = {k: v for k, v in o.items() if k.endswith("layers/self_attn/q_proj/lora/a")}
   assert len(moments) == 2 and set(moments.values()) == {"P(None, 'fsdp', None)"}, moments
 
 

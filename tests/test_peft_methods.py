@@ -1,11 +1,14 @@
 """Every method on a tiny Llama: tree shapes, gradients, optimizer state, training, identity, merging."""
 
+import dataclasses
+import os
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
 from conftest import padded_batch
+from method_contract import loss_fn, perturb, train_a_few_steps
 
 import jft
 from jft import peft, rules
@@ -16,31 +19,31 @@ L, D, FFN, KV, V = 2, 32, 48, 16, 101  # the tiny Llama of conftest: 4 heads, 2 
 # The leaves each method adds (path -> shape), the whole difference to the base tree.
 EXPECTED_NEW_LEAVES = {
     "lora": {**{f"layers/self_attn/{m}/{leaf}": s for m, o in (("q_proj", D), ("v_proj", KV))
-                for leaf, s in (("lora_a", (L, D, 4)), ("lora_b", (L, 4, o)), ("lora_scale", (L,)))}},
+                for leaf, s in (("lora/a", (L, D, 4)), ("lora/b", (L, 4, o)), ("lora/scale", (L,)))}},
     "dora": {**{f"layers/self_attn/{m}/{leaf}": s for m, o in (("q_proj", D), ("v_proj", KV))
-                for leaf, s in (("lora_a", (L, D, 4)), ("lora_b", (L, 4, o)), ("lora_scale", (L,)),
-                                ("lora_magnitude", (L, o)))}},
-    "ia3": {"layers/self_attn/k_proj/ia3_out": (L, KV), "layers/self_attn/v_proj/ia3_out": (L, KV),
-            "layers/mlp/down_proj/ia3_in": (L, FFN)},
+                for leaf, s in (("lora/a", (L, D, 4)), ("lora/b", (L, 4, o)), ("lora/scale", (L,)),
+                                ("lora/magnitude", (L, o)))}},
+    "ia3": {"layers/self_attn/k_proj/ia3/output": (L, KV), "layers/self_attn/v_proj/ia3/output": (L, KV),
+            "layers/mlp/down_proj/ia3/input": (L, FFN)},
     "bitfit": {f"layers/{m}/bias": (L, o) for m, o in (
         ("self_attn/q_proj", D), ("self_attn/k_proj", KV), ("self_attn/v_proj", KV), ("self_attn/o_proj", D),
         ("mlp/gate_proj", FFN), ("mlp/up_proj", FFN), ("mlp/down_proj", D))},
-    "adapters": {f"layers/{site}/{leaf}": s for site in ("adapter_attn", "adapter_mlp") for leaf, s in (
-        ("down/kernel", (L, D, 8)), ("down/bias", (L, 8)), ("up/kernel", (L, 8, D)), ("up/bias", (L, D)))},
-    "prefix": {"layers/self_attn/prefix_k": (L, 5, KV), "layers/self_attn/prefix_v": (L, 5, KV)},
-    "prefix_mlp": {"prefix_encoder/embedding": (5, D), "prefix_encoder/dense_in/kernel": (D, 16),
-                   "prefix_encoder/dense_in/bias": (16,), "prefix_encoder/dense_out/kernel": (16, L * 2 * KV),
-                   "prefix_encoder/dense_out/bias": (L * 2 * KV,)},
-    "prompt": {"prompt_embeddings": (5, D)},
-    "ptuning": {"prompt_encoder/embedding": (5, D), "prompt_encoder/mlp/dense_0/kernel": (D, 16),
-                "prompt_encoder/mlp/dense_0/bias": (16,), "prompt_encoder/mlp/dense_1/kernel": (16, 16),
-                "prompt_encoder/mlp/dense_1/bias": (16,), "prompt_encoder/mlp/dense_2/kernel": (16, D),
-                "prompt_encoder/mlp/dense_2/bias": (D,)},
-    "ptuning_lstm": {**{f"prompt_encoder/lstm/l{i}_{d}/{w}": s for i, d_in in ((0, D), (1, 32))
+    "bottleneck": {f"layers/{site}/bottleneck/{leaf}": s for site in ("self_attn", "mlp") for leaf, s in (
+        ("down", (L, D, 8)), ("down_bias", (L, 8)), ("up", (L, 8, D)), ("up_bias", (L, D)))},
+    "prefix": {"layers/self_attn/prefix/keys": (L, 5, KV), "layers/self_attn/prefix/values": (L, 5, KV)},
+    "prefix_mlp": {"prefix/encoder/embedding": (5, D), "prefix/encoder/dense_in/kernel": (D, 16),
+                   "prefix/encoder/dense_in/bias": (16,), "prefix/encoder/dense_out/kernel": (16, L * 2 * KV),
+                   "prefix/encoder/dense_out/bias": (L * 2 * KV,)},
+    "prompt": {"prompt/embeddings": (5, D)},
+    "ptuning": {"ptuning/embedding": (5, D), "ptuning/mlp/dense_0/kernel": (D, 16),
+                "ptuning/mlp/dense_0/bias": (16,), "ptuning/mlp/dense_1/kernel": (16, 16),
+                "ptuning/mlp/dense_1/bias": (16,), "ptuning/mlp/dense_2/kernel": (16, D),
+                "ptuning/mlp/dense_2/bias": (D,)},
+    "ptuning_lstm": {**{f"ptuning/lstm/l{i}_{d}/{w}": s for i, d_in in ((0, D), (1, 32))
                         for d in ("fwd", "bwd") for w, s in (("w_ih", (d_in, 64)), ("w_hh", (16, 64)), ("b", (64,)))},
-                     "prompt_encoder/embedding": (5, D), "prompt_encoder/mlp/dense_0/kernel": (32, 32),
-                     "prompt_encoder/mlp/dense_0/bias": (32,), "prompt_encoder/mlp/dense_1/kernel": (32, D),
-                     "prompt_encoder/mlp/dense_1/bias": (D,)},
+                     "ptuning/embedding": (5, D), "ptuning/mlp/dense_0/kernel": (32, 32),
+                     "ptuning/mlp/dense_0/bias": (32,), "ptuning/mlp/dense_1/kernel": (32, D),
+                     "ptuning/mlp/dense_1/bias": (D,)},
     "full": {},
 }
 
@@ -49,7 +52,7 @@ METHODS = {
     "dora": peft.DoRA(rank=4, alpha=8),
     "ia3": peft.IA3(),
     "bitfit": peft.BitFit(),
-    "adapters": peft.Adapters(size=8),
+    "bottleneck": peft.Bottleneck(size=8),
     "prefix": peft.Prefix(num_virtual_tokens=5),
     "prefix_mlp": peft.Prefix(num_virtual_tokens=5, projection=True, encoder_hidden=16),
     "prompt": peft.PromptTuning(num_virtual_tokens=5),
@@ -57,7 +60,7 @@ METHODS = {
     "ptuning_lstm": peft.PTuning(num_virtual_tokens=5, encoder="lstm", encoder_hidden=16),
     "full": peft.Full(freeze=("embed_tokens/.*",)),
 }
-IDENTITY_AT_INIT = ("lora", "dora", "ia3", "bitfit", "adapters")
+IDENTITY_AT_INIT = ("lora", "dora", "ia3", "bitfit", "bottleneck")
 
 
 @pytest.fixture(scope="module")
@@ -69,16 +72,6 @@ def base(hf_models):
 
 def shapes(tree):
   return {p: tuple(v.shape) for p, v in rules.flatten(tree).items()}
-
-
-def loss_fn(model, method, ids, mask):
-  def loss(trainable, frozen):
-    params = method.materialize(peft.combine(trainable, frozen))
-    logits = model.apply({"params": params}, ids, attention_mask=mask)
-    logp = jax.nn.log_softmax(logits[:, :-1])
-    nll = -jnp.take_along_axis(logp, ids[:, 1:, None], -1)[..., 0]
-    return (nll * mask[:, 1:]).sum() / mask[:, 1:].sum()
-  return loss
 
 
 @pytest.mark.parametrize("name", sorted(METHODS))
@@ -95,7 +88,7 @@ def test_tree_after_init(name, base):
   elif name == "bitfit":
     assert trainable == set(EXPECTED_NEW_LEAVES[name])
   else:
-    assert trainable == {p for p in EXPECTED_NEW_LEAVES[name] if not p.endswith("lora_scale")}
+    assert trainable == {p for p in EXPECTED_NEW_LEAVES[name] if not p.endswith("lora/scale")}
 
 
 @pytest.mark.parametrize("name", sorted(METHODS))
@@ -129,16 +122,7 @@ def test_train_only_trainable(name, base):
   assert sum(x.size for x in real) == 2 * sum(x.size for x in jax.tree.leaves(trainable))
 
   # A few steps lower the loss, and the trained model differs from the base.
-  @jax.jit
-  def step(trainable, state):
-    value, g = jax.value_and_grad(loss)(trainable, frozen)
-    updates, state = tx.update(g, state, trainable)
-    return optax.apply_updates(trainable, updates), state, value
-
-  first = None
-  for _ in range(8):
-    trainable, state, value = step(trainable, state)
-    first = value if first is None else first
+  trainable, state, first = train_a_few_steps(loss, trainable, frozen, tx, state)
   assert float(loss(trainable, frozen)) < float(first)
   trained = method.materialize(peft.combine(trainable, frozen))
   out = method.configure(model).apply({"params": trained}, ids, attention_mask=mask)
@@ -154,16 +138,6 @@ def test_identity_at_init(name, base):
   out = method.configure(model).apply({"params": adapted}, ids, attention_mask=mask)
   ref = model.apply({"params": params}, ids, attention_mask=mask)
   np.testing.assert_allclose(out, ref, atol=1e-5)
-
-
-def perturb(method, params, seed=1, scale=0.1):
-  """Nonzero values for every trainable leaf (so B != 0, IA3 != 1, ...)."""
-  flat = rules.flatten(params)
-  key = jax.random.PRNGKey(seed)
-  for i, p in enumerate(sorted(flat)):
-    if method.is_trainable(p):
-      flat[p] = flat[p] + scale * jax.random.normal(jax.random.fold_in(key, i), flat[p].shape)
-  return rules.unflatten(flat)
 
 
 @pytest.mark.parametrize("method", [peft.LoRA(rank=4, alpha=8, targets=(".*_proj",)), peft.LoRA(rslora=True),
@@ -188,12 +162,12 @@ def test_pissa_starts_at_the_base_with_principal_directions(base):
   np.testing.assert_allclose(model.apply({"params": adapted}, ids, attention_mask=mask),
                              model.apply({"params": params}, ids, attention_mask=mask), atol=1e-5)
   q = adapted["layers"]["self_attn"]["q_proj"]
-  delta = method.scale * q["lora_a"][0] @ q["lora_b"][0]
+  delta = method.scale * q["lora"]["a"][0] @ q["lora"]["b"][0]
   s = np.linalg.svd(np.asarray(params["layers"]["self_attn"]["q_proj"]["kernel"][0]), compute_uv=False)
   np.testing.assert_allclose(np.linalg.svd(np.asarray(delta), compute_uv=False)[:4], s[:4], rtol=1e-4)
 
 
-@pytest.mark.parametrize("name", ["prefix", "prompt", "adapters"])
+@pytest.mark.parametrize("name", ["prefix", "prompt", "bottleneck"])
 def test_unmergeable_methods_say_so(name, base):
   _, params, _, _ = base
   with pytest.raises(peft.MethodError, match="cannot be merged"):
@@ -205,7 +179,7 @@ def test_reparameterisations_fold_for_inference(base):
   for method in (METHODS["prefix_mlp"], METHODS["ptuning_lstm"]):
     adapted = method.init(jax.random.PRNGKey(0), params)
     folded, inference_method = method.fold(adapted)
-    assert not any(p.startswith(("prefix_encoder", "prompt_encoder")) for p in rules.flatten(folded))
+    assert not any(p.startswith(("prefix/encoder", "ptuning")) for p in rules.flatten(folded))
     np.testing.assert_allclose(model.apply({"params": folded}, ids, attention_mask=mask),
                                model.apply({"params": method.materialize(adapted)}, ids, attention_mask=mask))
     assert inference_method.materialize(folded) is folded
@@ -219,7 +193,7 @@ def test_lora_dropout_only_in_training(base):
   infer = m.apply({"params": adapted}, ids, attention_mask=mask)
   np.testing.assert_allclose(infer, peft.LoRA(rank=4).configure(model).apply({"params": adapted}, ids,
                                                                              attention_mask=mask))
-  train = m.clone(hooks=m.hooks.__class__(lora_dropout=0.5, deterministic=False))
+  train = m.clone(settings=dataclasses.replace(m.settings, deterministic=False))
   a = train.apply({"params": adapted}, ids, attention_mask=mask, rngs={"dropout": jax.random.PRNGKey(1)})
   b = train.apply({"params": adapted}, ids, attention_mask=mask, rngs={"dropout": jax.random.PRNGKey(2)})
   assert np.abs(np.asarray(a - b)).max() > 1e-4
@@ -230,7 +204,7 @@ def test_composition_and_conflicts(base):
   lora_norms = peft.Compose((peft.LoRA(rank=4), peft.Full(train=(".*norm/scale",))))
   adapted = lora_norms.init(jax.random.PRNGKey(0), params)
   trainable = set(peft.trainable_paths(lora_norms, adapted))
-  assert "layers/input_layernorm/scale" in trainable and "layers/self_attn/q_proj/lora_a" in trainable
+  assert "layers/input_layernorm/scale" in trainable and "layers/self_attn/q_proj/lora/a" in trainable
   assert "layers/self_attn/q_proj/kernel" not in trainable
   lora_bitfit = peft.Compose((peft.LoRA(rank=4), peft.BitFit()))
   assert "layers/self_attn/q_proj/bias" in peft.trainable_paths(
@@ -249,7 +223,7 @@ def test_target_rules_fail_loudly(base):
   extra = {**params, "layers": {**params["layers"], "self_attn": {
       **params["layers"]["self_attn"], "q_proj_extra": params["layers"]["self_attn"]["q_proj"]}}}
   adapted = peft.LoRA(targets=("q_proj",), rank=4).init(jax.random.PRNGKey(0), extra)
-  assert "lora_a" not in adapted["layers"]["self_attn"]["q_proj_extra"]
+  assert "lora" not in adapted["layers"]["self_attn"]["q_proj_extra"]
   with pytest.raises(rules.RuleError, match="q_proj_extr"):
     peft.LoRA(targets=("layers/self_attn/q_proj_extr",)).init(jax.random.PRNGKey(0), extra)
   with pytest.raises(peft.MethodError, match="unknown method 'lorra'.*did you mean lora"):
@@ -301,3 +275,23 @@ def test_named_adapters_and_mixed_batch(base):
   assert multi.names(p) == ["two"]
   with pytest.raises(peft.MethodError, match="no adapter 'one'"):
     multi.activate(p, "one")
+
+
+def test_the_readme_method_is_a_whole_method(base, tmp_path):
+  """The README's "Add a method" block, run as written: registered, trains only its leaves, in a config."""
+  import re
+  from typing import ClassVar
+
+  from jft.peft import api
+  from method_contract import check_trains_only_its_leaves
+
+  readme = open(os.path.join(os.path.dirname(os.path.dirname(__file__)), "README.md")).read()
+  code = re.search(r"<!-- add-a-method.*?```python\n(.*?)```", readme, re.S).group(1)
+  namespace = {"dataclasses": dataclasses, "ClassVar": ClassVar, "jnp": jnp, "api": api}
+  exec(code, namespace)
+  method = peft.build("output_scale")
+  assert isinstance(method, namespace["OutputScale"])
+  check_trains_only_its_leaves(method, base, {f"layers/self_attn/{m}/oscale/s": (L, o)
+                                              for m, o in (("q_proj", D), ("v_proj", KV))})
+  assert peft.decay_mask(method, method.init(jax.random.PRNGKey(0), base[1]))["layers"]["self_attn"]["q_proj"][
+      "oscale"]["s"] is False

@@ -7,9 +7,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import padded_batch, torch_logits
+from conftest import padded_batch
+from method_contract import compare, peft_logits, perturb
 from safetensors.numpy import load_file
-from test_peft_methods import perturb
 
 import jft
 from jft import errors, peft
@@ -30,26 +30,11 @@ CASES = {
 VIRTUAL = ("prompt", "prefix")
 
 
-def peft_logits(peft_model, ids, mask, virtual):
-  import torch
-
-  if not virtual:
-    return torch_logits(peft_model, ids, mask)
-  with torch.no_grad():  # peft ignores position_ids for prompt learning; rows here have no left padding
-    out = peft_model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask)).logits.numpy()
-  return out[:, -ids.shape[1]:]
-
-
 def batch(name):
   ids, mask = padded_batch(101)
   if name in VIRTUAL:  # no left padding: peft counts positions over padding for virtual tokens
     ids, mask = ids[[0, 2]], mask[[0, 2]]
   return ids, mask
-
-
-def compare(a, b, mask):
-  real = mask.astype(bool)
-  return np.abs(a - b)[real].max()
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
@@ -132,6 +117,6 @@ def test_import_errors(hf_models, tmp_path):
   open(os.path.join(out, "adapter_config.json"), "w").write(json.dumps(cfg))
   with pytest.raises(errors.MissingTensorError, match=r"k_proj\.lora_A"):
     import_peft(out, params, model.config)
-  with pytest.raises(PeftFormatError, match="no peft file format"):
-    export_peft(peft.Adapters(), peft.Adapters().init(jax.random.PRNGKey(0), params), model.config,
+  with pytest.raises(PeftFormatError, match="no peft equivalent"):
+    export_peft(peft.Bottleneck(), peft.Bottleneck().init(jax.random.PRNGKey(0), params), model.config,
                 str(tmp_path / "b"))

@@ -222,7 +222,7 @@ def test_merge_save_load_and_export(smol, tmp_path):
   adapted = method.init(jax.random.PRNGKey(0), loaded)
   flat = rules.flatten(adapted)
   for p in flat:
-    if p.endswith("lora_b"):
+    if p.endswith("lora/b"):
       flat[p] = flat[p] + 0.01
   adapted = rules.unflatten(flat)
   out = model.apply({"params": adapted}, ids)

@@ -54,29 +54,29 @@ def test_base_follows_the_model_table_and_layers_are_never_split(base):
 def test_method_leaves_follow_their_base(base):
   lora = peft.LoRA(rank=4, targets=("q_proj", "down_proj"))
   t, f = flat_specs(lora, base, mesh(1, 2, 4))
-  assert t["layers/self_attn/q_proj/lora_a"] == P(None, "fsdp", None)
-  assert t["layers/self_attn/q_proj/lora_b"] == P(None, None, "tensor")
-  assert t["layers/mlp/down_proj/lora_a"] == P(None, "tensor", None)
-  assert t["layers/mlp/down_proj/lora_b"] == P(None, None, "fsdp")
-  assert f["layers/self_attn/q_proj/lora_scale"] == P(None)
+  assert t["layers/self_attn/q_proj/lora/a"] == P(None, "fsdp", None)
+  assert t["layers/self_attn/q_proj/lora/b"] == P(None, None, "tensor")
+  assert t["layers/mlp/down_proj/lora/a"] == P(None, "tensor", None)
+  assert t["layers/mlp/down_proj/lora/b"] == P(None, None, "fsdp")
+  assert f["layers/self_attn/q_proj/lora/scale"] == P(None)
   t, _ = flat_specs(peft.DoRA(rank=4, targets=("v_proj",)), base, mesh(1, 2, 4))
-  assert t["layers/self_attn/v_proj/lora_magnitude"] == P(None, "tensor")
+  assert t["layers/self_attn/v_proj/lora/magnitude"] == P(None, "tensor")
   t, _ = flat_specs(peft.IA3(), base, mesh(1, 2, 4))
-  assert t["layers/self_attn/k_proj/ia3_out"] == P(None, "tensor")
-  assert t["layers/mlp/down_proj/ia3_in"] == P(None, "tensor")
-  t, _ = flat_specs(peft.Adapters(size=8), base, mesh(1, 2, 4))
-  assert t["layers/adapter_mlp/down/kernel"] == P(None, "fsdp", None)
-  assert t["layers/adapter_mlp/up/bias"] == P(None, "fsdp")
+  assert t["layers/self_attn/k_proj/ia3/output"] == P(None, "tensor")
+  assert t["layers/mlp/down_proj/ia3/input"] == P(None, "tensor")
+  t, _ = flat_specs(peft.Bottleneck(size=8), base, mesh(1, 2, 4))
+  assert t["layers/mlp/bottleneck/down"] == P(None, "fsdp", None)
+  assert t["layers/mlp/bottleneck/up_bias"] == P(None, "fsdp")
   t, _ = flat_specs(peft.BitFit(), base, mesh(1, 2, 4))
   assert t["layers/self_attn/q_proj/bias"] == P(None, "tensor") and t["layers/mlp/down_proj/bias"] == P(None, "fsdp")
   t, _ = flat_specs(peft.Prefix(num_virtual_tokens=4), base, mesh(1, 2, 4))
-  assert t["layers/self_attn/prefix_k"] == P(None, None, "tensor")
+  assert t["layers/self_attn/prefix/keys"] == P(None, None, "tensor")
   t, _ = flat_specs(peft.PromptTuning(num_virtual_tokens=4), base, mesh(1, 2, 4))
-  assert t["prompt_embeddings"] == P(None, "fsdp")
+  assert t["prompt/embeddings"] == P(None, "fsdp")
   t, _ = flat_specs(peft.PTuning(num_virtual_tokens=4, encoder_hidden=8), base, mesh(1, 2, 4))
   assert set(t.values()) <= {P(None), P(None, None)}  # a small encoder: replicated
   t, _ = flat_specs(peft.Compose((peft.LoRA(rank=2), peft.BitFit())), base, mesh(1, 2, 4))
-  assert t["layers/self_attn/q_proj/lora_a"] == P(None, "fsdp", None) and t["layers/mlp/up_proj/bias"] == P(None, "tensor")
+  assert t["layers/self_attn/q_proj/lora/a"] == P(None, "fsdp", None) and t["layers/mlp/up_proj/bias"] == P(None, "tensor")
 
 
 def test_quantized_kernels_take_the_dense_spec_swapped(base):
@@ -116,8 +116,8 @@ def test_named_errors_for_bad_layouts(base):
   twice = (("embed", "fsdp"), ("vocab", "fsdp")) + sharding.AXIS_RULES
   with pytest.raises(sharding.ShardingError, match="uses mesh axis 'fsdp' twice"):
     flat_specs(peft.Full(), base, mesh(1, 2, 1), axis_rules=twice)
-  with pytest.raises(sharding.ShardingError, match=r"prompt_embeddings: no logical axes"):
-    sharding.logical_axes({**base, "prompt_embeddings": np.zeros((4, 64))}, peft.LoRA())
+  with pytest.raises(sharding.ShardingError, match=r"soft_prompt: no logical axes"):
+    sharding.logical_axes({**base, "soft_prompt": np.zeros((4, 64))}, peft.LoRA())
 
 
 def test_overrides_are_per_layer_and_skip_the_layer_axis(base):
@@ -160,8 +160,8 @@ def test_layout_report(base):
   report = st.layout()
   assert report["mesh"]["shape"] == {"data": 1, "fsdp": 1, "tensor": 1}
   paths = {(leaf["group"], leaf["path"]) for leaf in report["leaves"]}
-  assert ("params", "layers/self_attn/q_proj/lora_a") in paths
-  assert any(g == "opt_state" and p.endswith("mu/layers/self_attn/q_proj/lora_a") for g, p in paths)
+  assert ("params", "layers/self_attn/q_proj/lora/a") in paths
+  assert any(g == "opt_state" and p.endswith("mu/layers/self_attn/q_proj/lora/a") for g, p in paths)
   assert report["per_device_bytes"]["params"] == sum(
       leaf["bytes_per_device"] for leaf in report["leaves"] if leaf["group"] == "params")
 

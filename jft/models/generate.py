@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jft.models import hooks
 from jft.models.transformer import Transformer, init_cache
 
 
@@ -56,7 +57,7 @@ def _decode(model: Transformer, sampling: Sampling, params, ids, mask, stop_toke
   b, p = ids.shape
   steps = sampling.max_new_tokens
   # Prompt-tuning vectors take the first cache slots; the prefill writes them with the prompt.
-  n = params["prompt_embeddings"].shape[0] if "prompt_embeddings" in params else 0
+  n = hooks.input_prefix_length(params, model.settings)
   cache = init_cache(model.config, b, n + p + steps, model.dtype)
   key_mask = jnp.concatenate([jnp.ones((b, n), mask.dtype), mask, jnp.zeros((b, steps), mask.dtype)], axis=1)
   logits, cache = model.apply({"params": params}, ids, attention_mask=key_mask, cache=cache, cache_index=0,

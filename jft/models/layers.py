@@ -1,18 +1,11 @@
-"""Building blocks and the hook points that PEFT methods plug into.
+"""Building blocks shared by every model family.
 
-Models know no particular fine-tuning method. They read whatever the param
-tree holds at a few fixed places (see ../shared/DESIGN.md):
-
-* `Linear`: every projection. A dense `kernel` `[in, out]`, and whatever of
-  these the tree holds beside it:
-    `bias [out]`                      used whenever present (BitFit adds zero biases);
-    `lora_a [in, r]`, `lora_b [r, out]`, `lora_scale []`
-                                      y += scale * dropout(x) @ a @ b;
-    `lora_magnitude [out]`            DoRA: rescale columns of W + scale*a@b to this norm;
-    `ia3_in [in]`, `ia3_out [out]`    IA3: scale the input / the output.
-* `Embed`: token (and learned position) tables; `attend` gives tied logits.
-
-Norms and rotary embeddings live here too because every family shares them.
+`Linear` is every projection: a dense `kernel [in, out]` (or a quantized one,
+dequantized right before the matmul), a `bias [out]` whenever the tree holds
+one (BitFit adds zero biases), and the hook points of `jft.models.hooks` for
+any method group beside them (`lora`, `ia3`, ...). `Embed` holds token (and
+learned position) tables; `attend` gives tied logits. Norms and rotary
+embeddings live here too because every family shares them.
 """
 
 from __future__ import annotations
@@ -27,35 +20,47 @@ import jax.numpy as jnp
 import numpy as np
 
 from jft import quant
+from jft.models import hooks
 
 Dtype = Any
 
 
 @dataclasses.dataclass(frozen=True)
-class Hooks:
-  """Static settings of the hook points that cannot live in the param tree.
+class Settings:
+  """Static settings of a model run that cannot live in the param tree (hashable: a jit key).
 
-  Numbers that can (LoRA scale) are leaves beside their weights, so a tree
-  always computes what it says. These are the rest: train-time switches and
-  the adapter nonlinearity. A method sets them with `method.configure(model)`.
+  Numbers that can (LoRA's scale) are leaves beside their weights, so a tree
+  always computes what it says. These are the rest: the configured methods
+  whose hooks carry settings (dropout, activation), the train-time switch,
+  and how activations are pinned to a mesh.
   """
-  lora_dropout: float = 0.0
-  adapter_activation: str = "relu"
+  methods: tuple = ()  # configured `jft.models.hooks.Hook`s; `method.configure(model)` adds itself
   deterministic: bool = True  # False during training: enables dropout
   # `jft.sharding.ActivationSharding` (or None): pins activations to mesh axes by
   # logical name at layer boundaries; set by whoever runs the model on a mesh.
   sharding: Any = None
 
+  def hook(self, group: str) -> hooks.Hook:
+    """The hook that runs `group`'s leaves: the configured method, else the registered default."""
+    for method in self.methods:
+      if method.group == group:
+        return method
+    return hooks.default(group)
 
-def constrain(x, hooks: "Hooks", axes):
+  def with_method(self, method) -> "Settings":
+    rest = tuple(m for m in self.methods if m.group != method.group)
+    return dataclasses.replace(self, methods=(*rest, method))
+
+
+def constrain(x, settings: "Settings", axes):
   """Pin an activation's sharding by logical axis names; a no-op without a mesh."""
-  if hooks is None or hooks.sharding is None:
+  if settings is None or settings.sharding is None:
     return x
-  return hooks.sharding(x, axes)
+  return settings.sharding(x, axes)
 
 
 class Linear(nn.Module):
-  """y = x @ kernel (+ bias), plus the optional method leaves listed above.
+  """y = x @ kernel (+ bias), with the hooks of the method groups beside the kernel.
 
   Kernel layout is Flax's `[in, out]`; it may be a `quant.QuantizedTensor`
   (QLoRA), dequantized right before the matmul. Method leaves are only read,
@@ -66,69 +71,37 @@ class Linear(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   kernel_init: Any = nn.initializers.normal(0.02)
-  hooks: "Hooks" = None
-
-  def _opt(self, name):
-    return self.get_variable("params", name) if self.has_variable("params", name) else None
+  settings: "Settings" = Settings()
 
   @nn.compact
   def __call__(self, x):
-    kernel = self._opt("kernel")
+    kernel = self.get_variable("params", "kernel") if self.has_variable("params", "kernel") else None
     if not quant.is_quantized(kernel):  # dense kernels go through param() for its shape check
       kernel = self.param("kernel", self.kernel_init, (x.shape[-1], self.features), self.param_dtype)
+    methods = hooks.groups(self, base=("kernel", "bias"), strict=True)
     x = x.astype(self.dtype)
-    ia3_in, ia3_out = self._opt("ia3_in"), self._opt("ia3_out")
-    if ia3_in is not None:
-      x = x * ia3_in.astype(self.dtype)
+    for hook, p in methods:
+      x = hook.linear_input(p, x, self)
     if quant.is_quantized(kernel):  # QLoRA base: dequantized right here, never stored dense
       y = quant.matmul(x, kernel, self.dtype)
     else:
       y = jnp.dot(x, kernel.astype(self.dtype))
-    lora_a = self._opt("lora_a")
-    if lora_a is not None:
-      lora_b, scale = self.get_variable("params", "lora_b"), self.get_variable("params", "lora_scale")
-      xd = x
-      rate = self.hooks.lora_dropout if self.hooks else 0.0
-      if rate > 0 and not self.hooks.deterministic:
-        keep = jax.random.bernoulli(self.make_rng("dropout"), 1.0 - rate, x.shape)
-        xd = jnp.where(keep, x / (1.0 - rate), 0).astype(self.dtype)
-      delta = jnp.dot(jnp.dot(xd, lora_a.astype(self.dtype)), lora_b.astype(self.dtype))
-      delta = delta * scale.astype(self.dtype)
-      magnitude = self._opt("lora_magnitude")
-      if magnitude is None:
-        y = y + delta
-      else:
-        # DoRA: W' = m * V / ||V|| with V = W + scale*a@b, norm per output column and
-        # treated as a constant in the backward pass (as the paper and peft do).
-        v = quant.as_dense(kernel) + scale * jnp.dot(lora_a.astype(jnp.float32), lora_b.astype(jnp.float32))
-        norm = jax.lax.stop_gradient(jnp.sqrt(jnp.sum(v * v, axis=0)))
-        factor = (magnitude.astype(jnp.float32) / norm).astype(self.dtype)
-        y = factor * (y + delta)
+    for hook, p in methods:
+      y = hook.linear_output(p, x, y, kernel, self)
     if self.use_bias or self.has_variable("params", "bias"):
       bias = self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype)
       y = y + bias.astype(self.dtype)
-    if ia3_out is not None:  # after the bias, as peft scales the base layer's whole output
-      y = y * ia3_out.astype(self.dtype)
+    for hook, p in methods:
+      y = hook.linear_final(p, y, self)
     return y
 
 
-class Adapter(nn.Module):
-  """Bottleneck adapter hook: h + up(act(down(h))) when the tree has `down`/`up`.
-
-  Leaves: `down/kernel [d, m]`, `down/bias [m]`, `up/kernel [m, d]`, `up/bias [d]`.
-  Absent leaves make it the identity (and `init` of a base model creates none).
-  """
-  hooks: Hooks = None
-  dtype: Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, h):
-    if not self.has_variable("params", "down"):
-      return h
-    down, up = self.get_variable("params", "down"), self.get_variable("params", "up")
-    act = ACTIVATIONS[self.hooks.adapter_activation if self.hooks else "relu"]
-    z = act(jnp.dot(h, down["kernel"].astype(self.dtype)) + down["bias"].astype(self.dtype))
-    return h + jnp.dot(z, up["kernel"].astype(self.dtype)) + up["bias"].astype(self.dtype)
+def dropout(module, x, rate: float):
+  """Inverted dropout with the module's `dropout` rng, only when the run is not deterministic."""
+  if rate <= 0 or module.settings.deterministic:
+    return x
+  keep = jax.random.bernoulli(module.make_rng("dropout"), 1.0 - rate, x.shape)
+  return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
 
 
 class Embed(nn.Module):

@@ -33,8 +33,9 @@ import jax
 import jax.numpy as jnp
 
 from jft.models.config import ModelConfig
-from jft.models.layers import (ACTIVATIONS, Adapter, Embed, Hooks, Linear, apply_rope, constrain, make_norm,
-                               rope_cos_sin, rope_inv_freq)
+from jft.models import hooks
+from jft.models.layers import (ACTIVATIONS, Embed, Linear, Settings, apply_rope, constrain, make_norm, rope_cos_sin,
+                               rope_inv_freq)
 
 Dtype = Any
 _MASKED = -1e30  # finite, so fully masked (padding) rows give no NaN
@@ -70,17 +71,17 @@ class Attention(nn.Module):
   config: ModelConfig
   dtype: Dtype
   param_dtype: Dtype
-  hooks: Hooks = Hooks()
+  settings: Settings = Settings()
 
   @nn.compact
   def __call__(self, x, mask, cos, sin, layer_cache, cache_index):
     c = self.config
     b, t, _ = x.shape
-    dense = lambda n, f, bias: Linear(f, bias, self.dtype, self.param_dtype, hooks=self.hooks, name=n)
+    dense = lambda n, f, bias: Linear(f, bias, self.dtype, self.param_dtype, settings=self.settings, name=n)
     q = dense("q_proj", c.num_heads * c.head_dim, c.qkv_bias)(x)
     k = dense("k_proj", c.num_kv_heads * c.head_dim, c.qkv_bias)(x)
     v = dense("v_proj", c.num_kv_heads * c.head_dim, c.qkv_bias)(x)
-    q = constrain(q.reshape(b, t, c.num_heads, c.head_dim), self.hooks, ("batch", "length", "act_heads", None))
+    q = constrain(q.reshape(b, t, c.num_heads, c.head_dim), self.settings, ("batch", "length", "act_heads", None))
     k = k.reshape(b, t, c.num_kv_heads, c.head_dim)
     v = v.reshape(b, t, c.num_kv_heads, c.head_dim)
     if cos is not None:
@@ -95,10 +96,12 @@ class Attention(nn.Module):
       new_cache = {"k": k_all, "v": v_all}
       k, v = k_all.astype(self.dtype), v_all.astype(self.dtype)
 
-    # Hook 3: trainable prefix keys/values (prefix tuning), visible to every query,
-    # stored without rotary embedding (as peft's past_key_values are).
-    if self.has_variable("params", "prefix_k"):
-      pk, pv = (self.get_variable("params", n).astype(self.dtype) for n in ("prefix_k", "prefix_v"))
+    # Extra keys/values visible to every query (prefix tuning), stored without
+    # rotary embedding (as peft's past_key_values are).
+    methods = hooks.groups(self)
+    prefix = next((kv for kv in (h.attention_prefix(p) for h, p in methods) if kv is not None), None)
+    if prefix is not None:
+      pk, pv = (a.astype(self.dtype) for a in prefix)
       n = pk.shape[0]
       pk = jnp.broadcast_to(pk.reshape(1, n, c.num_kv_heads, c.head_dim), (b, n, c.num_kv_heads, c.head_dim))
       pv = jnp.broadcast_to(pv.reshape(1, n, c.num_kv_heads, c.head_dim), (b, n, c.num_kv_heads, c.head_dim))
@@ -112,24 +115,30 @@ class Attention(nn.Module):
     scores = jnp.where(mask[:, None, None, :, :], scores, _MASKED)
     probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
     out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, c.num_heads * c.head_dim)
-    return dense("o_proj", c.hidden_size, c.o_bias)(out), new_cache
+    out = dense("o_proj", c.hidden_size, c.o_bias)(out)
+    for hook, p in methods:
+      out = hook.sublayer_output(p, out, self)
+    return out, new_cache
 
 
 class MLP(nn.Module):
   config: ModelConfig
   dtype: Dtype
   param_dtype: Dtype
-  hooks: Hooks = Hooks()
+  settings: Settings = Settings()
 
   @nn.compact
   def __call__(self, x):
     c = self.config
-    dense = lambda n, f: Linear(f, c.mlp_bias, self.dtype, self.param_dtype, hooks=self.hooks, name=n)
+    dense = lambda n, f: Linear(f, c.mlp_bias, self.dtype, self.param_dtype, settings=self.settings, name=n)
     act = ACTIVATIONS[c.activation]
     up = dense("up_proj", c.intermediate_size)(x)
     h = act(dense("gate_proj", c.intermediate_size)(x)) * up if c.mlp == "gated" else act(up)
-    h = constrain(h, self.hooks, ("batch", "length", "act_mlp"))
-    return dense("down_proj", c.hidden_size)(h)
+    h = constrain(h, self.settings, ("batch", "length", "act_mlp"))
+    out = dense("down_proj", c.hidden_size)(h)
+    for hook, p in hooks.groups(self):
+      out = hook.sublayer_output(p, out, self)
+    return out
 
 
 class Block(nn.Module):
@@ -137,20 +146,20 @@ class Block(nn.Module):
   config: ModelConfig
   dtype: Dtype
   param_dtype: Dtype
-  hooks: Hooks = Hooks()
+  settings: Settings = Settings()
 
   @nn.compact
   def __call__(self, x, layer_cache, mask, cos, sin, cache_index):
     c = self.config
-    x = constrain(x, self.hooks, ("batch", "length", "act_embed"))
+    x = constrain(x, self.settings, ("batch", "length", "act_embed"))
     h = make_norm(c, self.dtype, self.param_dtype, "input_layernorm")(x)
-    h, new_cache = Attention(c, self.dtype, self.param_dtype, self.hooks, name="self_attn")(
+    h, new_cache = Attention(c, self.dtype, self.param_dtype, self.settings, name="self_attn")(
         h, mask, cos, sin, layer_cache, cache_index)
-    x = x + Adapter(self.hooks, self.dtype, name="adapter_attn")(h)
+    x = x + h
     h = make_norm(c, self.dtype, self.param_dtype, "post_attention_layernorm")(x)
-    h = MLP(c, self.dtype, self.param_dtype, self.hooks, name="mlp")(h)
-    x = x + Adapter(self.hooks, self.dtype, name="adapter_mlp")(h)
-    return constrain(x, self.hooks, ("batch", "length", "act_embed")), new_cache
+    h = MLP(c, self.dtype, self.param_dtype, self.settings, name="mlp")(h)
+    x = x + h
+    return constrain(x, self.settings, ("batch", "length", "act_embed")), new_cache
 
 
 def attention_mask_4d(segments, q_index, window: Optional[int]):
@@ -192,7 +201,7 @@ class Transformer(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   remat: str = "none"  # a key of REMAT_POLICIES
-  hooks: Hooks = Hooks()  # static hook settings (layers.Hooks); methods set them
+  settings: Settings = Settings()  # static run settings (layers.Settings); methods add themselves
 
   @nn.compact
   def __call__(self, input_ids, attention_mask=None, positions=None, cache=None, cache_index=0,
@@ -204,15 +213,17 @@ class Transformer(nn.Module):
         raise ValueError("decoding with a cache needs attention_mask over the whole cache length")
       attention_mask = jnp.ones((b, t), jnp.int32)
     embed = Embed(c.vocab_size, c.hidden_size, self.dtype, self.param_dtype, name="embed_tokens")
-    x = constrain(embed(input_ids), self.hooks, ("batch", "length", "act_embed"))
+    x = constrain(embed(input_ids), self.settings, ("batch", "length", "act_embed"))
 
-    # Hook 4: prompt vectors prepended to the input (prompt tuning, P-tuning). They
-    # are ordinary earlier tokens for masks and positions; their logits are dropped.
-    # With a cache, the caller's mask already covers their slots, and decoding steps
+    # Vectors prepended to the input (prompt tuning, P-tuning). They are ordinary
+    # earlier tokens for masks and positions; their logits are dropped. With a
+    # cache, the caller's mask already covers their slots, and decoding steps
     # after the prefill pass prepend_prompt=False.
     n_prompt = 0
-    if self.has_variable("params", "prompt_embeddings") and prepend_prompt:
-      prompt = self.get_variable("params", "prompt_embeddings").astype(self.dtype)
+    prompts = [h.input_prefix(p) for h, p in hooks.groups(self)] if prepend_prompt else []
+    prompt = next((v for v in prompts if v is not None), None)
+    if prompt is not None:
+      prompt = prompt.astype(self.dtype)
       n_prompt = prompt.shape[0]
       x = jnp.concatenate([jnp.broadcast_to(prompt[None], (b, *prompt.shape)), x], axis=1)
       if cache is None:
@@ -242,7 +253,7 @@ class Transformer(nn.Module):
     stack = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
                     in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
                     length=c.num_layers)
-    x, new_cache = stack(c, self.dtype, self.param_dtype, self.hooks, name="layers")(
+    x, new_cache = stack(c, self.dtype, self.param_dtype, self.settings, name="layers")(
         x, cache, mask, cos, sin, cache_index)
 
     if last_only:  # classification/decoding need one position; skip the rest of the vocab matmul
@@ -253,13 +264,17 @@ class Transformer(nn.Module):
       logits = embed.attend(x)
     else:
       logits = Linear(c.vocab_size, False, self.dtype, self.param_dtype, name="lm_head")(x)
-    logits = constrain(logits, self.hooks, ("batch", "length", "act_vocab"))
+    logits = constrain(logits, self.settings, ("batch", "length", "act_vocab"))
     logits = logits[:, n_prompt:].astype(jnp.float32)
     return logits if cache is None else (logits, new_cache)
 
   def _prefix_length(self) -> int:
     attn = self.variables.get("params", {}).get("layers", {}).get("self_attn", {})
-    return attn["prefix_k"].shape[1] if "prefix_k" in attn else 0
+    for key in sorted(attn):
+      kv = self.settings.hook(key).attention_prefix(attn[key]) if hooks.registered(key) else None
+      if kv is not None:
+        return kv[0].shape[-2]
+    return 0
 
 
 def init_cache(config: ModelConfig, batch: int, length: int, dtype=jnp.float32):

@@ -20,6 +20,7 @@ from jft.peft import api
 @dataclasses.dataclass(frozen=True)
 class BitFit(api.Method):
   name: ClassVar[str] = "bitfit"
+  recipe: ClassVar[dict] = {"lr": 1e-3}
   targets: tuple = ("layers/.*",)  # linears that get a zero bias if they lack one
 
   def __post_init__(self):
@@ -30,8 +31,9 @@ class BitFit(api.Method):
 
   def logical_axes(self, path, leaf, base_axes):
     """A bias the model's table does not name (e.g. on lm_head) follows the kernel's output axis."""
-    kernel = api.module_axes(path, base_axes)
-    if path.rsplit("/", 1)[-1] != "bias" or kernel is None:
+    module, leaf = path.rsplit("/", 1) if "/" in path else ("", path)
+    kernel = base_axes(module + "/kernel") if module else None
+    if leaf != "bias" or kernel is None:
       return None
     return (*kernel[:-2], kernel[-1])
 
@@ -45,8 +47,8 @@ class BitFit(api.Method):
         additions[module + "/bias"] = jnp.zeros((*api.stacked_shape(kernel), kernel.shape[-1]), jnp.float32)
     return api.with_leaves(params, additions, self.name)
 
-  def merge(self, params):
+  def merge(self, params, requantize: bool = False):
     return params, {}  # biases are ordinary model weights
 
-  def unmerge(self, merged, adapter):
+  def unmerge(self, merged, detached):
     return merged

@@ -1,13 +1,12 @@
 """Bottleneck adapters: Houlsby (after attention and after the MLP) and Pfeiffer (after the MLP).
 
-Before and after `init` (d = hidden size, m = bottleneck, leading `[L]`):
+Before and after `init` (d = hidden size, m = bottleneck size, leading `[L]`):
 
-    layers/self_attn/...            layers/self_attn/...
-    layers/mlp/...          ->      layers/adapter_attn/down/{kernel [d, m], bias [m]}   (Houlsby only)
-                                    layers/adapter_attn/up/{kernel [m, d], bias [d]}
-                                    layers/adapter_mlp/down/..., up/...
+    layers/self_attn/...    ->   layers/self_attn/bottleneck/{down [d, m], down_bias [m],   (Houlsby only)
+                                                               up [m, d], up_bias [d]}
+    layers/mlp/...          ->   layers/mlp/bottleneck/...
 
-The block's `Adapter` hook maps a sublayer output h to h + up(act(down(h)))
+At the sublayer-output hook a sublayer's output h becomes h + up(act(down(h)))
 before the residual add. `up` starts at zero, so the model starts as the base.
 """
 
@@ -19,15 +18,27 @@ from typing import ClassVar
 import jax
 import jax.numpy as jnp
 
-from jft.models.layers import ACTIVATIONS, Hooks
+from jft.models.layers import ACTIVATIONS
 from jft.peft import api
 
-SITES = {"houlsby": ("adapter_attn", "adapter_mlp"), "pfeiffer": ("adapter_mlp",)}
+Leaf = api.Leaf
+SITES = {"houlsby": ("self_attn", "mlp"), "pfeiffer": ("mlp",)}
 
 
 @dataclasses.dataclass(frozen=True)
-class Adapters(api.Method):
-  name: ClassVar[str] = "adapters"
+class Bottleneck(api.Method):
+  name: ClassVar[str] = "bottleneck"
+  aliases: ClassVar[tuple] = ("adapters",)
+  group: ClassVar[str] = "bottleneck"
+  leaves: ClassVar[dict] = {"down": Leaf(axes=("embed", "adapter")), "down_bias": Leaf(decay=False, axes=("adapter",)),
+                            "up": Leaf(axes=("adapter", "embed")), "up_bias": Leaf(decay=False, axes=("embed",))}
+  legacy: ClassVar[tuple] = (
+      (r"layers/adapter_attn/(down|up)/kernel$", r"layers/self_attn/bottleneck/\1"),
+      (r"layers/adapter_attn/(down|up)/bias$", r"layers/self_attn/bottleneck/\1_bias"),
+      (r"layers/adapter_mlp/(down|up)/kernel$", r"layers/mlp/bottleneck/\1"),
+      (r"layers/adapter_mlp/(down|up)/bias$", r"layers/mlp/bottleneck/\1_bias"),
+  )
+  recipe: ClassVar[dict] = {"lr": 5e-4, "size": 32}
   style: str = "houlsby"
   size: int = 64
   activation: str = "relu"
@@ -35,21 +46,14 @@ class Adapters(api.Method):
 
   def __post_init__(self):
     if self.style not in SITES:
-      raise api.MethodError(f"adapters: style={self.style!r}; expected one of {sorted(SITES)}")
+      raise api.MethodError(f"{self.name}: style={self.style!r}; expected one of {sorted(SITES)}")
     if self.activation not in ACTIVATIONS:
-      raise api.MethodError(f"adapters: activation={self.activation!r}; expected one of {sorted(ACTIVATIONS)}")
+      raise api.MethodError(f"{self.name}: activation={self.activation!r}; expected one of {sorted(ACTIVATIONS)}")
 
-  def is_trainable(self, path):
-    return path.startswith(("layers/adapter_attn/", "layers/adapter_mlp/"))
-
-  def logical_axes(self, path, leaf, base_axes):
-    if not self.is_trainable(path):
-      return None
-    return {"down/kernel": ("layers", "embed", "adapter"), "down/bias": ("layers", "adapter"),
-            "up/kernel": ("layers", "adapter", "embed"), "up/bias": ("layers", "embed")}[path.split("/", 2)[2]]
-
-  def configure(self, model):
-    return model.clone(hooks=dataclasses.replace(model.hooks or Hooks(), adapter_activation=self.activation))
+  def sublayer_output(self, p, h, module):
+    dt = module.dtype
+    z = ACTIVATIONS[self.activation](jnp.dot(h, p["down"].astype(dt)) + p["down_bias"].astype(dt))
+    return h + jnp.dot(z, p["up"].astype(dt)) + p["up_bias"].astype(dt)
 
   def init(self, rng, params):
     layers = params["layers"]["input_layernorm"]["scale"].shape[:-1]
@@ -58,9 +62,9 @@ class Adapters(api.Method):
     for i, site in enumerate(SITES[self.style]):
       key = jax.random.fold_in(rng, i)
       additions.update({
-          f"layers/{site}/down/kernel": self.init_std * jax.random.normal(key, (*layers, d, self.size)),
-          f"layers/{site}/down/bias": jnp.zeros((*layers, self.size), jnp.float32),
-          f"layers/{site}/up/kernel": jnp.zeros((*layers, self.size, d), jnp.float32),
-          f"layers/{site}/up/bias": jnp.zeros((*layers, d), jnp.float32),
+          f"layers/{site}/bottleneck/down": self.init_std * jax.random.normal(key, (*layers, d, self.size)),
+          f"layers/{site}/bottleneck/down_bias": jnp.zeros((*layers, self.size), jnp.float32),
+          f"layers/{site}/bottleneck/up": jnp.zeros((*layers, self.size, d), jnp.float32),
+          f"layers/{site}/bottleneck/up_bias": jnp.zeros((*layers, d), jnp.float32),
       })
     return api.with_leaves(params, additions, self.name)

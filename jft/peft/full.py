@@ -21,6 +21,7 @@ from jft.peft import api
 @dataclasses.dataclass(frozen=True)
 class Full(api.Method):
   name: ClassVar[str] = "full"
+  recipe: ClassVar[dict] = {"lr": 1e-5}
   train: tuple = (".*",)
   freeze: tuple = ()
 
@@ -41,8 +42,8 @@ class Full(api.Method):
       rules.assign([(r, True) for r in self.freeze], paths, default=False, what="full freeze rule")
     return params
 
-  def merge(self, params):
+  def merge(self, params, requantize: bool = False):
     return params, {}  # the trained weights are the model
 
-  def unmerge(self, merged, adapter):
+  def unmerge(self, merged, detached):
     return merged

@@ -3,16 +3,16 @@
 Param tree of one targeted linear, before and after `init` (leading `[L]`
 on everything under `layers/`, the scanned layer axis):
 
-    q_proj/                              q_proj/
-      kernel [in, out]        ->           kernel [in, out]          frozen (PiSSA: residual)
-                                           lora_a [in, r]            trainable, f32
-                                           lora_b [r, out]           trainable, f32, zeros
-                                           lora_scale []             frozen constant alpha/r
-                                           lora_magnitude [out]      trainable (DoRA only)
+    q_proj/                          q_proj/
+      kernel [in, out]        ->       kernel [in, out]        frozen (PiSSA: residual)
+                                       lora/a [in, r]          trainable, f32
+                                       lora/b [r, out]         trainable, f32, zeros
+                                       lora/scale []           frozen constant alpha/r
+                                       lora/magnitude [out]    trainable (DoRA only)
 
-The model's `Linear` hook computes `x @ kernel + scale * x @ a @ b`; DoRA
-rescales each output column of `kernel + scale * a @ b` to `lora_magnitude`,
-with the column norm treated as a constant in the backward pass.
+At the Linear hook: `y += scale * dropout(x) @ a @ b`; DoRA rescales each
+output column of `kernel + scale * a @ b` to `magnitude`, with the column
+norm treated as a constant in the backward pass (as the paper and peft do).
 """
 
 from __future__ import annotations
@@ -25,16 +25,26 @@ import jax
 import jax.numpy as jnp
 
 from jft import quant, rules
-from jft.models.layers import Hooks
+from jft.models.layers import dropout
 from jft.peft import api
 
-LORA_LEAVES = ("lora_a", "lora_b", "lora_scale", "lora_magnitude")
+Leaf = api.Leaf
 
 
 @dataclasses.dataclass(frozen=True)
 class LoRA(api.Method):
   name: ClassVar[str] = "lora"
-  constants: ClassVar[tuple] = ("lora_scale",)
+  group: ClassVar[str] = "lora"
+  leaves: ClassVar[dict] = {
+      "a": Leaf(axes=("in", "rank")), "b": Leaf(axes=("rank", "out")),
+      "scale": Leaf(trainable=False, constant=True, axes=()),
+      "magnitude": Leaf(decay=False, axes=("out",)),
+  }
+  legacy: ClassVar[tuple] = ((r"/lora_(a|b|scale|magnitude)$", r"/lora/\1"),)
+  recipe: ClassVar[dict] = {"lr": 5e-4}
+  peft_type: ClassVar[str] = "LORA"
+  peft_tensors: ClassVar[dict] = {"a": (".lora_A.weight", "T"), "b": (".lora_B.weight", "T"),
+                                  "magnitude": (".lora_magnitude_vector", "")}
   targets: tuple = ("q_proj", "v_proj")
   rank: int = 8
   alpha: float = 16.0
@@ -56,22 +66,15 @@ class LoRA(api.Method):
   def scale(self) -> float:
     return self.alpha / (math.sqrt(self.rank) if self.rslora else self.rank)
 
-  def is_trainable(self, path):
-    leaf = path.rsplit("/", 1)[-1]
-    return leaf in ("lora_a", "lora_b") or (self.dora and leaf == "lora_magnitude")
-
-  def configure(self, model):
-    return model.clone(hooks=dataclasses.replace(model.hooks or Hooks(), lora_dropout=self.dropout))
-
-  def logical_axes(self, path, leaf, base_axes):
-    """A follows the kernel's input axis, B its output axis; the rank axis is never split."""
-    kernel = api.module_axes(path, base_axes)
-    name = path.rsplit("/", 1)[-1]
-    if name not in LORA_LEAVES or kernel is None:
-      return None
-    lead, d_in, d_out = kernel[:-2], kernel[-2], kernel[-1]
-    return {"lora_a": (*lead, d_in, "rank"), "lora_b": (*lead, "rank", d_out), "lora_scale": lead,
-            "lora_magnitude": (*lead, d_out)}[name]
+  def linear_output(self, p, x, y, kernel, module):
+    dt = module.dtype
+    delta = jnp.dot(jnp.dot(dropout(module, x, self.dropout), p["a"].astype(dt)), p["b"].astype(dt))
+    delta = delta * p["scale"].astype(dt)
+    if "magnitude" not in p:
+      return y + delta
+    v = quant.as_dense(kernel) + p["scale"] * jnp.dot(api.f32(p["a"]), api.f32(p["b"]))
+    norm = jax.lax.stop_gradient(jnp.sqrt(jnp.sum(v * v, axis=0)))
+    return (api.f32(p["magnitude"]) / norm).astype(dt) * (y + delta)
 
   def init(self, rng, params):
     modules = api.select_modules(self.targets, api.linear_modules(params), self.name)
@@ -91,12 +94,11 @@ class LoRA(api.Method):
       else:
         a, b, residual = self._pissa(kernel)
         replaced[module + "/kernel"] = residual
-      additions[module + "/lora_a"] = a
-      additions[module + "/lora_b"] = b
-      additions[module + "/lora_scale"] = jnp.full(lead, self.scale, jnp.float32)
+      group = {"a": a, "b": b, "scale": jnp.full(lead, self.scale, jnp.float32)}
       if self.dora:
         w = quant.as_dense(replaced.get(module + "/kernel", kernel)) + self.scale * a @ b
-        additions[module + "/lora_magnitude"] = jnp.linalg.norm(w, axis=-2)
+        group["magnitude"] = jnp.linalg.norm(w, axis=-2)
+      additions.update({f"{module}/lora/{k}": v for k, v in group.items()})
     params = rules.unflatten({**rules.flatten(params), **replaced})
     return api.with_leaves(params, additions, self.name)
 
@@ -115,53 +117,61 @@ class LoRA(api.Method):
     residual = (api.f32(kernel) - self.scale * a @ b).astype(kernel.dtype)
     return a, b, residual
 
-  def merge(self, params, requantize: bool = False):
-    """-> (dense params without LoRA leaves, adapter leaves incl. DoRA's column norms).
+  def fold(self, p, kernel, bias):
+    v = kernel + p["scale"][..., None, None] * p["a"] @ p["b"]
+    if "magnitude" not in p:
+      return v, bias, {}
+    norm = jnp.linalg.norm(v, axis=-2)  # DoRA: the column norms the unmerge divides out again
+    return v * (p["magnitude"] / norm)[..., None, :], bias, {"norm": norm}
 
-    A quantized base kernel becomes a dense float32 kernel (the merged weight is
-    no longer on the 4-bit grid); with `requantize=True` it is quantized again
-    in its format, which rounds the LoRA update onto that grid: close to, not
-    equal to, the unmerged model.
+  def unfold(self, p, extra, kernel, bias):
+    if "magnitude" in p:
+      kernel = kernel * (extra["norm"] / p["magnitude"])[..., None, :]
+    return kernel - p["scale"][..., None, None] * p["a"] @ p["b"], bias
+
+  def peft_config(self, params):
+    return {"r": self.rank, "lora_alpha": self.alpha, "lora_dropout": self.dropout, "use_rslora": self.rslora,
+            "use_dora": self.dora, "target_modules": api.module_names(self.modules(params)),
+            "bias": "none", "fan_in_fan_out": False, "init_lora_weights": True, "layers_to_transform": None,
+            "rank_pattern": {}, "alpha_pattern": {}}
+
+  @staticmethod
+  def stack(trees, names):
+    """LoRA trees -> one tree with a leading adapter axis, zero-padded to a common rank.
+
+    A module one tree does not target gets zeros there (a no-op for it); for
+    mixed-batch inference (`jft.peft.multi`), where each example picks one.
     """
-    flat = rules.flatten(params)
-    adapter = {}
-    for path in [p for p in flat if p.endswith("/lora_a")]:
-      module = path[: -len("/lora_a")]
-      kernel = flat[module + "/kernel"]
-      a, b = flat.pop(module + "/lora_a"), flat.pop(module + "/lora_b")
-      scale = flat.pop(module + "/lora_scale")[..., None, None]
-      v = quant.as_dense(kernel) + scale * a @ b
-      adapter.update({module + "/lora_a": a, module + "/lora_b": b, module + "/lora_scale": scale[..., 0, 0]})
-      if module + "/lora_magnitude" in flat:
-        m = flat.pop(module + "/lora_magnitude")
-        norm = jnp.linalg.norm(v, axis=-2)
-        adapter.update({module + "/lora_magnitude": m, module + "/lora_norm": norm})
-        v = v * (m / norm)[..., None, :]
-      if quant.is_quantized(kernel):
-        adapter[module + "/base_kernel"] = kernel  # unmerge restores the quantized base exactly
-        v = quant.quantize_array(v, kernel.fmt, kernel.blocksize, kernel.double_quant) if requantize else v
-      else:
-        v = v.astype(kernel.dtype)
-      flat[module + "/kernel"] = v
-    return rules.unflatten(flat), rules.unflatten(adapter)
+    flats = [rules.flatten(t) for t in trees]
+    modules = sorted({p[: -len("/lora/a")] for f in flats for p in f if p.endswith("/lora/a")})
+    for f, n in zip(flats, names):
+      if any(p.endswith("/lora/magnitude") for p in f):
+        raise api.MethodError(f"mixed-batch inference supports plain LoRA; {n!r} is DoRA (merge it instead)")
+    rank = max(f[m + "/lora/a"].shape[-1] for f in flats for m in modules if m + "/lora/a" in f)
+    stacked = {}
+    for m in modules:
+      ref = next(f for f in flats if m + "/lora/a" in f)
+      parts = {"a": [], "b": [], "scale": []}
+      for f in flats:
+        if m + "/lora/a" in f:
+          a, b, s = f[m + "/lora/a"], f[m + "/lora/b"], f[m + "/lora/scale"]
+        else:
+          a, b, s = (jnp.zeros_like(ref[f"{m}/lora/{k}"]) for k in ("a", "b", "scale"))
+        pad = rank - a.shape[-1]
+        parts["a"].append(jnp.pad(a, [(0, 0)] * (a.ndim - 1) + [(0, pad)]))
+        parts["b"].append(jnp.pad(b, [(0, 0)] * (b.ndim - 2) + [(0, pad), (0, 0)]))
+        parts["scale"].append(s)
+      stacked.update({f"{m}/lora/{k}": jnp.stack(v) for k, v in parts.items()})
+    return rules.unflatten(stacked)
 
-  def unmerge(self, merged, adapter):
-    flat, add = rules.flatten(merged), rules.flatten(adapter)
-    for path in [p for p in add if p.endswith("/lora_a")]:
-      module = path[: -len("/lora_a")]
-      for leaf in LORA_LEAVES:
-        if f"{module}/{leaf}" in add:
-          flat[f"{module}/{leaf}"] = add[f"{module}/{leaf}"]
-      if module + "/base_kernel" in add:
-        flat[module + "/kernel"] = add[module + "/base_kernel"]
-        continue
-      kernel = flat[module + "/kernel"]
-      a, b, scale = add[module + "/lora_a"], add[module + "/lora_b"], add[module + "/lora_scale"]
-      v = api.f32(kernel)
-      if module + "/lora_magnitude" in add:
-        v = v * (add[module + "/lora_norm"] / add[module + "/lora_magnitude"])[..., None, :]
-      flat[module + "/kernel"] = (v - scale[..., None, None] * a @ b).astype(kernel.dtype)
-    return rules.unflatten(flat)
+  @classmethod
+  def from_peft_config(cls, cfg):
+    for field in ("layers_to_transform", "rank_pattern", "alpha_pattern"):
+      if cfg.get(field):
+        raise api.MethodError(f"{field}={cfg[field]!r} is not supported")
+    kind = DoRA if cfg.get("use_dora") else LoRA
+    return kind(targets=api.peft_targets(cfg), rank=cfg["r"], alpha=cfg["lora_alpha"],
+                dropout=cfg.get("lora_dropout", 0.0), rslora=cfg.get("use_rslora", False))
 
 
 @dataclasses.dataclass(frozen=True)

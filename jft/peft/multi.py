@@ -6,20 +6,21 @@
 
 `activate(params, name)` gives the tree the model runs: the base plus that
 adapter's leaves. `mixed_apply` runs a batch in which every example names
-its own LoRA adapter: adapters are zero-padded to a common rank, gathered per
+its own LoRA adapter: adapters are stacked (`LoRA.stack`), gathered per
 example, and the model is `vmap`ped over examples, so the frozen base is
 shared and each example sees only its adapter.
 """
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
 
 from jft import rules
 from jft.peft import api
+from jft.peft.lora import LoRA
 
 ADAPTERS = "adapters"
 
@@ -64,46 +65,13 @@ def _check(params, name):
     raise api.MethodError(f"no adapter {name!r}; have {names(params)}")
 
 
-def stack_lora(adapters: Mapping[str, dict], order: Sequence[str]):
-  """LoRA adapters -> one tree with a leading adapter axis, zero-padded to a common rank.
-
-  A module one adapter does not target gets zeros there (a no-op for it).
-  """
-  flats = [rules.flatten(adapters[n]) for n in order]
-  modules = sorted({p[: -len("/lora_a")] for f in flats for p in f if p.endswith("/lora_a")})
-  for f, n in zip(flats, order):
-    if any(p.endswith("/lora_magnitude") for p in f):
-      raise api.MethodError(f"mixed-batch inference supports plain LoRA; {n!r} is DoRA (merge it instead)")
-  rank = max(f[m + "/lora_a"].shape[-1] for f in flats for m in modules if m + "/lora_a" in f)
-  stacked = {}
-  for m in modules:
-    ref = next(f for f in flats if m + "/lora_a" in f)
-    a_shape, b_shape = ref[m + "/lora_a"].shape, ref[m + "/lora_b"].shape
-    a_list, b_list, s_list = [], [], []
-    for f in flats:
-      if m + "/lora_a" in f:
-        a, b, s = f[m + "/lora_a"], f[m + "/lora_b"], f[m + "/lora_scale"]
-        pad = rank - a.shape[-1]
-        a = jnp.pad(a, [(0, 0)] * (a.ndim - 1) + [(0, pad)])
-        b = jnp.pad(b, [(0, 0)] * (b.ndim - 2) + [(0, pad), (0, 0)])
-      else:
-        a = jnp.zeros((*a_shape[:-1], rank))
-        b = jnp.zeros((*b_shape[:-2], rank, b_shape[-1]))
-        s = jnp.zeros(ref[m + "/lora_scale"].shape)
-      a_list.append(a), b_list.append(b), s_list.append(s)
-    stacked[m + "/lora_a"] = jnp.stack(a_list)
-    stacked[m + "/lora_b"] = jnp.stack(b_list)
-    stacked[m + "/lora_scale"] = jnp.stack(s_list)
-  return rules.unflatten(stacked)
-
-
 def mixed_apply(model, params, adapter_names: Sequence[str], input_ids, attention_mask=None):
   """Logits for a batch where example i uses LoRA adapter `adapter_names[i]`."""
   order = names(params)
   for n in adapter_names:
     _check(params, n)
   index = jnp.asarray([order.index(n) for n in adapter_names])
-  stacked = stack_lora(params[ADAPTERS], order)
+  stacked = LoRA.stack([params[ADAPTERS][n] for n in order], order)
   per_example = jax.tree.map(lambda x: x[index], stacked)
   base = base_of(params)
   if attention_mask is None:

@@ -4,13 +4,13 @@ A folder holds `adapter_config.json` and `adapter_model.safetensors` with
 exactly the names and torch layouts peft writes, e.g.
 
     base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight   (r, in)
-    base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight   (out, r)
-    base_model.model.model.layers.0.self_attn.q_proj.lora_magnitude_vector  (out,)   DoRA
-    base_model.model.model.layers.0.self_attn.k_proj.ia3_l           (out, 1) / (1, in) feed-forward
-    prompt_embeddings                                                 (n, d) prompt / (n, L*2*kvd) prefix
+    prompt_embeddings                                                 (n, d)
 
-Module names come from the model family's HF key table (`keymap`), the same
-table checkpoints load with, so nothing here spells a model's layout twice.
+Each method says what it writes (`Method.peft_config`, `peft_export`,
+`peft_import`, or per-module `peft_tensors`); this module does the rest
+once: module names from the model family's HF key table (`keymap`, the same
+table checkpoints load with), one tensor per layer for layer-stacked
+leaves, the folder, and named errors for missing, extra or misshapen tensors.
 """
 
 from __future__ import annotations
@@ -29,10 +29,6 @@ from jft.models.config import ModelConfig
 from jft.models.hf import family_module
 from jft.models.keymap import TRANSPOSE, active_keys
 from jft.peft import api
-from jft.peft.ia3 import IA3
-from jft.peft.lora import DoRA, LoRA
-from jft.peft.prefix import Prefix, kv_from_flat, prefix_flat
-from jft.peft.prompt import PromptTuning, PTuning
 
 PREFIX = "base_model.model."
 CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
@@ -59,93 +55,75 @@ def _hf_module(config, module: str) -> str:
   return names[module]
 
 
-def _per_layer(config, module, leaf_value, fn):
-  """{HF tensor name: array} for a (possibly layer-stacked) leaf."""
-  template = _hf_module(config, module)
-  if "{i}" not in template:
-    return {PREFIX + template + fn[0]: fn[1](np.asarray(leaf_value))}
-  return {PREFIX + template.format(i=i) + fn[0]: fn[1](np.asarray(leaf_value[i]))
-          for i in range(config.num_layers)}
+class PeftIO:
+  """The tensors of one peft folder as a method sees them: by jft module path and peft suffix."""
+
+  def __init__(self, config: ModelConfig, tensors: dict | None = None, where: str = ""):
+    self.config, self.tensors, self.where = config, tensors if tensors is not None else {}, where
+
+  def _names(self, module: str, suffix: str) -> list[str]:
+    """One tensor name, or one per layer when the HF module is per layer (`{i}`)."""
+    template = _hf_module(self.config, module)
+    if "{i}" not in template:
+      return [PREFIX + template + suffix]
+    return [PREFIX + template.format(i=i) + suffix for i in range(self.config.num_layers)]
+
+  def put(self, module: str, suffix: str, value, transpose: bool = False):
+    """Write a (possibly layer-stacked) leaf of `module` as one tensor per layer."""
+    value = np.asarray(value)
+    value = np.swapaxes(value, -1, -2) if transpose else value
+    names = self._names(module, suffix)
+    self.tensors.update(zip(names, value) if "{i}" in _hf_module(self.config, module) else [(names[0], value)])
+
+  def put_global(self, name: str, value):
+    self.tensors[name] = np.asarray(value)
+
+  def take(self, module: str, suffix: str, like, transpose: bool = False):
+    """Read `module`'s tensors for a leaf shaped `like` (stacking layers back)."""
+    arrays = [self._pop(name) for name in self._names(module, suffix)]
+    value = np.stack(arrays) if "{i}" in _hf_module(self.config, module) else arrays[0]
+    value = np.swapaxes(value, -1, -2) if transpose else value
+    _check_shape(f"{module}{suffix}", value, like, self.where)
+    return value
+
+  def take_global(self, name: str):
+    return self._pop(name)
+
+  def _pop(self, name: str):
+    if name not in self.tensors:
+      raise errors.MissingTensorError(f"{self.where}: missing {name!r}")
+    return self.tensors.pop(name)
 
 
-def _lora_config(method: LoRA, modules, base):
-  return {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": method.rank, "lora_alpha": method.alpha,
-          "lora_dropout": method.dropout, "use_rslora": method.rslora, "use_dora": method.dora,
-          "target_modules": sorted({m.rsplit("/", 1)[-1] for m in modules}), "bias": "none",
-          "fan_in_fan_out": False, "init_lora_weights": True, "inference_mode": True,
-          "base_model_name_or_path": base, "modules_to_save": None, "layers_to_transform": None,
-          "rank_pattern": {}, "alpha_pattern": {}}
+def _check_shape(what, value, like, where):
+  if tuple(np.shape(value)) != tuple(like.shape):
+    raise errors.ShapeMismatchError(f"{where}: {what} has shape {np.shape(value)}, expected {tuple(like.shape)}")
 
 
 def export_peft(method: api.Method, params, config: ModelConfig, folder: str, base_model: str = "") -> str:
   """Write `method`'s adapter from `params` as a peft folder."""
-  flat = rules.flatten(params)
-  tensors: dict[str, np.ndarray] = {}
-  if isinstance(method, LoRA):
-    modules = sorted(p[: -len("/lora_a")] for p in flat if p.endswith("/lora_a"))
-    for m in modules:
-      tensors.update(_per_layer(config, m, flat[m + "/lora_a"], (".lora_A.weight", lambda a: a.T)))
-      tensors.update(_per_layer(config, m, flat[m + "/lora_b"], (".lora_B.weight", lambda b: b.T)))
-      if method.dora:
-        tensors.update(_per_layer(config, m, flat[m + "/lora_magnitude"], (".lora_magnitude_vector", lambda x: x)))
-    cfg = _lora_config(method, modules, base_model)
-  elif isinstance(method, IA3):
-    cfg_modules, ff = [], []
-    for path in sorted(p for p in flat if p.endswith(("/ia3_in", "/ia3_out"))):
-      module, leaf = path.rsplit("/", 1)
-      shape = (lambda v: v[None, :]) if leaf == "ia3_in" else (lambda v: v[:, None])
-      tensors.update(_per_layer(config, module, flat[path], (".ia3_l", shape)))
-      cfg_modules.append(module.rsplit("/", 1)[-1])
-      if leaf == "ia3_in":
-        ff.append(module.rsplit("/", 1)[-1])
-    cfg = {"peft_type": "IA3", "task_type": "CAUSAL_LM", "target_modules": sorted(set(cfg_modules)),
-           "feedforward_modules": sorted(set(ff)), "fan_in_fan_out": False, "init_ia3_weights": True,
-           "inference_mode": True, "base_model_name_or_path": base_model, "modules_to_save": None}
-  elif isinstance(method, (PromptTuning, PTuning)):
-    prompt = method.materialize(params)["prompt_embeddings"]  # P-tuning saves its encoder's output
-    tensors["prompt_embeddings"] = np.asarray(prompt, np.float32)
-    cfg = {"peft_type": "PROMPT_TUNING", "task_type": "CAUSAL_LM", "num_virtual_tokens": prompt.shape[0],
-           "token_dim": config.hidden_size, "num_transformer_submodules": 1,
-           "num_attention_heads": config.num_heads, "num_layers": config.num_layers,
-           "prompt_tuning_init": "RANDOM", "inference_mode": True, "base_model_name_or_path": base_model}
-  elif isinstance(method, Prefix):
-    prefix = np.asarray(prefix_flat(method.materialize(params)), np.float32)
-    tensors["prompt_embeddings"] = prefix
-    kvd = config.num_kv_heads * config.head_dim
-    cfg = {"peft_type": "PREFIX_TUNING", "task_type": "CAUSAL_LM", "num_virtual_tokens": prefix.shape[0],
-           "token_dim": kvd, "num_transformer_submodules": 1, "num_attention_heads": config.num_kv_heads,
-           "num_layers": config.num_layers, "encoder_hidden_size": method.encoder_hidden,
-           "prefix_projection": False, "inference_mode": True, "base_model_name_or_path": base_model}
-  else:
-    raise PeftFormatError(f"method {method.name!r} has no peft file format (supported: lora, dora, ia3, "
-                          "prompt, ptuning, prefix)")
+  if method.peft_type is None:
+    raise PeftFormatError(f"method {method.name!r} has no peft equivalent (those with one: "
+                          f"{', '.join(sorted(n for n, c in api.METHODS.items() if c.peft_type))})")
+  io = PeftIO(config)
+  method.peft_export(params, io)
+  cfg = {"peft_type": method.peft_type, "task_type": "CAUSAL_LM", "inference_mode": True,
+         "base_model_name_or_path": base_model, "modules_to_save": None, **method.peft_config(params)}
   os.makedirs(folder, exist_ok=True)
-  save_file({k: np.ascontiguousarray(v, np.float32) for k, v in tensors.items()},
+  save_file({k: np.ascontiguousarray(v, np.float32) for k, v in io.tensors.items()},
             os.path.join(folder, WEIGHTS), metadata={"format": "pt"})
   with open(os.path.join(folder, CONFIG), "w") as f:
     json.dump(cfg, f, indent=2)
   return folder
 
 
-def _method_from_config(cfg: dict, path: str) -> api.Method:
+def _method_class(cfg: dict, path: str) -> type:
+  """The method that reads this peft type (the class defining `from_peft_config`)."""
   kind = cfg.get("peft_type")
-  if kind == "LORA":
-    targets = cfg["target_modules"]
-    if isinstance(targets, str):
-      targets = [targets]  # peft: a string is a full-match regex on module names
-    for field in ("layers_to_transform", "rank_pattern", "alpha_pattern"):
-      if cfg.get(field):
-        raise PeftFormatError(f"{path}: {field}={cfg[field]!r} is not supported")
-    cls = DoRA if cfg.get("use_dora") else LoRA
-    return cls(targets=tuple(targets), rank=cfg["r"], alpha=cfg["lora_alpha"],
-               dropout=cfg.get("lora_dropout", 0.0), rslora=cfg.get("use_rslora", False))
-  if kind == "IA3":
-    return IA3(targets=tuple(cfg["target_modules"]), feedforward=tuple(cfg.get("feedforward_modules") or ()))
-  if kind == "PROMPT_TUNING":
-    return PromptTuning(num_virtual_tokens=cfg["num_virtual_tokens"], init_from="random")
-  if kind == "PREFIX_TUNING":
-    return Prefix(num_virtual_tokens=cfg["num_virtual_tokens"])
-  raise PeftFormatError(f"{path}: peft_type={kind!r} is not supported (LORA, IA3, PROMPT_TUNING, PREFIX_TUNING)")
+  readers = {c.peft_type: c for c in api.METHODS.values() if c.peft_type and "from_peft_config" in c.__dict__}
+  if kind not in readers:
+    raise PeftFormatError(f"{path}: peft_type={kind!r} is not supported ({', '.join(sorted(readers))})")
+  return readers[kind]
 
 
 def import_peft(folder: str, params, config: ModelConfig):
@@ -156,51 +134,23 @@ def import_peft(folder: str, params, config: ModelConfig):
       raise errors.CheckpointNotFoundError(f"{p}: missing (a peft adapter folder has {CONFIG} and {WEIGHTS})")
   with open(cfg_path) as f:
     cfg = json.load(f)
-  method = _method_from_config(cfg, cfg_path)
+  try:
+    method = _method_class(cfg, cfg_path).from_peft_config(cfg)
+  except api.MethodError as e:
+    raise PeftFormatError(f"{cfg_path}: {e}") from None
   try:
     tensors = load_file(weights_path)
   except Exception as e:
     raise errors.CorruptCheckpointError(f"{weights_path}: not a readable safetensors file ({e})") from e
   # peft strips the adapter name on save; tolerate ".default" from older files.
   tensors = {re.sub(r"\.default(?=\.|$)", "", k): v for k, v in tensors.items()}
-
-  if isinstance(method, (PromptTuning, Prefix)):
-    value = tensors.pop("prompt_embeddings")
-    if isinstance(method, PromptTuning):
-      shaped = {"prompt_embeddings": value}
-    else:
-      pk, pv = kv_from_flat(jnp.asarray(value), config.num_layers, config.num_kv_heads * config.head_dim)
-      shaped = {"layers/self_attn/prefix_k": pk, "layers/self_attn/prefix_v": pv}
-    adapted = method.init(jax.random.PRNGKey(0), params)
-    return method, _overwrite(adapted, shaped, tensors, weights_path)
-
   adapted = method.init(jax.random.PRNGKey(0), params)  # structure + constants (scale)
+  io = PeftIO(config, tensors, weights_path)
+  values = method.peft_import(adapted, io)
+  if io.tensors:
+    raise errors.UnexpectedTensorError(f"{weights_path}: unexpected tensor(s) {sorted(io.tensors)[:5]}")
   flat = rules.flatten(adapted)
-  layouts = {"lora_a": (".lora_A.weight", lambda t: t.T), "lora_b": (".lora_B.weight", lambda t: t.T),
-             "lora_magnitude": (".lora_magnitude_vector", lambda t: t),
-             "ia3_out": (".ia3_l", lambda t: t[:, 0]), "ia3_in": (".ia3_l", lambda t: t[0, :])}
-  shaped = {}
-  for path in [p for p in flat if p.rsplit("/", 1)[-1] in layouts]:
-    module, leaf = path.rsplit("/", 1)
-    suffix, to_jft = layouts[leaf]
-    names = _per_layer(config, module, flat[path], (suffix, lambda v: v))
-    arrays = []
-    for name in names:
-      if name not in tensors:
-        raise errors.MissingTensorError(f"{weights_path}: missing {name!r} for {path}")
-      arrays.append(to_jft(tensors.pop(name)))
-    value = np.stack(arrays) if "{i}" in _hf_module(config, module) else arrays[0]
-    shaped[path] = value
-  return method, _overwrite(adapted, shaped, tensors, weights_path)
-
-
-def _overwrite(adapted, shaped, leftover, where):
-  if leftover:
-    raise errors.UnexpectedTensorError(f"{where}: unexpected tensor(s) {sorted(leftover)[:5]}")
-  flat = rules.flatten(adapted)
-  for path, value in shaped.items():
-    if tuple(flat[path].shape) != tuple(np.shape(value)):
-      raise errors.ShapeMismatchError(f"{where}: {path} has shape {np.shape(value)}, "
-                                      f"expected {tuple(flat[path].shape)}")
+  for path, value in values.items():
+    _check_shape(path, value, flat[path], weights_path)
     flat[path] = jnp.asarray(value, jnp.float32)
-  return rules.unflatten(flat)
+  return method, rules.unflatten(flat)

@@ -2,18 +2,19 @@
 
 Prompt tuning, before and after `init`:
 
-    embed_tokens/embedding [V, d]   ->   + prompt_embeddings [n, d]   trainable
+    embed_tokens/embedding [V, d]   ->   + prompt/embeddings [n, d]   trainable
 
 P-tuning trains a small prompt encoder instead, and `materialize` computes
-`prompt_embeddings` from it inside the loss (peft's PromptEncoder layout):
+`prompt/embeddings` from it inside the loss (peft's PromptEncoder layout):
 
-    + prompt_encoder/embedding [n, d]
-    + prompt_encoder/mlp/dense_{0,1,2}/{kernel, bias}     d -> h -> h -> d, ReLU   ("mlp")
+    + ptuning/embedding [n, d]
+    + ptuning/mlp/dense_{0,1,2}/{kernel, bias}      d -> h -> h -> d, ReLU   ("mlp")
     or
-    + prompt_encoder/lstm/l{0,1}_{fwd,bwd}/{w_ih, w_hh, b} bidirectional 2-layer LSTM (h)
-    + prompt_encoder/mlp/dense_{0,1}/{kernel, bias}       2h -> 2h -> d, ReLU      ("lstm")
+    + ptuning/lstm/l{0,1}_{fwd,bwd}/{w_ih, w_hh, b}  bidirectional 2-layer LSTM (h)
+    + ptuning/mlp/dense_{0,1}/{kernel, bias}        2h -> 2h -> d, ReLU      ("lstm")
 
-The model's embedding hook prepends `prompt_embeddings`; their logits are dropped.
+The model's input hook prepends the prompt vectors; their logits are dropped.
+Both export to peft as PROMPT_TUNING (P-tuning saves its encoder's output).
 """
 
 from __future__ import annotations
@@ -25,12 +26,21 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jft import rules
 from jft.peft import api
+
+Leaf = api.Leaf
+PROMPT = "prompt/embeddings"
 
 
 @dataclasses.dataclass(frozen=True)
 class PromptTuning(api.Method):
   name: ClassVar[str] = "prompt"
+  group: ClassVar[str] = "prompt"
+  leaves: ClassVar[dict] = {"embeddings": Leaf(decay=False, axes=("virtual", "embed"))}
+  legacy: ClassVar[tuple] = ((r"(^|/)prompt_embeddings$", r"\1prompt/embeddings"),)
+  recipe: ClassVar[dict] = {"lr": 1e-2, "num_virtual_tokens": 16}
+  peft_type: ClassVar[str] = "PROMPT_TUNING"
   num_virtual_tokens: int = 20
   init_from: str = "vocab"  # "random" N(0,1) as peft | "vocab" sampled rows | "text" rows of init_token_ids
   init_token_ids: Optional[tuple] = None  # token ids of an initialisation text (repeated to n)
@@ -43,14 +53,26 @@ class PromptTuning(api.Method):
     if self.init_token_ids is not None:
       object.__setattr__(self, "init_token_ids", tuple(int(i) for i in self.init_token_ids))
 
-  def is_trainable(self, path):
-    return path == "prompt_embeddings"
-
-  def logical_axes(self, path, leaf, base_axes):
-    return ("virtual", "embed") if path == "prompt_embeddings" else None
+  def input_prefix(self, p):
+    return p.get("embeddings")
 
   def init(self, rng, params):
-    return api.with_leaves(params, {"prompt_embeddings": self._initial(rng, params)}, self.name)
+    return api.with_leaves(params, {PROMPT: self._initial(rng, params)}, self.name)
+
+  def peft_config(self, params):
+    d = params["embed_tokens"]["embedding"].shape[-1]
+    return {"num_virtual_tokens": self.num_virtual_tokens, "token_dim": d, "num_transformer_submodules": 1,
+            "prompt_tuning_init": "RANDOM"}
+
+  @classmethod
+  def from_peft_config(cls, cfg):
+    return cls(num_virtual_tokens=cfg["num_virtual_tokens"], init_from="random")
+
+  def peft_export(self, params, io):
+    io.put_global("prompt_embeddings", rules.flatten(self.materialize(params))[PROMPT])
+
+  def peft_import(self, params, io):
+    return {PROMPT: io.take_global("prompt_embeddings")}
 
   def _initial(self, rng, params):
     table = params["embed_tokens"]["embedding"]
@@ -67,6 +89,11 @@ class PromptTuning(api.Method):
 @dataclasses.dataclass(frozen=True)
 class PTuning(api.Method):
   name: ClassVar[str] = "ptuning"
+  group: ClassVar[str] = "ptuning"
+  leaves: ClassVar[dict] = {"embedding": Leaf(axes=None), "mlp": Leaf(axes=None), "lstm": Leaf(axes=None)}
+  legacy: ClassVar[tuple] = ((r"(^|/)prompt_encoder/", r"\1ptuning/"),)
+  recipe: ClassVar[dict] = {"lr": 1e-3, "num_virtual_tokens": 16}
+  peft_type: ClassVar[str] = "PROMPT_TUNING"  # exported as the prompt its encoder makes
   num_virtual_tokens: int = 20
   encoder: str = "mlp"  # "mlp" | "lstm"
   encoder_hidden: int = 128
@@ -75,36 +102,28 @@ class PTuning(api.Method):
     if self.encoder not in ("mlp", "lstm"):
       raise api.MethodError(f"ptuning: encoder={self.encoder!r}; expected mlp or lstm")
 
-  def is_trainable(self, path):
-    return path.startswith("prompt_encoder/")
-
-  def logical_axes(self, path, leaf, base_axes):
-    if path == "prompt_embeddings":  # materialized inside the loss
-      return ("virtual", "embed")
-    return api.replicated_axes(leaf) if path.startswith("prompt_encoder/") else None
-
   def init(self, rng, params):
     d = params["embed_tokens"]["embedding"].shape[-1]
     h = self.encoder_hidden
     keys = iter(jax.random.split(rng, 32))
-    leaves = {"prompt_encoder/embedding": jax.random.normal(next(keys), (self.num_virtual_tokens, d))}
+    leaves = {"ptuning/embedding": jax.random.normal(next(keys), (self.num_virtual_tokens, d))}
     dims = [(d, h), (h, h), (h, d)] if self.encoder == "mlp" else [(2 * h, 2 * h), (2 * h, d)]
     for i, (a, b) in enumerate(dims):
-      leaves.update(_linear(next(keys), a, b, f"prompt_encoder/mlp/dense_{i}"))
+      leaves.update(_linear(next(keys), a, b, f"ptuning/mlp/dense_{i}"))
     if self.encoder == "lstm":
       for layer, d_in in enumerate((d, 2 * h)):
         for direction in ("fwd", "bwd"):
           lim = 1 / np.sqrt(h)  # torch's LSTM init: U(+-1/sqrt(h)) everywhere
           u = lambda shape: jax.random.uniform(next(keys), shape, minval=-lim, maxval=lim)
-          base = f"prompt_encoder/lstm/l{layer}_{direction}"
+          base = f"ptuning/lstm/l{layer}_{direction}"
           leaves.update({f"{base}/w_ih": u((d_in, 4 * h)), f"{base}/w_hh": u((h, 4 * h)),
                          f"{base}/b": u((4 * h,)) + u((4 * h,))})
     return api.with_leaves(params, leaves, self.name)
 
   def materialize(self, params):
-    if "prompt_encoder" not in params:
+    if "ptuning" not in params:
       return params
-    enc = params["prompt_encoder"]
+    enc = params["ptuning"]
     x = enc["embedding"]
     if self.encoder == "lstm":
       for layer in range(2):
@@ -117,12 +136,18 @@ class PTuning(api.Method):
       x = x @ mlp[f"dense_{i}"]["kernel"] + mlp[f"dense_{i}"]["bias"]
       if i < n - 1:
         x = jax.nn.relu(x)
-    rest = {k: v for k, v in params.items() if k != "prompt_encoder"}
-    return api.with_leaves(rest, {"prompt_embeddings": x}, self.name)
+    rest = {k: v for k, v in params.items() if k != "ptuning"}
+    return api.with_leaves(rest, {PROMPT: x}, self.name)
 
   def fold(self, params):
     """Inference form: compute the virtual tokens once; a plain prompt-tuning tree."""
     return self.materialize(params), PromptTuning(self.num_virtual_tokens)
+
+  def peft_config(self, params):
+    return PromptTuning(self.num_virtual_tokens).peft_config(params)
+
+  def peft_export(self, params, io):
+    PromptTuning(self.num_virtual_tokens).peft_export(self.materialize(params), io)
 
 
 def _linear(key, d_in, d_out, prefix):
