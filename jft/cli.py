@@ -55,6 +55,8 @@ def _eval(args) -> int:
 
 
 def _export(args) -> int:
+  import shutil
+
   from jft import quant, rules, run
   from jft.models.pretrained import save_pretrained
   from jft.peft import peft_format
@@ -62,24 +64,50 @@ def _export(args) -> int:
   if args.format == "adapters":
     print("jft export: --format adapters is deprecated; use --format trainable", file=sys.stderr)
     args.format = "trainable"
+  out = _export_target(args)
   config, model, method, params, tokenizer = run.restore_params(args.workdir, args.checkpoint)
+  tmp = f"{out}.tmp-{os.getpid()}"  # written whole, then renamed into place: never half an export
+  shutil.rmtree(tmp, ignore_errors=True)
   if args.format == "peft":
-    peft_format.export_peft(method, params, model.config, args.out, base_model=config.model.name)
+    peft_format.export_peft(method, params, model.config, tmp, base_model=config.model.name)
   elif args.format == "merged":
     merged, _ = method.merge(params)
     dense = {p: (quant.dequantize(v) if quant.is_quantized(v) else v) for p, v in rules.flatten(merged).items()}
-    save_pretrained(model, rules.unflatten(dense), args.out, tokenizer=tokenizer)
+    save_pretrained(model, rules.unflatten(dense), tmp, tokenizer=tokenizer)
   else:  # trainable: jft's own format, the trainable leaves as safetensors + the method's hyperparameters
     from safetensors.numpy import save_file
     import numpy as np
     from jft import peft
     trainable, _ = peft.split(method, params)
-    os.makedirs(args.out, exist_ok=True)
+    os.makedirs(tmp, exist_ok=True)
     save_file({p: np.asarray(v) for p, v in rules.flatten(trainable).items()},
-              os.path.join(args.out, "trainable.safetensors"))
-    run.write_json(os.path.join(args.out, "method.json"), method.hparams())
-  print(f"exported {args.format} to {os.path.abspath(args.out)}")
+              os.path.join(tmp, "trainable.safetensors"))
+    run.write_json(os.path.join(tmp, "method.json"), method.hparams())
+  if os.path.exists(out):
+    shutil.rmtree(out)
+  os.replace(tmp, out)
+  print(f"exported {args.format} to {out}")
   return 0
+
+
+def _export_target(args) -> str:
+  """The export folder, refused when it is the run, holds the run or its base, or is not empty."""
+  import json as _json
+
+  from jft import run
+
+  out = os.path.realpath(args.out)
+  protected = [os.path.realpath(args.workdir)]
+  base_json = os.path.join(args.workdir, "base.json")
+  if os.path.isfile(base_json):
+    with open(base_json) as f:
+      protected.append(os.path.realpath(_json.load(f)["path"]))
+  for path in protected:
+    if out == path or path.startswith(out + os.sep):  # replacing `out` would delete it
+      raise run.RunError(f"--out {args.out}: refusing to write over or into {path} (the run or its base model)")
+  if os.path.isfile(out) or (os.path.isdir(out) and os.listdir(out) and not args.overwrite):
+    raise run.RunError(f"--out {args.out} exists and is not empty; pass --overwrite to replace it")
+  return out
 
 
 def _generate(args) -> int:
@@ -173,7 +201,8 @@ def build_parser() -> argparse.ArgumentParser:
   x.add_argument("--format", choices=("peft", "merged", "trainable", "adapters"), required=True,
                  help="peft: a peft adapter folder; merged: a transformers checkpoint with the method folded in; "
                       "trainable: jft's own (trainable leaves + method.json); adapters: deprecated name of trainable")
-  x.add_argument("--out", required=True)
+  x.add_argument("--out", required=True, help="a new or empty folder (written whole, then renamed into place)")
+  x.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
   x.add_argument("--checkpoint", choices=("best", "latest"), default="best")
   x.set_defaults(run=_export)
   return parser

@@ -215,7 +215,7 @@ def _losses(workdir):
   return out
 
 
-def test_kill_resume_equals_uninterrupted_then_eval_and_export(tiny_model, tmp_path):
+def test_kill_resume_equals_uninterrupted_then_eval_and_export(tiny_model, tmp_path, capsys):
   args = ["train", "--config", TINY, f"--config.model.name={tiny_model}", "--config.train.steps=10"]
   reference = str(tmp_path / "reference")
   p = _jft(*args, "--workdir", reference)
@@ -270,6 +270,21 @@ def test_kill_resume_equals_uninterrupted_then_eval_and_export(tiny_model, tmp_p
   for fmt in ("peft", "merged", "trainable"):
     assert cli.main(["export", "--workdir", reference, "--format", fmt, "--out", str(tmp_path / fmt)]) == 0
   assert {"adapter_config.json", "adapter_model.safetensors"} <= set(os.listdir(tmp_path / "peft"))
+  assert set(os.listdir(tmp_path / "trainable")) == {"trainable.safetensors", "method.json"}
+  capsys.readouterr()
+  assert cli.main(["export", "--workdir", reference, "--format", "adapters", "--out", str(tmp_path / "old")]) == 0
+  assert "--format adapters is deprecated; use --format trainable" in capsys.readouterr().err
+  assert set(os.listdir(tmp_path / "old")) == {"trainable.safetensors", "method.json"}
+  # Exports never overwrite by accident, and never the run or its base.
+  before = sorted(os.listdir(tmp_path / "peft"))
+  assert cli.main(["export", "--workdir", reference, "--format", "merged", "--out", str(tmp_path / "peft")]) == 2
+  assert "not empty; pass --overwrite" in capsys.readouterr().err and sorted(os.listdir(tmp_path / "peft")) == before
+  assert cli.main(["export", "--workdir", reference, "--format", "merged", "--out", str(tmp_path / "peft"),
+                   "--overwrite"]) == 0
+  assert "model.safetensors" in os.listdir(tmp_path / "peft")
+  for target in (reference, tiny_model, str(tmp_path)):
+    assert cli.main(["export", "--workdir", reference, "--format", "peft", "--out", target, "--overwrite"]) == 2
+    assert "refusing to write over or into" in capsys.readouterr().err
   assert "model.safetensors" in os.listdir(tmp_path / "merged")
   _, model, _, params, _ = run.restore_params(reference)
   merged_model, merged_params = jft.load_pretrained(str(tmp_path / "merged"))

@@ -295,3 +295,10 @@ def test_the_readme_method_is_a_whole_method(base, tmp_path):
                                               for m, o in (("q_proj", D), ("v_proj", KV))})
   assert peft.decay_mask(method, method.init(jax.random.PRNGKey(0), base[1]))["layers"]["self_attn"]["q_proj"][
       "oscale"]["s"] is False
+
+
+def test_old_spellings_still_build():
+  with pytest.warns(DeprecationWarning, match="'adapters' is deprecated; use 'bottleneck'"):
+    assert peft.build("adapters", size=8) == peft.Bottleneck(size=8)
+  assert peft.from_hparams(peft.Compose((peft.LoRA(rank=2), peft.BitFit())).hparams()) == peft.Compose(
+      (peft.LoRA(rank=2), peft.BitFit()))
