@@ -38,7 +38,8 @@ class LoHa(api.WeightDelta):
       "w2_in": Leaf(axes=("in", "rank")), "w2_out": Leaf(axes=("rank", "out")),
       "scale": Leaf(trainable=False, constant=True, axes=()),
   }
-  recipe: ClassVar[dict] = {"lr": 5e-4}
+  # sentiment demo budget, validation accuracy: 0.837 at lr 5e-4 (LoRA's), 0.903 at 2e-3
+  recipe: ClassVar[dict] = {"lr": 2e-3}
   peft_type: ClassVar[str] = "LOHA"
   peft_tensors: ClassVar[dict] = {"w1_out": (".hada_w1_a", "T"), "w1_in": (".hada_w1_b", "T"),
                                   "w2_out": (".hada_w2_a", "T"), "w2_in": (".hada_w2_b", "T")}
