@@ -403,6 +403,15 @@ def select_modules(targets: Sequence[str], modules: Sequence[str], method: str) 
   return [m for m in modules if chosen[m]]
 
 
+def target_kernels(method: Method, params: Params) -> list[tuple]:
+  """[(module, kernel, lead axes, d_in, d_out)] of the linears `method.targets` selects."""
+  out = []
+  for module in select_modules(method.targets, linear_modules(params), method.name):
+    kernel = get(params, module + "/kernel")
+    out.append((module, kernel, stacked_shape(kernel), *kernel.shape[-2:]))
+  return out
+
+
 def get(params: Params, path: str):
   """The subtree at `path` ("" = the whole tree)."""
   node = params

@@ -59,11 +59,8 @@ class LoHa(api.WeightDelta):
     return w1 * w2 * api.f32(p["scale"])[..., None, None]
 
   def init(self, rng, params):
-    modules = api.select_modules(self.targets, api.linear_modules(params), self.name)
     additions = {}
-    for i, module in enumerate(modules):
-      kernel = api.get(params, module + "/kernel")
-      lead, (d_in, d_out) = api.stacked_shape(kernel), kernel.shape[-2:]
+    for i, (module, kernel, lead, d_in, d_out) in enumerate(api.target_kernels(self, params)):
       k1, k2, k3 = jax.random.split(jax.random.fold_in(rng, i), 3)
       # peft: kaiming_uniform(a=sqrt 5), i.e. U(+-1/sqrt(fan_in)) of the torch tensor, on w1_a, w1_b, w2_a;
       # w2_b zeros, so the model starts as the base.

@@ -77,11 +77,8 @@ class LoKr(api.WeightDelta):
     return kron * api.f32(p["scale"])[..., None, None]
 
   def init(self, rng, params):
-    modules = api.select_modules(self.targets, api.linear_modules(params), self.name)
     additions = {}
-    for i, module in enumerate(modules):
-      kernel = api.get(params, module + "/kernel")
-      lead, (d_in, d_out) = api.stacked_shape(kernel), kernel.shape[-2:]
+    for i, (module, kernel, lead, d_in, d_out) in enumerate(api.target_kernels(self, params)):
       (a, b), (c, d) = factorization(d_out, self.decompose_factor), factorization(d_in, self.decompose_factor)
       keys = iter(jax.random.split(jax.random.fold_in(rng, i), 4))
       # peft: kaiming_uniform(a=sqrt 5) = U(+-1/sqrt(fan_in)) of the torch tensor; W1's out side starts at zero

@@ -77,11 +77,8 @@ class LoRA(api.Method):
     return (api.f32(p["magnitude"]) / norm).astype(dt) * (y + delta)
 
   def init(self, rng, params):
-    modules = api.select_modules(self.targets, api.linear_modules(params), self.name)
     additions, replaced = {}, {}
-    for i, module in enumerate(modules):
-      kernel = api.get(params, module + "/kernel")
-      lead, (d_in, d_out) = api.stacked_shape(kernel), kernel.shape[-2:]
+    for i, (module, kernel, lead, d_in, d_out) in enumerate(api.target_kernels(self, params)):
       if self.rank > min(d_in, d_out):
         raise api.MethodError(f"{self.name}: rank {self.rank} > min{(d_in, d_out)} of {module}")
       key = jax.random.fold_in(rng, i)

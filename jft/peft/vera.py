@@ -62,8 +62,7 @@ class VeRA(api.WeightDelta):
     return (p["A"] * p["lambda_d"][..., None, :]) @ (p["B"] * p["lambda_b"][..., None, :])
 
   def init(self, rng, params):
-    modules = api.select_modules(self.targets, api.linear_modules(params), self.name)
-    kernels = {m: api.get(params, m + "/kernel") for m in modules}
+    kernels = {module: kernel for module, kernel, *_ in api.target_kernels(self, params)}
     max_in = max(k.shape[-2] for k in kernels.values())
     max_out = max(k.shape[-1] for k in kernels.values())
     ka, kb = jax.random.split(rng)
