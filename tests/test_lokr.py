@@ -52,7 +52,8 @@ def test_contract_low_rank_factors(base):
   check_merge(method, base)
 
 
-@pytest.mark.parametrize("kwargs", [dict(r=4, alpha=8), dict(r=1, alpha=2, decompose_both=True)],
+@pytest.mark.parametrize("kwargs", [dict(r=4, alpha=8),  # the low-rank variant's merge/grads run by default
+                                    pytest.param(dict(r=1, alpha=2, decompose_both=True), marks=pytest.mark.slow)],
                          ids=["full_factors", "low_rank_both"])
 def test_peft_both_ways(kwargs, hf_models, tmp_path):
   method = LoKr(rank=kwargs["r"], alpha=kwargs["alpha"], targets=("q_proj", "v_proj", "down_proj"),
