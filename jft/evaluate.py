@@ -19,7 +19,7 @@ import numpy as np
 
 from jft import data, sharding
 from jft.models.generate import Sampling, generate
-from jft.step import next_token_loss
+from jft.loss import next_token_loss
 
 
 @functools.partial(jax.jit, static_argnames=("model",))

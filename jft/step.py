@@ -15,21 +15,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from jft import loss as losses, rules
 from jft.peft import api
-
-
-def next_token_loss(logits, input_ids, loss_mask):
-  """Mean cross-entropy of predicting token t+1 at t, over positions where loss_mask[t+1] = 1.
-
-  Returns (loss, number of predicted tokens).
-  """
-  logits = logits[:, :-1].astype(jnp.float32)
-  targets = input_ids[:, 1:]
-  weights = loss_mask[:, 1:].astype(jnp.float32)
-  logz = jax.nn.logsumexp(logits, axis=-1)
-  picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-  n = jnp.maximum(weights.sum(), 1.0)
-  return ((logz - picked) * weights).sum() / n, weights.sum()
 
 
 def training_model(model, method: api.Method):
@@ -39,12 +26,21 @@ def training_model(model, method: api.Method):
 
 
 def make_loss_fn(model, method: api.Method):
+  """(trainable, frozen, batch, rng) -> (mean next-token loss, predicted tokens).
+
+  The output projection and the loss are fused (`jft.loss.head_loss`: no
+  vocab-sized logits) unless a method or quantization changes that layer.
+  """
   def loss_fn(trainable, frozen, batch, rng):
     params = method.materialize(api.combine(trainable, frozen))
-    logits = model.apply({"params": params}, batch["input_ids"], attention_mask=batch["attention_mask"],
-                         rngs={"dropout": rng})
     mask = batch.get("loss_mask", batch["attention_mask"])
-    return next_token_loss(logits, batch["input_ids"], mask)
+    head = losses.output_head(params)
+    out = model.apply({"params": params}, batch["input_ids"], attention_mask=batch["attention_mask"],
+                      rngs={"dropout": rng}, return_hidden=head is not None)
+    if head is None:
+      return losses.next_token_loss(out, batch["input_ids"], mask)
+    trains_head = head.path in rules.flatten(trainable)
+    return losses.head_loss(out, params, head, batch["input_ids"], mask, trains_head)
   return loss_fn
 
 

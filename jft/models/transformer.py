@@ -19,6 +19,7 @@ Calling conventions
   `[batch, seq, vocab]` (float32). `attention_mask` is 1 for real tokens and
   may pad on either side; positions count only real tokens. Values 1, 2, 3...
   mark packed examples: attention stays inside each, positions restart.
+  `return_hidden=True` returns the final-norm output `[batch, seq, d]` instead.
 * With `cache=...` (see `init_cache`) the call decodes incrementally and
   returns `(logits, cache)`: `attention_mask` then covers the whole cache
   length and `cache_index` is where the new tokens are written.
@@ -108,17 +109,40 @@ class Attention(nn.Module):
       k, v = jnp.concatenate([pk, k], axis=1), jnp.concatenate([pv, v], axis=1)
       mask = jnp.concatenate([jnp.ones((*mask.shape[:2], n), bool), mask], axis=2)
 
-    groups = c.num_heads // c.num_kv_heads
-    q = q.reshape(b, t, c.num_kv_heads, groups, c.head_dim)
-    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
-    scores = scores / jnp.sqrt(jnp.float32(c.head_dim))
-    scores = jnp.where(mask[:, None, None, :, :], scores, _MASKED)
-    probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, c.num_heads * c.head_dim)
-    out = dense("o_proj", c.hidden_size, c.o_bias)(out)
+    q = q.reshape(b, t, c.num_kv_heads, c.num_heads // c.num_kv_heads, c.head_dim)
+    if layer_cache is None:  # keys after the last query of a block are masked for all of it: skip them
+      out = jnp.concatenate([
+          attend(q[:, start:end], k[:, :k.shape[1] - t + end], v[:, :k.shape[1] - t + end],
+                 mask[:, start:end, :k.shape[1] - t + end], self.dtype)
+          for start, end in causal_blocks(t)], axis=1)
+    else:
+      out = attend(q, k, v, mask, self.dtype)
+    out = dense("o_proj", c.hidden_size, c.o_bias)(out.reshape(b, t, c.num_heads * c.head_dim))
     for hook, p in methods:
       out = hook.sublayer_output(p, out, self)
     return out, new_cache
+
+
+CAUSAL_BLOCK = 128  # query positions per block of `causal_blocks`
+
+
+def causal_blocks(t: int, block: int = CAUSAL_BLOCK):
+  """(start, end) of query blocks; block i only needs the keys before `end`.
+
+  Without a cache the mask is causal in index space, so splitting the queries
+  skips the masked upper-right key blocks: 1/4 of the attention FLOPs (and of
+  its saved probabilities) at 2 blocks, 3/8 at 4.
+  """
+  return [(start, min(start + block, t)) for start in range(0, t, block)]
+
+
+def attend(q, k, v, mask, dtype):
+  """Softmax attention: q [b, t, kv_heads, groups, d], k/v [b, s, kv_heads, d], mask [b, t, s] -> [b, t, ...]."""
+  scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
+  scores = scores / jnp.sqrt(jnp.float32(q.shape[-1]))
+  scores = jnp.where(mask[:, None, None, :, :], scores, _MASKED)
+  probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
+  return jnp.einsum("bkgts,bskd->btkgd", probs, v)
 
 
 class MLP(nn.Module):
@@ -205,7 +229,7 @@ class Transformer(nn.Module):
 
   @nn.compact
   def __call__(self, input_ids, attention_mask=None, positions=None, cache=None, cache_index=0,
-               last_only: bool = False, prepend_prompt: bool = True):
+               last_only: bool = False, prepend_prompt: bool = True, return_hidden: bool = False):
     c = self.config
     b, t = input_ids.shape
     if attention_mask is None:
@@ -260,6 +284,8 @@ class Transformer(nn.Module):
       x = x[:, -1:]
       n_prompt = 0
     x = make_norm(c, self.dtype, self.param_dtype, "norm")(x)
+    if return_hidden:  # the training loss applies the output projection itself (`jft.loss.head_loss`)
+      return x[:, n_prompt:]
     if c.tie_word_embeddings:
       logits = embed.attend(x)
     else:

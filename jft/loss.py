@@ -1,0 +1,152 @@
+"""Next-token cross-entropy, from logits or fused with the output projection.
+
+`next_token_loss` takes logits (evaluation, methods that change the output
+layer). `head_loss` is the training path: it never materialises the
+`[batch, length, vocab]` logits. The output projection and the loss run over
+chunks of the sequence, and each chunk's gradient, `(softmax - onehot) @ W^T`
+(and `x^T (softmax - onehot)` when the head trains), is formed right there
+in the forward pass, so the backward pass only scales what is saved. The
+logits, their softmax and their gradient (three vocab-sized buffers, the
+largest activations of a small model's step) shrink to one chunk each, and
+no matmul is repeated: the FLOPs are those of the unfused loss.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+
+from jft import rules
+
+CHUNK_BYTES = 64 * 2**20  # float32 logits of one chunk
+
+
+def shifted_targets(input_ids, loss_mask):
+  """Target of position t is token t+1; the last position predicts nothing (weight 0)."""
+  shift = lambda a: jnp.concatenate([a[:, 1:], jnp.zeros_like(a[:, :1])], axis=1)
+  return shift(input_ids), shift(loss_mask).astype(jnp.float32)
+
+
+def next_token_loss(logits, input_ids, loss_mask):
+  """Mean cross-entropy of predicting token t+1 at t, over positions where loss_mask[t+1] = 1.
+
+  Returns (loss, number of predicted tokens). Targets and weights shift left
+  instead of the logits: slicing `[B, T, vocab]` would copy the largest
+  activation of the step (and pad its gradient back).
+  """
+  logits = logits.astype(jnp.float32)
+  targets, weights = shifted_targets(input_ids, loss_mask)
+  logz = jax.nn.logsumexp(logits, axis=-1)
+  picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+  n = jnp.maximum(weights.sum(), 1.0)
+  return ((logz - picked) * weights).sum() / n, weights.sum()
+
+
+class Head(NamedTuple):
+  """The output projection as the fused loss reads it: `logits = x @ w` (`x @ w.T` when tied)."""
+  path: str
+  tied: bool
+
+
+def output_head(params) -> Optional[Head]:
+  """The plain output projection of a model's params, or None when a method or quantization changes it.
+
+  Untied models project with `lm_head/kernel [d, vocab]`, tied ones with
+  `embed_tokens/embedding [vocab, d]`. A method group beside the kernel
+  (LoRA on lm_head...) or a quantized kernel sends the loss back to logits.
+  """
+  if "lm_head" in params:
+    head = params["lm_head"]
+    if set(head) != {"kernel"} or not hasattr(head["kernel"], "dtype"):
+      return None
+    return Head("lm_head/kernel", tied=False)
+  return Head("embed_tokens/embedding", tied=True)
+
+
+def head_loss(hidden, params, head: Head, input_ids, loss_mask, trainable_head: bool):
+  """(loss, tokens) of `next_token_loss(hidden @ head, ...)` without the full logits.
+
+  `hidden` [B, T, d] is the final-norm output; `trainable_head` says whether
+  the projection needs its gradient (it costs as much as the input's).
+  """
+  w = rules.flatten(params)[head.path]
+  targets, weights = shifted_targets(input_ids, loss_mask)
+  n = jnp.maximum(weights.sum(), 1.0)
+  total = _fused(hidden, w, targets, weights / n, head.tied, trainable_head)
+  return total, weights.sum()
+
+
+def _chunk_length(b: int, t: int, vocab: int) -> int:
+  """Sequence positions per chunk: about CHUNK_BYTES of float32 logits; a divisor of t when one is close."""
+  want = min(t, max(1, CHUNK_BYTES // (4 * b * vocab)))
+  divisor = max(c for c in range(1, want + 1) if t % c == 0)
+  return divisor if 2 * divisor >= want else want  # else pad t up to a multiple of `want`
+
+
+def _chunk(x, w, targets, weights, tied: bool, grads: bool, with_w_grad: bool):
+  """One chunk: weighted CE sum and, with `grads`, its gradient w.r.t. x (and w) for a cotangent of 1."""
+  dt = x.dtype
+  wt = w.astype(dt)
+  dims = (((x.ndim - 1,), (1 if tied else 0,)), ((), ()))
+  logits = jax.lax.dot_general(x, wt, dims, preferred_element_type=jnp.float32)
+  logz = jax.nn.logsumexp(logits, axis=-1)
+  picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+  total = ((logz - picked) * weights).sum()
+  if not grads:
+    return total, None, None
+  onehot = jax.nn.one_hot(targets, logits.shape[-1], dtype=jnp.float32)
+  g = ((jnp.exp(logits - logz[..., None]) - onehot) * weights[..., None]).astype(dt)  # d total / d logits
+  gx = jax.lax.dot_general(g, wt, (((g.ndim - 1,), (0 if tied else 1,)), ((), ())),
+                           preferred_element_type=jnp.float32)
+  gw = None
+  if with_w_grad:
+    gf, xf = g.reshape(-1, g.shape[-1]), x.reshape(-1, x.shape[-1])  # one contracted token axis
+    gw = jnp.dot(gf.T, xf, preferred_element_type=jnp.float32) if tied else \
+        jnp.dot(xf.T, gf, preferred_element_type=jnp.float32)
+  return total, gx, gw
+
+
+def _over_chunks(x, w, targets, weights, tied, grads, with_w_grad):
+  """-> (loss, gx [B, T, d] or None, gw or None), one scan over sequence chunks."""
+  b, t, d = x.shape
+  c = _chunk_length(b, t, w.shape[0 if tied else 1])
+  pad = -t % c  # padded positions have weight 0
+
+  def split(a):  # [B, t, ...] -> [chunks, B, c, ...]; chunks along the sequence keep a sharded batch whole
+    a = jnp.pad(a, [(0, 0), (0, pad)] + [(0, 0)] * (a.ndim - 2))
+    return jnp.moveaxis(a.reshape(b, (t + pad) // c, c, *a.shape[2:]), 1, 0)
+
+  def body(gw, chunk):
+    xs, ts, ws = chunk
+    total, gx, gw_c = _chunk(xs, w, ts, ws, tied, grads, with_w_grad)
+    return (gw + gw_c if gw_c is not None else gw), (total, gx)
+
+  gw0 = jnp.zeros(w.shape, jnp.float32) if grads and with_w_grad else None
+  gw, (totals, gx) = jax.lax.scan(body, gw0, (split(x), split(targets), split(weights)))
+  if gx is not None:
+    gx = jnp.moveaxis(gx, 0, 1).reshape(b, t + pad, d)[:, :t].astype(x.dtype)
+  return totals.sum(), gx, None if gw is None else gw.astype(w.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _fused(x, w, targets, weights, tied: bool, with_w_grad: bool):
+  return _over_chunks(x, w, targets, weights, tied, False, False)[0]  # no gradient asked: the loss alone
+
+
+def _fused_fwd(x, w, targets, weights, tied, with_w_grad):
+  total, gx, gw = _over_chunks(x, w, targets, weights, tied, True, with_w_grad)
+  return total, (gx, gw, targets, weights)
+
+
+def _fused_bwd(tied, with_w_grad, res, g):
+  gx, gw, targets, weights = res
+  zero = lambda a: jnp.zeros(a.shape, jax.dtypes.float0) if jnp.issubdtype(a.dtype, jnp.integer) \
+      else jnp.zeros_like(a)
+  scale = lambda a: a * g.astype(a.dtype)
+  return (scale(gx), None if gw is None else scale(gw), zero(targets), zero(weights))
+
+
+_fused.defvjp(_fused_fwd, _fused_bwd)

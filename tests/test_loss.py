@@ -1,0 +1,101 @@
+"""The training loss: the fused output projection + cross-entropy equals transformers' loss and the loss
+from logits (value and gradients, tied and untied heads, frozen and trained), and it never forms the logits."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import jft
+from jft import loss as losses
+from jft import peft
+from jft.estimate import step_memory
+from jft.step import make_loss_fn
+
+
+def _unfused(monkeypatch):
+  monkeypatch.setattr(losses, "output_head", lambda params: None)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+@pytest.mark.parametrize("trains_head", [False, True])
+def test_fused_head_loss_equals_the_loss_from_logits(tied, trains_head, monkeypatch):
+  b, t, d, vocab = 3, 13, 8, 50  # 13 positions in chunks of 3: the last chunk is padded
+  monkeypatch.setattr(losses, "CHUNK_BYTES", 4 * b * vocab * 3)
+  k = jax.random.split(jax.random.PRNGKey(0), 4)
+  x = jax.random.normal(k[0], (b, t, d))
+  w = jax.random.normal(k[1], (vocab, d) if tied else (d, vocab))
+  ids = jax.random.randint(k[2], (b, t), 0, vocab)
+  mask = (jax.random.uniform(k[3], (b, t)) > 0.3).astype(jnp.int32)
+  tree = lambda w: {"embed_tokens": {"embedding": w}} if tied else {"lm_head": {"kernel": w}}
+  head = losses.output_head(tree(w))
+  assert head == losses.Head("embed_tokens/embedding" if tied else "lm_head/kernel", tied)
+
+  def from_logits(x, w):
+    return losses.next_token_loss(jnp.einsum("btd,vd->btv" if tied else "btd,dv->btv", x, w), ids, mask)[0]
+
+  def fused(x, w):
+    return losses.head_loss(x, tree(w), head, ids, mask, trains_head)[0]
+
+  want, (gx, gw) = jax.value_and_grad(from_logits, argnums=(0, 1))(x, w)
+  got, (fx, fw) = jax.jit(jax.value_and_grad(fused, argnums=(0, 1)))(x, w)
+  np.testing.assert_allclose(got, want, rtol=1e-6)
+  np.testing.assert_allclose(fx, gx, atol=1e-6)
+  if trains_head:
+    np.testing.assert_allclose(fw, gw, atol=1e-6)
+  else:
+    assert not np.any(fw)  # a frozen head costs no weight gradient
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])  # untied and tied output projection
+def test_training_loss_equals_transformers(family, hf_models, monkeypatch):
+  import torch
+
+  folder, hf = hf_models(family)
+  model, params = jft.load_pretrained(folder)
+  ids = np.random.RandomState(0).randint(0, 101, (2, 12))
+  mask = np.ones_like(ids)
+  mask[1, -5:] = 0  # right padding: transformers' positions agree without help
+  labels = torch.tensor(np.where(mask == 1, ids, -100))
+  with torch.no_grad():
+    want = float(hf(torch.tensor(ids), attention_mask=torch.tensor(mask), labels=labels).loss)
+  method = peft.Full()
+  trainable, frozen = peft.split(method, method.init(jax.random.PRNGKey(0), params))
+  batch = {"input_ids": jnp.asarray(ids), "attention_mask": jnp.asarray(mask)}
+  loss_fn = make_loss_fn(model, method)
+  got, grads = jax.value_and_grad(lambda t: loss_fn(t, frozen, batch, jax.random.PRNGKey(0))[0])(trainable)
+  np.testing.assert_allclose(float(got), want, rtol=1e-5)
+  _unfused(monkeypatch)
+  plain, plain_grads = jax.value_and_grad(lambda t: loss_fn(t, frozen, batch, jax.random.PRNGKey(0))[0])(trainable)
+  np.testing.assert_allclose(float(plain), float(got), rtol=1e-6)
+  for g, p in zip(jax.tree.leaves(grads), jax.tree.leaves(plain_grads)):
+    np.testing.assert_allclose(g, p, atol=1e-6)
+
+
+def test_the_step_never_forms_the_logits(monkeypatch):
+  config = jft.ModelConfig(family="llama", vocab_size=8192, hidden_size=32, intermediate_size=48, num_layers=1,
+                           num_heads=2, num_kv_heads=2, head_dim=16, max_position_embeddings=128)
+  model = jft.Transformer(config)
+  params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 4), jnp.int32))["params"]
+  method, tx, batch, length = peft.LoRA(), optax.adamw(1e-3), 8, 128
+  monkeypatch.setattr(losses, "CHUNK_BYTES", 4 * 2**20)  # chunks of 1/8 of the logits
+  fused = step_memory(model, method, params, tx, batch, length)["temporaries"]
+  _unfused(monkeypatch)
+  plain = step_memory(model, method, params, tx, batch, length)["temporaries"]
+  logits_bytes = batch * length * config.vocab_size * 4  # 32 MiB
+  # Measured: 11.8 MiB fused (every temporary of the step), 67.6 MiB from logits (logits, softmax, gradient).
+  assert fused < logits_bytes / 2 and plain > 2 * logits_bytes, (plain, fused)
+
+
+def test_fused_head_loss_in_bfloat16():
+  """bf16 compute (bf16 hidden and head, float32 logits): close to the float32 loss, gradients in bf16."""
+  k = jax.random.split(jax.random.PRNGKey(1), 3)
+  x, w = jax.random.normal(k[0], (2, 9, 16)), jax.random.normal(k[1], (16, 40)) * 0.3
+  ids, mask = jax.random.randint(k[2], (2, 9), 0, 40), jnp.ones((2, 9), jnp.int32)
+  head = losses.Head("lm_head/kernel", tied=False)
+  loss = lambda x, w: losses.head_loss(x, {"lm_head": {"kernel": w}}, head, ids, mask, True)[0]
+  want = loss(x, w)
+  got, grads = jax.value_and_grad(loss, argnums=(0, 1))(x.astype(jnp.bfloat16), w.astype(jnp.bfloat16))
+  np.testing.assert_allclose(float(got), float(want), rtol=2e-2)
+  assert all(g.dtype == jnp.bfloat16 and np.all(np.isfinite(np.asarray(g, np.float32))) for g in grads)
