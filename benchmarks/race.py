@@ -71,6 +71,7 @@ class Cell:
   targets: tuple = ()
   quantized: bool = False  # NF4 + double quantization base, fp32 compute
   bf16: bool = False  # bf16 compute (jft: dtype; the peer: torch.autocast)
+  bf16_storage: bool = False  # jft: bf16 frozen weights, fp32 compute (the peer: as `bf16`)
   virtual_tokens: int = 20
 
 
@@ -80,6 +81,7 @@ CELLS = {
     "lora-all": Cell("lora", ALL_LINEARS),
     "qlora-all": Cell("lora", ALL_LINEARS, quantized=True),
     "lora-all-bf16": Cell("lora", ALL_LINEARS, bf16=True),
+    "lora-all-bf16-storage": Cell("lora", ALL_LINEARS, bf16_storage=True),
     "dora-all": Cell("dora", ALL_LINEARS),
     "ia3": Cell("ia3"),
     "prompt": Cell("prompt"),
@@ -150,7 +152,7 @@ def worker_jft(args):
   from jft.step import make_train_step
 
   cell, shape = CELLS[args.cell], MODELS[args.model]
-  model, params = jft.load_pretrained(args.folder)
+  model, params = jft.load_pretrained(args.folder, param_dtype=jnp.bfloat16 if cell.bf16_storage else None)
   if cell.bf16:
     model = model.clone(dtype=jnp.bfloat16)  # fp32 storage and optimizer, bf16 compute
   if cell.quantized:
@@ -211,7 +213,7 @@ def worker_peer(args):
   losses = []
 
   def run(i):
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cell.bf16):
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cell.bf16 or cell.bf16_storage):
       loss = model(input_ids=ids, attention_mask=mask, labels=ids).loss
     loss.backward()
     opt.step()
@@ -224,24 +226,35 @@ def worker_peer(args):
 
 
 def worker_gemm(args):
-  """JAX's matmul rate (GFLOP/s) on square and model-shaped products, fp32 and bf16."""
-  import jax
-  import jax.numpy as jnp
+  """Matmul rate (GFLOP/s) on square and model-shaped products, fp32 and bf16: JAX's, or torch's with `--side peer`."""
   shape = MODELS[args.model]
   tokens = shape.batch * shape.length
   shapes = [(2048, 2048, 2048), (tokens, shape.hidden, shape.inter), (tokens, shape.inter, shape.hidden),
             (tokens, shape.hidden, shape.vocab)]
+  if args.side == "peer":
+    import torch
+    torch.set_num_threads(args.threads)
+    make = lambda m, k, dtype: torch.ones(m, k, dtype=getattr(torch, dtype))
+    matmul = lambda a, b: a @ b
+  else:
+    import jax
+    import jax.numpy as jnp
+    make = lambda m, k, dtype: jnp.ones((m, k), dtype)
+    jitted = jax.jit(jnp.dot)
+    matmul = lambda a, b: jitted(a, b).block_until_ready()
   out = {}
   for dtype in ("float32", "bfloat16"):
     for m, k, n in shapes:
-      a = jnp.ones((m, k), dtype)
-      b = jnp.ones((k, n), dtype)
-      f = jax.jit(jnp.dot)
-      f(a, b).block_until_ready()
+      a, b = make(m, k, dtype), make(k, n, dtype)
+      start = time.perf_counter()
+      matmul(a, b)
+      if time.perf_counter() - start > 10:  # torch's bf16 without AVX-512 BF16: one product says enough
+        out[f"{dtype} {m}x{k}x{n}"] = 2 * m * k * n / (time.perf_counter() - start) / 1e9
+        continue
       reps = []
       for _ in range(5):
         start = time.perf_counter()
-        f(a, b).block_until_ready()
+        matmul(a, b)
         reps.append(time.perf_counter() - start)
       out[f"{dtype} {m}x{k}x{n}"] = 2 * m * k * n / statistics.median(reps) / 1e9
   return {"gflops": out, "rss_mib": peak_rss_mib()}
@@ -382,7 +395,7 @@ class Report:
 
   def __init__(self, path: str, args):
     self.path, self.args = path, args
-    self.rows, self.gemm, self.compile, self.generate, self.notes = [], {}, [], [], []
+    self.rows, self.gemm, self.peer_gemm, self.compile, self.generate, self.notes = [], {}, {}, [], [], []
 
   def roofline(self, model: str, dtype: str) -> float | None:
     rates = [v for k, v in self.gemm.get(model, {}).items() if k.startswith(dtype)]
@@ -412,9 +425,10 @@ class Report:
     if a.baseline:
       lines[3] += f" Baseline = jft imported from `{a.baseline}` (another revision), run the same way."
     lines += self.rows
-    lines += ["", "## JAX GEMM rate (GFLOP/s, median of 5)", ""]
-    for model, rates in self.gemm.items():
-      lines.append(f"- {model}: " + ", ".join(f"{k} {v:.0f}" for k, v in rates.items()))
+    lines += ["", "## GEMM rate (GFLOP/s, median of 5)", ""]
+    for side, table in (("JAX", self.gemm), ("torch", self.peer_gemm)):
+      for model, rates in table.items():
+        lines.append(f"- {side}, {model} shapes: " + ", ".join(f"{k} {v:.0f}" for k, v in rates.items()))
     if self.compile:
       lines += ["", "## Compile time of jft's LoRA-all step against depth (scan over layers)", "",
                 "| model | layers | compile s |", "|---|---:|---:|"] + self.compile
@@ -479,7 +493,8 @@ def race(args):
       if "error" in setup:
         sys.exit(f"could not write the {model} checkpoint: {setup['error']}")
       say(f"{model}: {setup['params']:,} parameters, batch {shape.batch} x {shape.length}")
-      report.gemm[model] = spawn("gemm", model=model).get("gflops", {})
+      report.gemm[model] = spawn("gemm", model=model, side="jft").get("gflops", {})
+      report.peer_gemm[model] = spawn("gemm", model=model, side="peer", threads=args.threads).get("gflops", {})
       tokens = shape.batch * shape.length
       for i, cell_name in enumerate(cells):
         cell = CELLS[cell_name]
@@ -527,7 +542,7 @@ def row(model, cell_name, cell, shape, tokens, got, report) -> str:
   j, p = got.get("jft", {}), got.get("peer", {})
   jt = tokens / statistics.median(j["times"]) if "times" in j else float("nan")
   pt = tokens / statistics.median(p["times"]) if "times" in p else float("nan")
-  roof = report.roofline(model, "bfloat16" if cell.bf16 else "float32")
+  roof = report.roofline(model, "bfloat16" if cell.bf16 else "float32")  # bf16 storage computes in fp32
   mfu = (step_flops(shape, cell, j.get("trainable", 0)) * jt / tokens / (roof * 1e9)) if roof and "times" in j \
       else float("nan")
   line = (f"| {model} | {cell_name} | {j.get('trainable', p.get('trainable', 0)):,} | {jt:.0f} | {pt:.0f} | "
