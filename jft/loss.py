@@ -19,7 +19,7 @@ from typing import NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 
-from jft import rules
+from jft import quant, rules
 
 CHUNK_BYTES = 64 * 2**20  # float32 logits of one chunk
 
@@ -60,7 +60,7 @@ def output_head(params) -> Optional[Head]:
   """
   if "lm_head" in params:
     head = params["lm_head"]
-    if set(head) != {"kernel"} or not hasattr(head["kernel"], "dtype"):
+    if set(head) != {"kernel"} or quant.is_quantized(head["kernel"]):
       return None
     return Head("lm_head/kernel", tied=False)
   return Head("embed_tokens/embedding", tied=True)

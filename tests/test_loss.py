@@ -99,3 +99,13 @@ def test_fused_head_loss_in_bfloat16():
   got, grads = jax.value_and_grad(loss, argnums=(0, 1))(x.astype(jnp.bfloat16), w.astype(jnp.bfloat16))
   np.testing.assert_allclose(float(got), float(want), rtol=2e-2)
   assert all(g.dtype == jnp.bfloat16 and np.all(np.isfinite(np.asarray(g, np.float32))) for g in grads)
+
+
+def test_a_changed_output_layer_falls_back_to_logits():
+  """A method group beside lm_head's kernel, or a quantized kernel, is not the plain head the fused loss knows."""
+  from jft import quant
+
+  w = np.random.RandomState(0).randn(64, 128).astype(np.float32)
+  assert losses.output_head({"lm_head": {"kernel": w}}) == losses.Head("lm_head/kernel", tied=False)
+  assert losses.output_head({"lm_head": {"kernel": w, "lora": {"a": w[:, :2]}}}) is None
+  assert losses.output_head({"lm_head": {"kernel": quant.quantize_array(w)}}) is None
