@@ -466,9 +466,8 @@ def parse_ratios(path: str) -> dict:
   return ratios
 
 
-def compare(previous: str, current: str, tolerance: float = 0.10) -> list[str]:
-  """Every ratio that fell by more than `tolerance` against the previous results."""
-  old, new = parse_ratios(previous), parse_ratios(current)
+def compare(old: dict, new: dict, tolerance: float = 0.10) -> list[str]:
+  """Every ratio (`parse_ratios`) that fell by more than `tolerance` against the previous results."""
   worse = []
   for key in sorted(old.keys() & new.keys()):
     if new[key] < old[key] * (1 - tolerance):
@@ -483,6 +482,7 @@ def race(args):
   for name in models + cells:
     if name not in MODELS and name not in CELLS:
       sys.exit(f"unknown model or cell {name!r}; models: {sorted(MODELS)}, cells: {sorted(CELLS)}")
+  previous = parse_ratios(args.compare) if args.compare else None  # read first: --out may overwrite it
   report = Report(args.out, args)
   say = lambda msg: print(msg, file=sys.stderr, flush=True)
   with tempfile.TemporaryDirectory() as tmp:
@@ -526,7 +526,7 @@ def race(args):
               report.notes.append(f"{model} generate b{batch} {side}: {got[side]['error']}")
           report.write()
   if args.compare:
-    worse = compare(args.compare, args.out)
+    worse = compare(previous, parse_ratios(args.out))
     report.notes.append(f"Against {args.compare}: " + ("; ".join(worse) if worse else
                                                         "no ratio fell by more than 10%."))
     report.write()

@@ -30,6 +30,6 @@ def test_compare_flags_only_ratios_that_fell_by_more_than_ten_percent(tmp_path):
   new = _results(tmp_path / "new.md", {"full": 0.95, "lora-all": 1.00, "ia3": 0.99}, {1: 1.00, 8: 1.05})
   assert race.parse_ratios(old)[("small", "lora-all")] == 1.20
   assert race.parse_ratios(old)[("small", "generate b8")] == 1.10
-  worse = race.compare(old, new)
+  worse = race.compare(race.parse_ratios(old), race.parse_ratios(new))
   assert len(worse) == 2, worse
   assert worse[0].startswith("small generate b1: ratio 1.30 -> 1.00") and worse[1].startswith("small lora-all")
