@@ -37,6 +37,7 @@ def test_contract_full_factors(base):
   check_registered(method)
 
 
+@pytest.mark.slow  # its merge and gradients run by default (test below); the full contract is the full-factor one
 def test_contract_low_rank_factors(base):
   """r = 2 < half the second factors, decompose_both: both factors low rank."""
   method = LoKr(rank=2, alpha=4.0, targets=("q_proj",), decompose_both=True, decompose_factor=4)

@@ -48,7 +48,8 @@ def test_fused_head_loss_equals_the_loss_from_logits(tied, trains_head, monkeypa
     assert not np.any(fw)  # a frozen head costs no weight gradient
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2"])  # untied and tied output projection
+@pytest.mark.parametrize("family", ["llama", pytest.param("qwen2", marks=pytest.mark.slow)])  # untied; tied (slow:
+# the tied head's value and gradients are also checked against the logits path in the first test)
 def test_training_loss_equals_transformers(family, hf_models, monkeypatch):
   import torch
 

@@ -91,7 +91,8 @@ def test_tree_after_init(name, base):
     assert trainable == {p for p in EXPECTED_NEW_LEAVES[name] if not p.endswith("lora/scale")}
 
 
-@pytest.mark.parametrize("name", sorted(METHODS))
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n == "ptuning_lstm" else n
+                                  for n in sorted(METHODS)])  # the LSTM encoder's gradients: slow; plain P-tuning stays
 def test_train_only_trainable(name, base):
   model, params, ids, mask = base
   method = METHODS[name]

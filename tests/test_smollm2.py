@@ -65,6 +65,7 @@ def test_greedy_20_tokens_match_transformers(smol):
   assert "Paris" in tok.decode(ours[0])
 
 
+@pytest.mark.slow  # the greedy test above already decodes "Paris" in-process; this adds the CLI path
 def test_cli_generate_mentions_paris():
   out = subprocess.run([sys.executable, "-m", "jft.cli", "generate", "--model", "smollm2-135m",
                         "--prompt", "What is the capital of France?", "--max-new-tokens", "24"],
