@@ -79,3 +79,22 @@ def torch_logits(model, ids, mask):
   with torch.no_grad():
     return model(torch.tensor(ids), attention_mask=torch.tensor(mask),
                  position_ids=torch.tensor(positions)).logits.float().numpy()
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory):
+  """Folder of a random 2-layer Llama with SmolLM2's tokenizer (the chat template and vocab are real):
+  the model of `configs/tiny.py` runs (`--config.model.name=<folder>`)."""
+  import torch
+  import transformers
+
+  import jft
+
+  folder = str(tmp_path_factory.mktemp("tiny_llama"))
+  config = transformers.LlamaConfig(vocab_size=49152, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                                    tie_word_embeddings=True)
+  torch.manual_seed(0)
+  transformers.AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+  jft.load_tokenizer("smollm2-135m").save_pretrained(folder)
+  return folder

@@ -22,22 +22,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, "configs", "tiny.py")
 
 
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-  """A random 2-layer Llama with SmolLM2's tokenizer (so the chat template and vocab are real)."""
-  import torch
-  import transformers
-
-  folder = str(tmp_path_factory.mktemp("tiny_llama"))
-  config = transformers.LlamaConfig(vocab_size=49152, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                                    tie_word_embeddings=True)
-  torch.manual_seed(0)
-  transformers.AutoModelForCausalLM.from_config(config).save_pretrained(folder)
-  jft.load_tokenizer("smollm2-135m").save_pretrained(folder)
-  return folder
-
-
 # ---------------------------------------------------------------------------- configs
 
 
