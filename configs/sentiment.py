@@ -5,7 +5,8 @@
 
 Arguments: method = any registered method (full, lora, dora, bottleneck, prefix, prompt, ptuning,
 bitfit, ia3, ... each with its own `recipe`: learning rate and hyperparameters) or qlora (LoRA on an
-NF4 base); mode = demo (the README quickstart: fits 10 minutes on a 2-core CPU) | full | local (a smoke run).
+NF4 base); mode = demo (the README quickstart: fits 10 minutes on a 2-core CPU) | full | local (a smoke run);
+lr_scale multiplies the method's recipe learning rate (what the sweep varies, so one grid fits every method).
 Classification as generation: the model answers " positive" or " negative"; accuracy compares
 those two words' logits after "Sentiment:".
 """
@@ -36,7 +37,7 @@ def methods():
 
 
 def get_config(arg=None):
-  arg = parse_arg(arg, method="lora", mode="demo")
+  arg = parse_arg(arg, method="lora", mode="demo", lr_scale=1.0)
   table = methods()
   if arg.method not in table:
     raise ValueError(f"method={arg.method!r}; choose one of {', '.join(table)}")
@@ -49,7 +50,7 @@ def get_config(arg=None):
   # baseline for SmolLM2 (label-word accuracy 0.81 vs 0.65 with its chat template, 200 validation reviews).
   c.data.update(path=os.path.join(os.path.dirname(HERE), "data", "sentiment"), task="classification",
                 chat=False, template="Review: {text}\nSentiment:", labels=("negative", "positive"), max_length=96)
-  c.optim.update(lr=lr, warmup_steps=10, schedule="cosine")
+  c.optim.update(lr=lr * arg.lr_scale, warmup_steps=10, schedule="cosine")
   c.eval.update(batch_size=32, metric="accuracy")
   if arg.mode == "demo":  # the README quickstart: ~10 minutes on a 2-core CPU, all of it included
     c.train.update(steps=180, batch_size=8, log_every=10, eval_every=0, save_every=60)
@@ -64,3 +65,15 @@ def get_config(arg=None):
   else:
     raise ValueError(f"mode={arg.mode!r}; choose demo, full or local")
   return c
+
+
+def sweep(arg=None):
+  """The study of the README: which method, which LoRA rank, which learning rate (relative to each
+  method's recipe). `jft sweep --config configs/sentiment.py:mode=local --workdir runs/study`."""
+  from jft.sweep import Space, grid
+
+  lr = grid(0.5, 1.0, 2.0)
+  return [Space({"arg:method": grid("lora", "dora", "qlora"), "method.hparams.rank": grid(4, 8, 16),
+                 "arg:lr_scale": lr}, trials=12),
+          Space({"arg:method": grid("ia3", "bitfit", "bottleneck", "prompt", "prefix"), "arg:lr_scale": lr},
+                trials=6)]

@@ -99,14 +99,20 @@ def flat_keys(config: ml_collections.ConfigDict, prefix: str = "") -> dict[str, 
   return out
 
 
-def load_config(spec: str) -> ml_collections.ConfigDict:
-  """`path/to/file.py[:arg]` -> the file's `get_config(arg)`."""
-  path, _, arg = spec.partition(":")
+def load_module(path: str):
+  """The config file at `path`, imported (its `get_config`, and `sweep` if it has one)."""
   if not os.path.isfile(path):
     raise ConfigError(f"config file {path!r} does not exist")
   module_spec = importlib.util.spec_from_file_location(f"jft_config_{abs(hash(path))}", path)
   module = importlib.util.module_from_spec(module_spec)
   module_spec.loader.exec_module(module)
+  return module
+
+
+def load_config(spec: str) -> ml_collections.ConfigDict:
+  """`path/to/file.py[:arg]` -> the file's `get_config(arg)`."""
+  path, _, arg = spec.partition(":")
+  module = load_module(path)
   if not hasattr(module, "get_config"):
     raise ConfigError(f"{path}: defines no get_config(arg=None)")
   try:

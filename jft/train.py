@@ -118,11 +118,14 @@ def _same_run(saved: dict, current: dict) -> bool:
   return norm(saved) == norm(current)
 
 
-def train(config, workdir: str, resume: bool = False, echo=print, dry_run: bool = False) -> dict:
+def train(config, workdir: str, resume: bool = False, echo=print, dry_run: bool = False, on_eval=None) -> dict:
   """Fine-tune as `config` says; every process of a multi-process run calls this.
 
   `dry_run` builds and places the state, compiles the step and writes
   `shardings.json` (with the compiled step's memory analysis), then stops.
+  `on_eval(step, metrics)` is called after every periodic evaluation; when it
+  returns True the run stops there, checkpointed, marked `pruned` (a sweep's
+  pruner uses this).
   """
   t_start = time.time()
   c = config
@@ -226,7 +229,7 @@ def train(config, workdir: str, resume: bool = False, echo=print, dry_run: bool 
     echo("zero-shot " + _fmt(zero))
 
   # ---- Loop ------------------------------------------------------------------
-  stop = {"signal": None}
+  stop = {"signal": None, "pruned": False}
 
   def on_signal(signum, _frame):
     stop["signal"] = signum
@@ -260,13 +263,16 @@ def train(config, workdir: str, resume: bool = False, echo=print, dry_run: bool 
         log(done, "eval", ev)
         bar.write(f"step {done}: eval " + _fmt(ev))
         best = _track_best(c, best, done, ev, best_mngr, trainable)
+        if on_eval is not None and on_eval(done, ev):
+          stop.update(signal="pruned", pruned=True)
       stopping = _any_process(stop["signal"] is not None)
       if (done % c.train.save_every == 0 and done < c.train.steps) or stopping:
         save(done)
         last_saved = done
       if stopping:
         stop["signal"] = stop["signal"] or "from another process"
-        bar.write(f"stopped by signal {stop['signal']} after step {done}; checkpoint saved, resume with --resume")
+        bar.write(f"pruned after step {done} (its evaluation fell behind); checkpoint saved" if stop["pruned"] else
+                  f"stopped by signal {stop['signal']} after step {done}; checkpoint saved, resume with --resume")
         break
   finally:
     bar.close()
@@ -295,12 +301,22 @@ def train(config, workdir: str, resume: bool = False, echo=print, dry_run: bool 
     results["test"] = evaluate_on(params, test_examples)
     log(c.train.steps, "test", results["test"])
     echo("test " + _fmt(results["test"]))
-  results.update(steps=step + 1 if interrupted else c.train.steps, interrupted=interrupted, best=best,
-                 seconds=time.time() - t_start)
+  results.update(steps=step + 1 if interrupted else c.train.steps, interrupted=interrupted, pruned=stop["pruned"],
+                 best=best, seconds=time.time() - t_start, peak_rss_mib=_peak_rss_mib())
   log.close()
   if primary:
+    run.write_json(os.path.join(workdir, "results.json"), results)
+    from jft import report
+    report.plot_run(workdir)
     _write_summary(workdir, c, method, results)
   return results
+
+
+def _peak_rss_mib() -> float:
+  """This process's peak resident memory (a sweep runs each point in its own process)."""
+  import resource
+  peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+  return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
 
 
 def _any_process(flag: bool) -> bool:
@@ -375,5 +391,7 @@ def _write_summary(workdir: str, c, method, results: dict):
   if results.get("best"):
     b = results["best"]
     lines.append(f"- best {b['metric']}: {b['value']:.4f} at step {b['step']}")
+  if os.path.isfile(os.path.join(workdir, "curves.png")):
+    lines += ["", "![loss and evaluation curves](curves.png)"]
   with open(os.path.join(workdir, "summary.md"), "w") as f:
     f.write("\n".join(lines) + "\n")

@@ -1,0 +1,216 @@
+"""Tables and plots from run folders: a run's curves, a sweep's results table and its figures.
+
+Everything here reads only what runs wrote (`metrics.jsonl`, `results.json`,
+`point.json`), so `jft report DIR` rebuilds the same files at any time, also
+while a sweep is still running.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import re
+
+from jft.errors import JftError
+
+
+class ReportError(JftError, ValueError):
+  pass
+
+
+def _pyplot():
+  import matplotlib
+  matplotlib.use("Agg")  # files only, no display
+  import matplotlib.pyplot as plt
+  return plt
+
+
+def read_metrics(workdir: str) -> list[dict]:
+  path = os.path.join(workdir, "metrics.jsonl")
+  if not os.path.isfile(path):
+    return []
+  out = []
+  with open(path) as f:
+    for line in f:
+      try:
+        out.append(json.loads(line))
+      except json.JSONDecodeError:  # a line cut by a kill: skip it
+        continue
+  return out
+
+
+def read_results(workdir: str) -> dict:
+  path = os.path.join(workdir, "results.json")
+  if not os.path.isfile(path):
+    return {}
+  with open(path) as f:
+    return json.load(f)
+
+
+def plot_run(workdir: str) -> str | None:
+  """`curves.png` of a run: training (and validation) loss, and each other evaluation metric, by step."""
+  records = read_metrics(workdir)
+  train = [r for r in records if r["kind"] == "train"]
+  if not train:
+    return None
+  evals = [r for r in records if r["kind"] in ("zero_shot", "eval")]
+  others = [k for k in ("accuracy", "exact_match") if any(k in r for r in evals)]
+  plt = _pyplot()
+  fig, axes = plt.subplots(1, 1 + len(others), figsize=(4.5 * (1 + len(others)), 3.4), squeeze=False)
+  for ax, name in zip(axes[0], ["loss"] + others):
+    if name == "loss":
+      ax.plot([r["step"] for r in train], [r["loss"] for r in train], label="train")
+    points = [(r["step"], r[name]) for r in evals if name in r]
+    if points:
+      ax.plot(*zip(*points), "o-", label="validation")
+    ax.set(xlabel="step", ylabel=name, title=name)
+    ax.grid(alpha=0.3)
+    ax.legend()
+  fig.tight_layout()
+  path = os.path.join(workdir, "curves.png")
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+  return path
+
+
+# ----------------------------------------------------------------------------
+# Sweeps
+# ----------------------------------------------------------------------------
+
+def point_row(folder: str, record: dict, metric: str) -> dict:
+  """One results row: status, swept values, best/final validation and test metric, cost."""
+  records = read_metrics(folder)
+  results = read_results(folder)
+  evals = [r for r in records if r["kind"] == "eval" and metric in r]
+  best = None
+  if evals:
+    pick = min if metric == "loss" else max
+    best = pick(r[metric] for r in evals)
+  rates = sorted(r["tokens_per_s"] for r in records if r["kind"] == "train" and "tokens_per_s" in r)
+  test = results.get("test", {})
+  counts = results.get("counts", {})
+  row = {"point": record["index"], "status": record["status"]}
+  row.update({k: _cell(v) for k, v in record["values"].items()})
+  row.update({f"best_{metric}": best, f"final_{metric}": evals[-1][metric] if evals else None,
+              f"test_{metric}": test.get(metric), "trainable": counts.get("trainable"),
+              "trainable_pct": counts.get("percent"), "seconds": record.get("seconds"),
+              "tokens_per_s": rates[len(rates) // 2] if rates else None,
+              "peak_rss_mib": results.get("peak_rss_mib"), "name": record["name"], "error": record.get("error")})
+  return row
+
+
+def _cell(value):
+  return "+".join(map(str, value)) if isinstance(value, (list, tuple)) else value
+
+
+def _text(value) -> str:
+  if value is None:
+    return ""
+  if isinstance(value, float):
+    return f"{value:.4g}"
+  return str(value)
+
+
+def sweep_report(sweep_dir: str) -> list[dict]:
+  """Write `results.csv`, `results.md` and the plots of a sweep; -> the rows."""
+  from jft import sweep
+
+  path = os.path.join(sweep_dir, sweep.SWEEP_FILE)
+  if not os.path.isfile(path):
+    raise ReportError(f"{sweep_dir}: not a sweep folder (no {sweep.SWEEP_FILE})")
+  with open(path) as f:
+    info = json.load(f)
+  metric = info["metric"]
+  points = sweep.load_points(sweep_dir)
+  rows = [point_row(folder, record, metric) for folder, record in points]
+  columns = ["point", "status"] + [k for k in info["keys"] if any(k in r for r in rows)]
+  for row in rows:
+    columns += [k for k in row if k not in columns]
+  with open(os.path.join(sweep_dir, "results.csv"), "w", newline="") as f:
+    writer = csv.DictWriter(f, fieldnames=columns or ["point"])
+    writer.writeheader()
+    writer.writerows(rows)
+  figures = _sweep_plots(sweep_dir, info, rows, [folder for folder, _ in points])
+  shown = [c for c in columns if c not in ("name", "error")] + (["error"] if any(r.get("error") for r in rows) else [])
+  lines = [f"# Sweep {os.path.basename(os.path.abspath(sweep_dir))}", "",
+           f"`{info['config']}` " + " ".join(f"--config.{k}={v}" for k, v in info["overrides"])
+           + f", {info['search']} search, {len(rows)} point(s); metric: validation {metric} ({info['direction']})",
+           ""]
+  done = [r for r in rows if r.get(f"best_{metric}") is not None]
+  if done:
+    pick = min if info["direction"] == "minimize" else max
+    top = pick(done, key=lambda r: r[f"best_{metric}"])
+    lines += [f"Best: point {top['point']} (`points/{top['name']}`), validation {metric} "
+              f"{top[f'best_{metric}']:.4f}", ""]
+  lines += ["| " + " | ".join(shown) + " |", "|" + "---|" * len(shown)]
+  lines += ["| " + " | ".join(_text(r.get(c)).replace("|", "/") for c in shown) + " |" for r in rows]
+  lines += [""] + [f"![{os.path.splitext(name)[0]}]({name})" for name in figures]
+  with open(os.path.join(sweep_dir, "results.md"), "w") as f:
+    f.write("\n".join(lines) + "\n")
+  return rows
+
+
+def _numeric(values) -> bool:
+  return all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+
+
+def _sweep_plots(sweep_dir: str, info: dict, rows: list[dict], folders: list[str]) -> list[str]:
+  """metric-vs-<field>.png per swept field, loss-curves.png for all points; -> file names."""
+  metric = info["metric"]
+  plt = _pyplot()
+  names = []
+  scored = [r for r in rows if r.get(f"best_{metric}") is not None]
+  for key in info["keys"]:
+    short = re.split(r"[.:]", key)[-1]
+    pts = [(r[key], r[f"best_{metric}"]) for r in scored if key in r]
+    if not pts:
+      continue
+    fig, ax = plt.subplots(figsize=(5, 3.4))
+    xs = [x for x, _ in pts]
+    if _numeric(xs):
+      ax.plot(xs, [y for _, y in pts], "o", alpha=0.8)
+      if key in info.get("log_keys", ()) and min(xs) > 0:
+        ax.set_xscale("log")
+    else:
+      cats = sorted({str(x) for x in xs})
+      ax.plot([cats.index(str(x)) for x in xs], [y for _, y in pts], "o", alpha=0.8)
+      ax.set_xticks(range(len(cats)), cats, rotation=30 if max(map(len, cats)) > 6 else 0)
+    ax.set(xlabel=key, ylabel=f"best validation {metric}", title=f"{metric} against {short}")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    name = f"metric-vs-{re.sub(r'[^A-Za-z0-9_.-]', '_', key)}.png"
+    fig.savefig(os.path.join(sweep_dir, name), dpi=110)
+    plt.close(fig)
+    names.append(name)
+  curves = [(os.path.basename(f), [r for r in read_metrics(f) if r["kind"] == "train"]) for f in folders]
+  curves = [(n, c) for n, c in curves if c]
+  if curves:
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for name, c in curves:
+      ax.plot([r["step"] for r in c], [r["loss"] for r in c], label=name[:40], lw=1.2)
+    ax.set(xlabel="step", ylabel="training loss", title="training loss, every point")
+    if len(curves) <= 12:
+      ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(os.path.join(sweep_dir, "loss-curves.png"), dpi=110)
+    plt.close(fig)
+    names.append("loss-curves.png")
+  return names
+
+
+def report(path: str) -> str:
+  """Rebuild the report of a sweep folder or a run folder; -> what was written."""
+  from jft import sweep
+
+  if os.path.isfile(os.path.join(path, sweep.SWEEP_FILE)):
+    rows = sweep_report(path)
+    return f"{os.path.join(path, 'results.md')} ({len(rows)} point(s))"
+  if os.path.isfile(os.path.join(path, "config.json")):
+    png = plot_run(path)
+    if png is None:
+      raise ReportError(f"{path}: the run has logged no training steps yet")
+    return png
+  raise ReportError(f"{path}: neither a sweep folder (sweep.json) nor a run folder (config.json)")
+

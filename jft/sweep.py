@@ -1,0 +1,542 @@
+"""Hyperparameter sweeps: the search space lives in the config file, every point is a run folder.
+
+A config file may define `sweep(arg)` beside `get_config(arg)` (the file is the
+whole record of the study). It returns a `Space` (or a list of them: a union,
+for spaces that differ per method) over config fields, written as dotted paths,
+and over the file's own arguments, written `arg:NAME`:
+
+    from jft.sweep import Space, grid, loguniform
+
+    def sweep(arg=None):
+      return [Space({"arg:method": grid("lora", "dora"), "method.hparams.rank": grid(4, 8),
+                     "optim.lr": loguniform(1e-4, 3e-3)}, trials=8),
+              Space({"arg:method": grid("ia3"), "optim.lr": grid(1e-3, 5e-3)})]
+
+`grid` values are crossed (grid search), `choice`/`uniform`/`loguniform`/
+`integer` are sampled (random search, Optuna); with `--search grid` a
+`choice` is enumerated like a grid and a continuous distribution is an error.
+
+    DIR/sweep.json                the command that made the sweep (rerunning it resumes)
+    DIR/points/NNN-<name>/        an ordinary run folder per point, plus
+      point.json                  its values, status (pending/running/done/failed/pruned), attempts, error
+    DIR/optuna.db                 Optuna's study (--search optuna)
+    DIR/results.{csv,md}, *.png   the table and plots (`jft.report`)
+
+Each point runs in its own process (`python -m jft.sweep POINT_DIR`), so
+`--parallel` is a pool of processes and `--point K` lets a SLURM array or a
+Kubernetes indexed job run one point per task with the same command.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import itertools
+import json
+import math
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import traceback
+from typing import Any, Sequence
+
+import numpy as np
+
+from jft import config as cfg
+from jft.errors import JftError
+
+ARG = "arg:"  # prefix of a key that sets the config file's argument, not a field
+SWEEP_FILE, POINT_FILE = "sweep.json", "point.json"
+MAX_FAILURES = 2  # a failed point is retried once, then recorded with its error
+
+
+class SweepError(JftError, ValueError):
+  pass
+
+
+# ----------------------------------------------------------------------------
+# The space
+# ----------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Dim:
+  """One swept field: `kind` grid | choice (values) or uniform | loguniform | integer (low, high)."""
+  kind: str
+  values: tuple = ()
+  low: float = 0.0
+  high: float = 0.0
+
+  @property
+  def discrete(self) -> bool:
+    return self.kind in ("grid", "choice")
+
+  @property
+  def log(self) -> bool:
+    """Whether the values are best read on a log axis."""
+    if self.kind == "loguniform":
+      return True
+    nums = [v for v in self.values if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    return len(nums) == len(self.values) > 2 and min(nums) > 0 and max(nums) / min(nums) >= 20
+
+  def sample(self, rng: np.random.RandomState):
+    if self.discrete:
+      return self.values[rng.randint(len(self.values))]
+    if self.kind == "uniform":
+      return float(rng.uniform(self.low, self.high))
+    if self.kind == "loguniform":
+      return float(math.exp(rng.uniform(math.log(self.low), math.log(self.high))))
+    return int(rng.randint(int(self.low), int(self.high) + 1))
+
+  def suggest(self, trial, name: str):
+    """The value Optuna's sampler proposes for this dimension."""
+    if self.discrete:
+      i = trial.suggest_categorical(name, list(range(len(self.values))))  # index: any value type works
+      return self.values[i]
+    if self.kind == "integer":
+      return trial.suggest_int(name, int(self.low), int(self.high))
+    return trial.suggest_float(name, self.low, self.high, log=self.kind == "loguniform")
+
+
+def grid(*values) -> Dim:
+  """Every value, crossed with the other grid dimensions."""
+  return Dim("grid", tuple(values))
+
+
+def choice(*values) -> Dim:
+  """One of the values, drawn uniformly (enumerated by grid search)."""
+  return Dim("choice", tuple(values))
+
+
+def uniform(low: float, high: float) -> Dim:
+  return Dim("uniform", low=float(low), high=float(high))
+
+
+def loguniform(low: float, high: float) -> Dim:
+  return Dim("loguniform", low=float(low), high=float(high))
+
+
+def integer(low: int, high: int) -> Dim:
+  """An integer in [low, high], both included."""
+  return Dim("integer", low=int(low), high=int(high))
+
+
+@dataclasses.dataclass(frozen=True)
+class Space:
+  """Dimensions by key (`a.b.c` field or `arg:NAME`); `trials` = points for random/Optuna search."""
+  dims: dict
+  trials: int = 0
+
+
+def _check_space(spaces: Sequence[Space], where: str):
+  if not spaces or any(not isinstance(s, Space) for s in spaces):
+    raise SweepError(f"{where}: sweep() must return a jft.sweep.Space or a non-empty list of them")
+  for s in spaces:
+    if not s.dims:
+      raise SweepError(f"{where}: a sweep space has no dimensions")
+    for key, dim in s.dims.items():
+      if not isinstance(dim, Dim):
+        raise SweepError(f"{where}: {key!r} = {dim!r}; use grid(...), choice(...), uniform(...), "
+                         "loguniform(...) or integer(...)")
+      if dim.discrete and not dim.values:
+        raise SweepError(f"{where}: {key!r} has no values")
+      if not dim.discrete and not dim.low < dim.high:
+        raise SweepError(f"{where}: {key!r}: {dim.kind}({dim.low}, {dim.high}) needs low < high")
+      if dim.kind == "loguniform" and dim.low <= 0:
+        raise SweepError(f"{where}: {key!r}: loguniform needs low > 0")
+
+
+def load_space(spec: str) -> list[Space]:
+  """The `sweep(arg)` of a `FILE.py[:arg]` config spec, as a list of spaces."""
+  path, _, arg = spec.partition(":")
+  module = cfg.load_module(path)
+  if not hasattr(module, "sweep"):
+    raise SweepError(f"{path}: defines no sweep(arg=None) (see jft/sweep.py for the format)")
+  try:
+    spaces = module.sweep(arg or None)
+  except (ValueError, KeyError, TypeError) as e:
+    raise SweepError(f"{path}: sweep(): {e}") from None
+  spaces = [spaces] if isinstance(spaces, Space) else list(spaces or ())
+  _check_space(spaces, f"{path}: sweep()")
+  return spaces
+
+
+# ----------------------------------------------------------------------------
+# Points
+# ----------------------------------------------------------------------------
+
+def plan(spaces: Sequence[Space], search: str, trials: int = 0, seed: int = 0) -> list[dict]:
+  """The points of a grid or random search, in a fixed order (the same on every machine)."""
+  if search == "grid":
+    points = []
+    for s in spaces:
+      for key, dim in s.dims.items():
+        if not dim.discrete:
+          raise SweepError(f"--search grid: {key!r} is {dim.kind}({dim.low}, {dim.high}); grid search needs "
+                           "grid(...) or choice(...) values (use --search random or optuna for distributions)")
+      keys = list(s.dims)
+      points += [dict(zip(keys, combo)) for combo in itertools.product(*(s.dims[k].values for k in keys))]
+    return points
+  if search == "random":
+    n = trials or sum(s.trials for s in spaces)
+    if n < 1:
+      raise SweepError("--search random: how many points? pass --trials N (or set Space(..., trials=N))")
+    rng = np.random.RandomState(seed)
+    points = []
+    for _ in range(n):
+      s = spaces[rng.randint(len(spaces))]
+      points.append({k: d.sample(rng) for k, d in s.dims.items()})
+    return points
+  raise SweepError(f"--search {search!r}: expected grid, random or optuna")
+
+
+def override_text(value) -> str:
+  """A swept value as the command-line text `--config.FIELD=` parses back to it."""
+  if isinstance(value, bool):
+    return "true" if value else "false"
+  if isinstance(value, str):
+    return value
+  return repr(value)
+
+
+def point_config(spec: str, overrides: Sequence[tuple[str, str]], values: dict):
+  """The resolved config of one point: file + argument (with the swept `arg:` keys) + overrides + values.
+
+  Every mistake (an unknown field, a value of the wrong type) is a ConfigError naming it.
+  """
+  path, _, arg = spec.partition(":")
+  args = dict(item.split("=", 1) for item in arg.split(",") if "=" in item)
+  args.update({k[len(ARG):]: override_text(v) for k, v in values.items() if k.startswith(ARG)})
+  fields = [(k, override_text(v)) for k, v in values.items() if not k.startswith(ARG)]
+  swept = {k for k, _ in fields}
+  clash = [k for k, _ in overrides if k in swept]
+  if clash:
+    raise SweepError(f"--config.{clash[0]} is also swept; remove the override or the dimension")
+  spec = path + (":" + ",".join(f"{k}={v}" for k, v in args.items()) if args else "")
+  try:
+    return cfg.build(spec, list(overrides) + fields)
+  except cfg.ConfigError as e:
+    raise SweepError(f"sweep point {_short(values)}: {e}") from None
+
+
+def _fmt(value) -> str:
+  if isinstance(value, float):
+    return f"{value:.3g}"
+  if isinstance(value, (tuple, list)):
+    return "+".join(map(str, value))
+  return str(value)
+
+
+def _short(values: dict) -> str:
+  return ",".join(f"{re.split(r'[.:]', k)[-1]}={_fmt(v)}" for k, v in values.items())
+
+
+def point_name(index: int, values: dict) -> str:
+  """`NNN-<short name>`: the index keeps folders in order, the name says what the point is."""
+  slug = re.sub(r"[^A-Za-z0-9._=,+-]", "_", _short(values))[:80]
+  return f"{index:03d}-{slug}"
+
+
+def read_point(folder: str) -> dict | None:
+  path = os.path.join(folder, POINT_FILE)
+  if not os.path.isfile(path):
+    return None
+  with open(path) as f:
+    return json.load(f)
+
+
+def write_point(folder: str, record: dict):
+  os.makedirs(folder, exist_ok=True)
+  tmp = os.path.join(folder, POINT_FILE + f".tmp-{os.getpid()}")
+  with open(tmp, "w") as f:
+    json.dump(record, f, indent=2, default=str)
+  os.replace(tmp, os.path.join(folder, POINT_FILE))
+
+
+def load_points(sweep_dir: str) -> list[tuple[str, dict]]:
+  """[(folder, point record)] of a sweep, by index."""
+  root = os.path.join(sweep_dir, "points")
+  if not os.path.isdir(root):
+    return []
+  out = []
+  for name in sorted(os.listdir(root)):
+    record = read_point(os.path.join(root, name))
+    if record is not None:
+      out.append((os.path.join(root, name), record))
+  return sorted(out, key=lambda p: p[1]["index"])
+
+
+# ----------------------------------------------------------------------------
+# One point, in its own process
+# ----------------------------------------------------------------------------
+
+def run_point(folder: str) -> int:
+  """Train (or resume) the point in `folder`; record done / pruned / failed in its point.json."""
+  from jft.train import train
+
+  record = read_point(folder)
+  record.update(status="running", attempts=record.get("attempts", 0) + 1, pid=os.getpid(),
+                host=os.uname().nodename, started=time.time())
+  write_point(folder, record)
+  on_eval = _optuna_reporter(record) if record.get("optuna") else None
+  t0 = time.time()
+  try:
+    config = point_config(record["config"], [tuple(o) for o in record["overrides"]], record["values"])
+    results = train(config, folder, resume=True, on_eval=on_eval)
+  except Exception as e:  # one failed point never stops the sweep: its error is recorded
+    record.update(status="failed", failures=record.get("failures", 0) + 1,
+                  error=f"{type(e).__name__}: {e}".splitlines()[0][:500], seconds=time.time() - t0)
+    traceback.print_exc()
+    write_point(folder, record)
+    return 1
+  status = "pruned" if results.get("pruned") else "interrupted" if results.get("interrupted") else "done"
+  record.update(status=status, error=None, seconds=record.get("seconds", 0.0) + time.time() - t0)
+  write_point(folder, record)
+  return 0 if status != "interrupted" else 3
+
+
+def _optuna_reporter(record: dict):
+  """on_eval for train: report the metric to the point's trial; True = the pruner says stop."""
+  import optuna
+
+  info = record["optuna"]
+  study = optuna.load_study(study_name=info["study"], storage=info["storage"])
+  trial = optuna.trial.Trial(study, info["trial_id"])
+  metric = info["metric"]
+
+  def on_eval(step, metrics):
+    if metric not in metrics:
+      return False
+    trial.report(float(metrics[metric]), step)
+    return trial.should_prune()
+
+  return on_eval
+
+
+# ----------------------------------------------------------------------------
+# The sweep
+# ----------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Sweep:
+  """A sweep as the command line gives it; `run` makes and runs its points."""
+  spec: str
+  overrides: list
+  workdir: str
+  search: str = "grid"
+  trials: int = 0
+  parallel: int = 1
+  seed: int = 0
+  echo: Any = print
+
+  def __post_init__(self):
+    self.overrides = [tuple(o) for o in self.overrides]
+    self.spaces = load_space(self.spec)
+    if self.parallel < 1:
+      raise SweepError(f"--parallel {self.parallel}: expected >= 1")
+    base = cfg.build(self.spec, self.overrides)  # errors in the file or the overrides surface first
+    self.metric = base.eval.metric
+    self.direction = "minimize" if self.metric == "loss" else "maximize"
+    if self.search == "optuna":
+      self.trials = self.trials or sum(s.trials for s in self.spaces)
+      if self.trials < 1:
+        raise SweepError("--search optuna: how many trials? pass --trials N (or set Space(..., trials=N))")
+      self.points = None
+    else:
+      self.points = plan(self.spaces, self.search, self.trials, self.seed)
+    rng = np.random.RandomState(self.seed)
+    samples = [{k: d.sample(rng) for k, d in s.dims.items()} for s in self.spaces]
+    for values in self.points or samples:  # every point (a sample of each space) resolves before anything runs
+      point_config(self.spec, self.overrides, values)
+
+  @property
+  def size(self) -> int:
+    return self.trials if self.points is None else len(self.points)
+
+  def record(self) -> dict:
+    return {"config": self.spec, "overrides": [list(o) for o in self.overrides], "search": self.search,
+            "trials": self.trials, "seed": self.seed, "metric": self.metric, "direction": self.direction,
+            "keys": sorted({k for s in self.spaces for k in s.dims}),
+            "log_keys": sorted({k for s in self.spaces for k, d in s.dims.items() if d.log}),
+            "points": self.points}
+
+  def _claim_folder(self):
+    """Write sweep.json, or check that the one there describes this sweep (a rerun resumes it)."""
+    path = os.path.join(self.workdir, SWEEP_FILE)
+    mine = json.loads(json.dumps(self.record(), default=str))
+    if os.path.isfile(path):
+      with open(path) as f:
+        theirs = json.load(f)
+      if theirs != mine:
+        diff = sorted(k for k in mine if theirs.get(k) != mine[k])
+        raise SweepError(f"{self.workdir} holds another sweep (its {', '.join(diff)} differ); "
+                         "rerun the same command to resume it, or choose a new --workdir")
+      return
+    os.makedirs(self.workdir, exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+      json.dump(mine, f, indent=2)
+    os.replace(path + ".tmp", path)
+
+  def _folder(self, index: int) -> str | None:
+    """The existing folder of point `index`, if any."""
+    root = os.path.join(self.workdir, "points")
+    prefix = f"{index:03d}-"
+    found = [n for n in os.listdir(root)] if os.path.isdir(root) else []
+    found = [n for n in found if n.startswith(prefix)]
+    return os.path.join(root, found[0]) if found else None
+
+  def _prepare(self, index: int) -> str:
+    """The folder of point `index`, created with its point.json (and Optuna trial) if new."""
+    folder = self._folder(index)
+    if folder is not None:
+      return folder
+    if self.points is None:
+      self._ask(index)
+      return self._folder(index)
+    return self._new_point(index, self.points[index])
+
+  def _new_point(self, index: int, values: dict, **extra) -> str:
+    folder = os.path.join(self.workdir, "points", point_name(index, values))
+    write_point(folder, {"index": index, "name": os.path.basename(folder), "values": values, "status": "pending",
+                         "attempts": 0, "failures": 0, "config": self.spec,
+                         "overrides": [list(o) for o in self.overrides], **extra})
+    return folder
+
+  # -- Optuna --------------------------------------------------------------
+
+  def _study(self):
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # one line per point is ours to print
+
+    storage = f"sqlite:///{os.path.abspath(os.path.join(self.workdir, 'optuna.db'))}"
+    pruner = optuna.pruners.MedianPruner(n_startup_trials=min(5, max(1, self.trials // 4)))
+    return optuna.create_study(study_name="jft", storage=storage, load_if_exists=True, direction=self.direction,
+                               sampler=optuna.samplers.TPESampler(seed=self.seed), pruner=pruner), storage
+
+  def _ask(self, index: int):
+    """Ask Optuna for trials (the sampler chooses their values) until point `index` has its folder.
+
+    Under a file lock, so workers of one sweep on several machines number their trials in turn.
+    """
+    with _locked(os.path.join(self.workdir, ".optuna.lock")):
+      study, storage = self._study()
+      while self._folder(index) is None:
+        trial = study.ask()
+        if self._folder(trial.number) is not None:
+          raise SweepError(f"{self.workdir}/optuna.db has trials the points/ folder does not; "
+                           "the study and the folder are out of step (restore both, or start a new --workdir)")
+        s = self.spaces[trial.suggest_categorical("space", list(range(len(self.spaces))))] \
+            if len(self.spaces) > 1 else self.spaces[0]
+        values = {k: d.suggest(trial, k) for k, d in s.dims.items()}
+        self._new_point(trial.number, values, optuna={
+            "study": "jft", "storage": storage, "trial_id": trial._trial_id,  # for optuna.trial.Trial(study, id)
+            "number": trial.number, "metric": self.metric})
+
+  def _tell(self, folder: str):
+    """Give Optuna the point's outcome (its best validation metric, or pruned / failed)."""
+    record = read_point(folder)
+    if not record.get("optuna") or record["status"] not in ("done", "pruned", "failed"):
+      return
+    import optuna
+    study, _ = self._study()
+    number = record["optuna"]["number"]
+    if study.trials[number].state != optuna.trial.TrialState.RUNNING:
+      return
+    from jft import report
+    value = report.point_row(folder, record, self.metric).get(f"best_{self.metric}")
+    if record["status"] == "done" and value is not None:
+      study.tell(number, float(value))
+    else:
+      study.tell(number, state=optuna_state(record["status"]))
+
+  # -- running -------------------------------------------------------------
+
+  def todo(self, index: int) -> bool:
+    """Whether point `index` still needs a run (not done, pruned, or failed twice)."""
+    folder = self._folder(index)
+    record = read_point(folder) if folder else None
+    if record is None:
+      return True
+    if record["status"] in ("done", "pruned"):
+      return False
+    return not (record["status"] == "failed" and record.get("failures", 0) >= MAX_FAILURES)
+
+  def run(self, only: int | None = None) -> list[dict]:
+    """Run every point still to do (or only point `only`), `parallel` at a time; then write the report."""
+    if only is not None and not 0 <= only < self.size:
+      raise SweepError(f"--point {only}: this sweep has points 0 .. {self.size - 1}")
+    self._claim_folder()
+    indices = [only] if only is not None else list(range(self.size))
+    skipped = [i for i in indices if not self.todo(i)]
+    if skipped:
+      self.echo(f"{len(skipped)} point(s) already finished: " + ", ".join(map(str, skipped)))
+    queue = [i for i in indices if i not in skipped]
+    running: dict[int, tuple[subprocess.Popen, str]] = {}
+    stop = {"signal": None}
+    previous = {s: signal.signal(s, lambda n, _: stop.update(signal=n)) for s in (signal.SIGTERM, signal.SIGINT)}
+    log_dir = os.path.join(self.workdir, "logs")
+    os.makedirs(log_dir, exist_ok=True)
+    try:
+      while (queue or running) and stop["signal"] is None:
+        while queue and len(running) < self.parallel:
+          index = queue.pop(0)
+          folder = self._prepare(index)
+          self.echo(f"point {index}/{self.size - 1} {os.path.basename(folder)}: starting")
+          log = open(os.path.join(log_dir, os.path.basename(folder) + ".log"), "a")
+          proc = subprocess.Popen([sys.executable, "-m", "jft.sweep", folder], stdout=log, stderr=subprocess.STDOUT)
+          log.close()
+          running[index] = (proc, folder)
+        time.sleep(0.2)
+        for index, (proc, folder) in list(running.items()):
+          if proc.poll() is None:
+            continue
+          del running[index]
+          record = read_point(folder)
+          if record["status"] == "running":  # the process died without a word (killed, out of memory)
+            record.update(status="failed", failures=record.get("failures", 0) + 1,
+                          error=f"worker exited with code {proc.returncode}")
+            write_point(folder, record)
+          if record["status"] == "failed" and record["failures"] < MAX_FAILURES:
+            self.echo(f"point {index}: failed ({record['error']}); retrying once")
+            queue.insert(0, index)
+            continue
+          self._tell(folder)
+          self.echo(f"point {index}: {record['status']}" + (f" ({record['error']})" if record.get("error") else ""))
+    finally:
+      for proc, _ in running.values():  # interrupted: the workers checkpoint and stop; a rerun resumes them
+        proc.send_signal(signal.SIGTERM)
+      for proc, _ in running.values():
+        proc.wait()
+      for s, h in previous.items():
+        signal.signal(s, h)
+    from jft import report
+    rows = report.sweep_report(self.workdir)
+    if stop["signal"] is not None:
+      self.echo(f"sweep stopped by signal {stop['signal']}; rerun the same command to resume it")
+    return rows
+
+
+def optuna_state(status: str):
+  import optuna
+  return {"pruned": optuna.trial.TrialState.PRUNED, "failed": optuna.trial.TrialState.FAIL}[status]
+
+
+@contextlib.contextmanager
+def _locked(path: str):
+  """An exclusive file lock (workers of one Optuna sweep on several machines share its folder)."""
+  import fcntl
+
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with open(path, "a") as f:
+    fcntl.flock(f, fcntl.LOCK_EX)
+    try:
+      yield
+    finally:
+      fcntl.flock(f, fcntl.LOCK_UN)
+
+
+if __name__ == "__main__":
+  sys.exit(run_point(sys.argv[1]))
