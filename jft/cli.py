@@ -42,6 +42,28 @@ def _train(args) -> int:
   return 0
 
 
+def _sweep(args) -> int:
+  from jft import config as cfg
+  from jft.sweep import Sweep
+
+  sweep = Sweep(args.config, cfg.parse_overrides(args.overrides), args.workdir, search=args.search,
+                trials=args.trials, parallel=args.parallel, seed=args.seed)
+  rows = sweep.run(only=args.point)
+  counts = {}
+  for row in rows:
+    counts[row["status"]] = counts.get(row["status"], 0) + 1
+  print(f"sweep folder: {os.path.abspath(args.workdir)} ({', '.join(f'{n} {s}' for s, n in counts.items())}); "
+        f"table: {os.path.join(args.workdir, 'results.md')}")
+  return 0
+
+
+def _report(args) -> int:
+  from jft.report import report
+
+  print(f"wrote {report(args.dir)}")
+  return 0
+
+
 def _eval(args) -> int:
   from jft import run
   from jft.train import evaluate_split, examples_for
@@ -147,6 +169,44 @@ def _decode(args, model, params, tokenizer, t0) -> int:
   return 0
 
 
+def _ablate(args) -> int:
+  from jft.ablate import run_ablations
+
+  run_ablations(args.workdir, [args.kind], split=args.split, limit=args.limit, out=args.out,
+                checkpoint=args.checkpoint, overwrite=args.overwrite)
+  return 0
+
+
+def _estimate(args) -> int:
+  from jft import estimate
+
+  kw = dict(hardware_name=args.hardware, utilization=args.utilization, price_per_hour=args.price_per_hour)
+  estimate.hardware(args.hardware)  # a wrong name fails before any config is read
+  if args.all_methods:
+    from jft import config as cfg
+    configs = estimate.method_configs(args.config, cfg.parse_overrides(args.overrides))
+    results = {name: estimate.analytic(c, name=name, **kw) for name, c in configs.items()}
+  else:
+    config = _config(args)
+    results = {config.method.name: estimate.analytic(config, **kw)}
+  if args.json:
+    dicts = {name: e.to_dict() for name, e in results.items()}
+    print(json.dumps({"methods": dicts} if args.all_methods else next(iter(dicts.values())), indent=2))
+  elif args.all_methods:
+    e = next(iter(results.values()))
+    print(f"{e.model}: batch {e.batch} x {e.length}, {e.dtype}, remat {e.remat}, {e.steps} steps on {e.hardware} at "
+          f"{e.utilization:.0%} of {e.peak_flops / 1e12:g} TFLOP/s, ${e.price_per_hour:.2f}/h (typical on-demand "
+          "price, edit with --price-per-hour)\n")
+    print(estimate.table(results))
+  else:
+    print(estimate.report(next(iter(results.values()))))
+  for e in results.values():
+    warning = estimate.memory_warning(e)
+    if warning:
+      print(warning, file=sys.stderr)
+  return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(prog="jft", description="Performance-efficient fine-tuning in JAX.")
   sub = parser.add_subparsers(dest="command", required=True)
@@ -189,6 +249,25 @@ def build_parser() -> argparse.ArgumentParser:
                       "(SLURM, Cloud TPU, Kubernetes indexed jobs, Open MPI)")
   t.set_defaults(run=_train, accepts_overrides=True)
 
+  s = sub.add_parser("sweep", help="run a hyperparameter sweep defined by a config file's sweep(arg)",
+                     description="Run every point of the config file's sweep(arg) as a run folder under "
+                                 "WORKDIR/points/. Rerunning the same command resumes. Overrides "
+                                 "(--config.FIELD=VALUE) apply to every point.",
+                     epilog="example: jft sweep --config configs/sentiment.py:mode=local --workdir runs/sweep "
+                            "--parallel 2; on a cluster: one task per point with --point $SLURM_ARRAY_TASK_ID")
+  s.add_argument("--config", required=True, help="configs/FILE.py[:name=value,...] (defines sweep(arg))")
+  s.add_argument("--workdir", required=True, help="sweep folder (points/, results.csv/md, plots)")
+  s.add_argument("--search", choices=("grid", "random", "optuna"), default="grid")
+  s.add_argument("--trials", type=int, default=0, help="points of a random/optuna search (default: the space's)")
+  s.add_argument("--parallel", type=int, default=1, help="points run at once, each in its own process")
+  s.add_argument("--point", type=int, help="run only point K (a scheduler's array index)")
+  s.add_argument("--seed", type=int, default=0, help="seed of the random/optuna search itself")
+  s.set_defaults(run=_sweep, accepts_overrides=True)
+
+  r = sub.add_parser("report", help="rebuild the table and plots of a sweep folder, or a run's curves")
+  r.add_argument("dir", help="a sweep folder (sweep.json) or a run folder (config.json)")
+  r.set_defaults(run=_report)
+
   e = sub.add_parser("eval", help="evaluate a run on a split")
   e.add_argument("--workdir", required=True)
   e.add_argument("--split", help="default: the config's test split")
@@ -205,6 +284,33 @@ def build_parser() -> argparse.ArgumentParser:
   x.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
   x.add_argument("--checkpoint", choices=("best", "latest"), default="best")
   x.set_defaults(run=_export)
+  a = sub.add_parser("ablate", help="evaluate a run with its method removed from layers/modules, truncated in rank "
+                                     "or with fewer virtual tokens",
+                     description="Restore a run's checkpoint once and evaluate ablations of it on one split; "
+                                 "writes ablations.csv, ablations.md and plots to --out.")
+  a.add_argument("--workdir", required=True)
+  a.add_argument("--kind", choices=("layers", "modules", "rank", "tokens", "all"), default="all",
+                 help="all (default): every kind that applies to the run's method")
+  a.add_argument("--split", help="default: the config's eval split")
+  a.add_argument("--limit", type=int, default=None,
+                 help="first N examples only (default: the config's limit for the split; 0 = all)")
+  a.add_argument("--checkpoint", choices=("best", "latest"), default="best")
+  a.add_argument("--out", help="output folder (default: WORKDIR/ablations), written whole")
+  a.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+  a.set_defaults(run=_ablate)
+  s = sub.add_parser("estimate", help="estimate a run's memory, FLOPs, time and cost from shapes alone",
+                     description="Estimate parameters, step memory, FLOPs, step time and the run's cost without "
+                                 "loading weights or running anything. Override any config field with "
+                                 "--config.FIELD=VALUE.",
+                     epilog="example: jft estimate --config configs/sentiment.py:method=qlora --hardware a100-80g "
+                            "--all-methods")
+  s.add_argument("--config", required=True, help="configs/FILE.py[:name=value,...]")
+  s.add_argument("--hardware", default="cpu", help="cpu (nominal), a100-80g, h100-80g, h200 or tpu-v5e (default cpu)")
+  s.add_argument("--price-per-hour", type=float, help="USD per chip-hour (default: a typical on-demand price)")
+  s.add_argument("--utilization", type=float, default=0.4, help="fraction of peak FLOP/s reached (default 0.4)")
+  s.add_argument("--all-methods", action="store_true", help="every method of the config's methods() table, side by side")
+  s.add_argument("--json", action="store_true", help="print one JSON object")
+  s.set_defaults(run=_estimate, accepts_overrides=True)
   return parser
 
 

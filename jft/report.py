@@ -7,6 +7,7 @@ while a sweep is still running.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import os
@@ -69,7 +70,7 @@ def plot_run(workdir: str) -> str | None:
     ax.legend()
   fig.tight_layout()
   path = os.path.join(workdir, "curves.png")
-  fig.savefig(path, dpi=110)
+  _save(fig, path)
   plt.close(fig)
   return path
 
@@ -127,7 +128,7 @@ def sweep_report(sweep_dir: str) -> list[dict]:
   columns = ["point", "status"] + [k for k in info["keys"] if any(k in r for r in rows)]
   for row in rows:
     columns += [k for k in row if k not in columns]
-  with open(os.path.join(sweep_dir, "results.csv"), "w", newline="") as f:
+  with _atomic(os.path.join(sweep_dir, "results.csv"), newline="") as f:
     writer = csv.DictWriter(f, fieldnames=columns or ["point"])
     writer.writeheader()
     writer.writerows(rows)
@@ -146,9 +147,24 @@ def sweep_report(sweep_dir: str) -> list[dict]:
   lines += ["| " + " | ".join(shown) + " |", "|" + "---|" * len(shown)]
   lines += ["| " + " | ".join(_text(r.get(c)).replace("|", "/") for c in shown) + " |" for r in rows]
   lines += [""] + [f"![{os.path.splitext(name)[0]}]({name})" for name in figures]
-  with open(os.path.join(sweep_dir, "results.md"), "w") as f:
+  with _atomic(os.path.join(sweep_dir, "results.md")) as f:
     f.write("\n".join(lines) + "\n")
   return rows
+
+
+@contextlib.contextmanager
+def _atomic(path: str, **kwargs):
+  """Write `path` whole or not at all (the workers of a sweep on many machines all rewrite the report)."""
+  tmp = f"{path}.tmp-{os.getpid()}"
+  with open(tmp, "w", **kwargs) as f:
+    yield f
+  os.replace(tmp, path)
+
+
+def _save(fig, path: str):
+  tmp = f"{path}.tmp-{os.getpid()}.png"
+  fig.savefig(tmp, dpi=110)
+  os.replace(tmp, path)
 
 
 def _numeric(values) -> bool:
@@ -180,7 +196,7 @@ def _sweep_plots(sweep_dir: str, info: dict, rows: list[dict], folders: list[str
     ax.grid(alpha=0.3)
     fig.tight_layout()
     name = f"metric-vs-{re.sub(r'[^A-Za-z0-9_.-]', '_', key)}.png"
-    fig.savefig(os.path.join(sweep_dir, name), dpi=110)
+    _save(fig, os.path.join(sweep_dir, name))
     plt.close(fig)
     names.append(name)
   curves = [(os.path.basename(f), [r for r in read_metrics(f) if r["kind"] == "train"]) for f in folders]
@@ -194,7 +210,7 @@ def _sweep_plots(sweep_dir: str, info: dict, rows: list[dict], folders: list[str
       ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(os.path.join(sweep_dir, "loss-curves.png"), dpi=110)
+    _save(fig, os.path.join(sweep_dir, "loss-curves.png"))
     plt.close(fig)
     names.append("loss-curves.png")
   return names

@@ -123,12 +123,30 @@ def best_manager(workdir: str):
       options=checkpoint.ocp.CheckpointManagerOptions(max_to_keep=1, create=True), item_names=("state", "meta"))
 
 
-def restore_params(workdir: str, which: str = "best", mesh=None):
-  """-> (config, model, method, params as the model runs them, tokenizer) of a run.
+@dataclasses.dataclass
+class Restored:
+  """A run's checkpoint beside the state training started from (`init.trainable`: the method's init)."""
+  config: ml_collections.ConfigDict
+  model: object  # configured by the method
+  method: object
+  tokenizer: object
+  init: object  # jft.state.State built as in training: trainable = the method's initial leaves
+  trainable: dict  # restored
+  step: int
+  source: str  # "best" or "latest"
+
+  def params(self, trainable=None) -> dict:
+    """The params as the model runs them, of `trainable` (default: the restored leaves)."""
+    return self.method.materialize(peft.combine(self.trainable if trainable is None else trainable,
+                                                self.init.frozen))
+
+
+def restore(workdir: str, which: str = "best", mesh=None) -> Restored:
+  """A run's trainable leaves from its `which` checkpoint, and the state they were trained from.
 
   `which`: "best" (by the validation metric, if the run tracked one) or "latest".
-  The state is built as in training (`jft.state`) on `mesh` (default: data
-  parallel over this process's devices), whatever mesh the run trained on.
+  The state is built as in training (`jft.state`, the run's seed) on `mesh`
+  (default: data parallel over this process's devices), whatever mesh the run trained on.
   """
   from jft import state
 
@@ -141,13 +159,20 @@ def restore_params(workdir: str, which: str = "best", mesh=None):
                    overrides=config.train.sharding_overrides)
   best = best_manager(workdir) if which == "best" else None
   if best is not None and best.latest_step() is not None:
-    _, saved, _ = checkpoint.restore(best, {"trainable": checkpoint.abstract(st.trainable)},
-                                     upgrade=method.upgrade_path)
+    step, saved, _ = checkpoint.restore(best, {"trainable": checkpoint.abstract(st.trainable)},
+                                        upgrade=method.upgrade_path)
+    source = "best"
   else:
     template = checkpoint.abstract({"trainable": st.trainable, "opt_state": st.opt_state})
     restored = checkpoint.restore(checkpoint.manager(workdir, keep=1), template, upgrade=method.upgrade_path)
     if restored is None:
       raise RunError(f"{workdir}: no checkpoint to restore")
-    saved = restored[1]
-  params = method.materialize(peft.combine(saved["trainable"], st.frozen))
-  return config, method.configure(model), method, params, tokenizer
+    step, saved, _ = restored
+    source = "latest"
+  return Restored(config, method.configure(model), method, tokenizer, st, saved["trainable"], step, source)
+
+
+def restore_params(workdir: str, which: str = "best", mesh=None):
+  """-> (config, model, method, params as the model runs them, tokenizer) of a run (see `restore`)."""
+  r = restore(workdir, which, mesh)
+  return r.config, r.model, r.method, r.params(), r.tokenizer

@@ -79,7 +79,7 @@ class Dim:
     if self.kind == "loguniform":
       return True
     nums = [v for v in self.values if isinstance(v, (int, float)) and not isinstance(v, bool)]
-    return len(nums) == len(self.values) > 2 and min(nums) > 0 and max(nums) / min(nums) >= 20
+    return len(nums) == len(self.values) > 1 and min(nums) > 0 and max(nums) / min(nums) >= 10
 
   def sample(self, rng: np.random.RandomState):
     if self.discrete:
@@ -190,6 +190,18 @@ def plan(spaces: Sequence[Space], search: str, trials: int = 0, seed: int = 0) -
       points.append({k: d.sample(rng) for k, d in s.dims.items()})
     return points
   raise SweepError(f"--search {search!r}: expected grid, random or optuna")
+
+
+def _probes(spaces: Sequence[Space], seed: int) -> list[dict]:
+  """Points that try every listed value of every space once (sampled values elsewhere): enough to
+  catch an unknown field or a value of the wrong type before a random or Optuna search starts."""
+  rng = np.random.RandomState(seed)
+  out = []
+  for s in spaces:
+    sample = {k: d.sample(rng) for k, d in s.dims.items()}
+    out.append(sample)
+    out += [{**sample, k: v} for k, d in s.dims.items() if d.discrete for v in d.values]
+  return out
 
 
 def override_text(value) -> str:
@@ -330,10 +342,15 @@ class Sweep:
   parallel: int = 1
   seed: int = 0
   echo: Any = print
+  spaces: Any = None  # default: the config file's sweep(arg); a script may pass its own
 
   def __post_init__(self):
     self.overrides = [tuple(o) for o in self.overrides]
-    self.spaces = load_space(self.spec)
+    if self.spaces is None:
+      self.spaces = load_space(self.spec)
+    else:
+      self.spaces = [self.spaces] if isinstance(self.spaces, Space) else list(self.spaces)
+      _check_space(self.spaces, "sweep space")
     if self.parallel < 1:
       raise SweepError(f"--parallel {self.parallel}: expected >= 1")
     base = cfg.build(self.spec, self.overrides)  # errors in the file or the overrides surface first
@@ -346,10 +363,8 @@ class Sweep:
       self.points = None
     else:
       self.points = plan(self.spaces, self.search, self.trials, self.seed)
-    rng = np.random.RandomState(self.seed)
-    samples = [{k: d.sample(rng) for k, d in s.dims.items()} for s in self.spaces]
-    for values in self.points or samples:  # every point (a sample of each space) resolves before anything runs
-      point_config(self.spec, self.overrides, values)
+    for values in self.points if self.search == "grid" else _probes(self.spaces, self.seed):
+      point_config(self.spec, self.overrides, values)  # every point (or every listed value) resolves first
 
   @property
   def size(self) -> int:
@@ -375,9 +390,10 @@ class Sweep:
                          "rerun the same command to resume it, or choose a new --workdir")
       return
     os.makedirs(self.workdir, exist_ok=True)
-    with open(path + ".tmp", "w") as f:
+    tmp = f"{path}.tmp-{os.getpid()}"  # array tasks may start together: each writes its own, same content
+    with open(tmp, "w") as f:
       json.dump(mine, f, indent=2)
-    os.replace(path + ".tmp", path)
+    os.replace(tmp, path)
 
   def _folder(self, index: int) -> str | None:
     """The existing folder of point `index`, if any."""

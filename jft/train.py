@@ -16,7 +16,6 @@ import sys
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from jft import checkpoint, data, estimate, evaluate, peft, run, sharding, state

@@ -1,5 +1,6 @@
 """Configs and CLI errors, data pipelines, and a tiny end-to-end run with kill/resume, eval and export."""
 
+import csv
 import json
 import os
 import signal
@@ -351,12 +352,16 @@ def test_bfloat16_compute_keeps_float32_trainable_state(tiny_model, tmp_path):
 
 def test_compare_methods_script_writes_a_table(tiny_model, tmp_path):
   out = subprocess.run([sys.executable, os.path.join(ROOT, "experiments", "compare_methods.py"), "--config", TINY,
-                        "--methods", "ia3", "--set", f"model.name={tiny_model}", "--set", "train.steps=2",
-                        "--out", str(tmp_path / "cmp")], capture_output=True, text=True, timeout=600, cwd=ROOT)
+                        "--mode", "", "--methods", "ia3", "--set", f"model.name={tiny_model}", "--set",
+                        "train.steps=2", "--new-tokens", "4", "--out", str(tmp_path / "cmp")],
+                       capture_output=True, text=True, timeout=600, cwd=ROOT)
   assert out.returncode == 0, out.stderr
-  assert "| ia3 | 192 |" in out.stdout
-  with open(tmp_path / "cmp" / "results.csv") as f:
-    assert f.readline().startswith("method,trainable,percent")
+  assert "| ia3 | 192 | 0.012 |" in out.stdout and "(peft)" in out.stdout
+  with open(tmp_path / "cmp" / "compare.csv") as f:
+    row = next(csv.DictReader(f))
+  assert row["method"] == "ia3" and int(row["storage_bytes"]) > 0 and float(row["compiled_step_mib"]) > 0
+  assert float(row["decode_unmerged_ms"]) > 0 and float(row["decode_merged_ms"]) > 0
+  assert os.path.getsize(tmp_path / "cmp" / "accuracy-vs-params.png") > 1000
 
 
 def test_dry_run_writes_where_arrays_live(tiny_model, tmp_path, capsys):

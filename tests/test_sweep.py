@@ -52,6 +52,7 @@ def test_grid_and_random_plans_are_fixed_and_typed():
     ("[]", [], r"must return a jft.sweep.Space"),
     ("Space({'train.steps': grid(2, 'many')})", [], r"train.steps: expected an int, got 'many'"),
     ("Space({'optim.lr': grid()})", [], r"'optim.lr' has no values"),
+    ("Space({'train.steps': choice(2, 'x')}, trials=2)", ["--search", "optuna"], r"train.steps: expected an int"),
     ("Space({'optim.lr': loguniform(1e-3, 1e-2)})", [], r"grid search needs grid\(...\) or choice"),
     ("Space({'optim.lr': grid(1e-3, 1e-2)})", ["--point", "2"], r"--point 2: this sweep has points 0 .. 1"),
     ("Space({'optim.lr': grid(1e-3)})", ["--config.optim.lr=1"], r"--config.optim.lr is also swept"),

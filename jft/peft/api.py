@@ -72,6 +72,9 @@ class Method(hooks.Hook):
   peft_type: ClassVar[Optional[str]] = None  # the `peft` library's name for it; None = no equivalent
   # leaf -> (peft tensor suffix, "T" when torch stores it transposed) for per-module tensors.
   peft_tensors: ClassVar[Mapping[str, tuple]] = {}
+  # init(base) computes the base model, so restoring a leaf's initial value removes the method there
+  # (`jft ablate`'s layer and module ablations). False when init adds something (virtual tokens).
+  init_is_base: ClassVar[bool] = True
 
   def __init_subclass__(cls, **kwargs):
     super().__init_subclass__(**kwargs)

@@ -63,6 +63,7 @@ class Prefix(api.Method):
                              (r"(^|/)prefix_encoder/", r"\1prefix/encoder/"))
   recipe: ClassVar[dict] = {"lr": 1e-2, "num_virtual_tokens": 16}
   peft_type: ClassVar[str] = "PREFIX_TUNING"
+  init_is_base: ClassVar[bool] = False  # init adds virtual tokens
   num_virtual_tokens: int = 20
   projection: bool = False
   encoder_hidden: int = 512

@@ -41,6 +41,7 @@ class PromptTuning(api.Method):
   legacy: ClassVar[tuple] = ((r"(^|/)prompt_embeddings$", r"\1prompt/embeddings"),)
   recipe: ClassVar[dict] = {"lr": 1e-2, "num_virtual_tokens": 16}
   peft_type: ClassVar[str] = "PROMPT_TUNING"
+  init_is_base: ClassVar[bool] = False  # init adds virtual tokens
   num_virtual_tokens: int = 20
   init_from: str = "vocab"  # "random" N(0,1) as peft | "vocab" sampled rows | "text" rows of init_token_ids
   init_token_ids: Optional[tuple] = None  # token ids of an initialisation text (repeated to n)
@@ -94,6 +95,7 @@ class PTuning(api.Method):
   legacy: ClassVar[tuple] = ((r"(^|/)prompt_encoder/", r"\1ptuning/"),)
   recipe: ClassVar[dict] = {"lr": 1e-3, "num_virtual_tokens": 16}
   peft_type: ClassVar[str] = "PROMPT_TUNING"  # exported as the prompt its encoder makes
+  init_is_base: ClassVar[bool] = False  # init adds virtual tokens
   num_virtual_tokens: int = 20
   encoder: str = "mlp"  # "mlp" | "lstm"
   encoder_hidden: int = 128
