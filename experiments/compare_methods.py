@@ -114,12 +114,11 @@ def measure(point: str, new_tokens: int, base_cache: dict) -> dict:
 
 
 def step_seconds(point: str) -> float | None:
-  """Median wall time of a step, from consecutive training log records (the first, compiling, left out)."""
+  """Median seconds per training step, from the log records (the first, which compiles, left out)."""
   from jft.report import read_metrics
 
-  train = [r for r in read_metrics(point) if r["kind"] == "train"]
-  gaps = [(b["time"] - a["time"]) / (b["step"] - a["step"]) for a, b in zip(train, train[1:])]
-  return statistics.median(gaps) if gaps else None
+  times = [r["step_seconds"] for r in read_metrics(point) if r["kind"] == "train" and "step_seconds" in r]
+  return statistics.median(times[1:] or times) if times else None
 
 
 def plot(rows: list, out: str):

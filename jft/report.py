@@ -88,7 +88,8 @@ def point_row(folder: str, record: dict, metric: str) -> dict:
   if evals:
     pick = min if metric == "loss" else max
     best = pick(r[metric] for r in evals)
-  rates = sorted(r["tokens_per_s"] for r in records if r["kind"] == "train" and "tokens_per_s" in r)
+  rates = [r["tokens_per_s"] for r in records if r["kind"] == "train" and "tokens_per_s" in r]
+  rates = sorted(rates[1:] or rates)  # the first record includes compiling the step
   test = results.get("test", {})
   counts = results.get("counts", {})
   row = {"point": record["index"], "status": record["status"]}

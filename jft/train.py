@@ -235,7 +235,7 @@ def train(config, workdir: str, resume: bool = False, echo=print, dry_run: bool 
 
   previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
   bar = _progress(c.train.steps, start, enabled=primary)
-  last_saved, t_last, tokens_since = start, time.time(), 0
+  last_saved, t_last, tokens_since, steps_since = start, time.time(), 0, 0
   step = start
   try:
     for step in range(start, c.train.steps):
@@ -245,18 +245,20 @@ def train(config, workdir: str, resume: bool = False, echo=print, dry_run: bool 
       metrics = jax.device_get(metrics)  # one host transfer per step (the loss is checked every step)
       loss = float(metrics["loss"])
       tokens_since += int(metrics["tokens"])
+      steps_since += 1
       if not math.isfinite(loss) and c.train.nan_policy == "stop":
         raise TrainingError(f"non-finite loss ({loss}) at step {step + 1}; stopped. The last good checkpoint is "
                             f"step {last_saved} in {workdir} (resume with --resume after fixing the cause)")
       done = step + 1
       if done % c.train.log_every == 0 or done == c.train.steps:
-        dt = time.time() - t_last
+        dt = time.time() - t_last  # training steps only: evaluations and checkpoints are not counted
         rate = tokens_since / max(dt, 1e-9)
         record = {"loss": loss, "grad_norm": float(metrics["grad_norm"]), "tokens_per_s": rate,
-                  "skipped": int(metrics.get("skipped", 0))}
+                  "step_seconds": dt / steps_since, "skipped": int(metrics.get("skipped", 0))}
         log(done, "train", record)
         bar.update(done, loss, rate)
-        t_last, tokens_since = time.time(), 0
+        t_last, tokens_since, steps_since = time.time(), 0, 0
+      t_other = time.time()
       if eval_examples and c.train.eval_every and done % c.train.eval_every == 0 and done < c.train.steps:
         ev = evaluate_on(run_params(trainable), eval_examples)
         log(done, "eval", ev)
@@ -268,6 +270,7 @@ def train(config, workdir: str, resume: bool = False, echo=print, dry_run: bool 
       if (done % c.train.save_every == 0 and done < c.train.steps) or stopping:
         save(done)
         last_saved = done
+      t_last += time.time() - t_other
       if stopping:
         stop["signal"] = stop["signal"] or "from another process"
         bar.write(f"pruned after step {done} (its evaluation fell behind); checkpoint saved" if stop["pruned"] else
