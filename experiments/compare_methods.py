@@ -121,10 +121,18 @@ def step_seconds(point: str) -> float | None:
   return statistics.median(times[1:] or times) if times else None
 
 
-def plot(rows: list, out: str):
-  from jft.report import _pyplot
+def cpu_model() -> str:
+  try:
+    with open("/proc/cpuinfo") as f:
+      return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+  except (OSError, StopIteration):
+    return platform.processor() or platform.machine()
 
-  plt = _pyplot()
+
+def plot(rows: list, out: str):
+  from jft.report import pyplot
+
+  plt = pyplot()
   pts = [r for r in rows if r["test_accuracy"] is not None]
   if not pts:
     return
@@ -200,7 +208,7 @@ def main():
                  f"{fmt(r['decode_merged_ms'], 1)} / {fmt(r['decode_base_ms'], 1)} "
                  f"| {fmt(r['zero_shot_accuracy'])} | {fmt(r['test_accuracy'])} |")
   header = [f"`python experiments/compare_methods.py {' '.join(sys.argv[1:])}`", "",
-            f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPU(s), "
+            f"Machine: {cpu_model()}, {os.cpu_count()} CPU(s), Python "
             f"{platform.python_version()}; {rows[0]['steps']} steps x batch {rows[0]['batch']} per method.", ""]
   with open(os.path.join(args.out, "compare.md"), "w") as f:
     f.write("\n".join(header + lines) + "\n\n![accuracy against trainable parameters](accuracy-vs-params.png)\n")

@@ -398,9 +398,9 @@ def write(out: str, rows: list[dict], names: Sequence[str], header: str, coverag
 
 def plot(folder: str, rows: list[dict], metric: str):
   """layers.png, modules.png (change, bars), rank.png, tokens.png (value against k, log2 x)."""
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
+  from jft.report import pyplot
+
+  plt = pyplot()
 
   none = rows[0]["metrics"][metric]
   for kind in KINDS:

@@ -109,16 +109,22 @@ def load_module(path: str):
   return module
 
 
-def load_config(spec: str) -> ml_collections.ConfigDict:
-  """`path/to/file.py[:arg]` -> the file's `get_config(arg)`."""
+def call(spec: str, function: str = "get_config"):
+  """`path/to/file.py[:arg]` -> the file's `function(arg)` (`get_config`, `sweep`); a missing
+  function or an argument it rejects is a ConfigError naming the file."""
   path, _, arg = spec.partition(":")
   module = load_module(path)
-  if not hasattr(module, "get_config"):
-    raise ConfigError(f"{path}: defines no get_config(arg=None)")
+  if not hasattr(module, function):
+    raise ConfigError(f"{path}: defines no {function}(arg=None)")
   try:
-    config = module.get_config(arg or None)
+    return getattr(module, function)(arg or None)
   except (ValueError, KeyError, TypeError) as e:
-    raise ConfigError(f"{path}: {e}") from None
+    raise ConfigError(f"{path}: {e}" if function == "get_config" else f"{path}: {function}(): {e}") from None
+
+
+def load_config(spec: str) -> ml_collections.ConfigDict:
+  """`path/to/file.py[:arg]` -> the file's `get_config(arg)`, locked."""
+  config = call(spec)
   config.lock()  # from here on, a misspelt key is an error, not a new field
   return config
 

@@ -465,7 +465,8 @@ def analytic(config, hardware_name: str = "cpu", utilization: float = DEFAULT_UT
   run_seconds = step_seconds * config.train.steps
   tokens = s.batch * s.length
   return Estimate(
-      method=name or config.method.name, model=config.model.name, hardware=hw.name, batch=s.batch,
+      method=name or config.method.name + (f" on a {config.quant.format} base" if config.quant.format else ""),
+      model=config.model.name, hardware=hw.name, batch=s.batch,
       length=s.length, remat=s.remat, dtype=config.model.dtype, steps=config.train.steps,
       params_total=counts.total, params_trainable=counts.trainable, trainable_percent=counts.percent,
       memory=mem, flops=flops, flops_per_token=flops["total"] / tokens, peak_flops=peak,
@@ -479,15 +480,11 @@ def analytic(config, hardware_name: str = "cpu", utilization: float = DEFAULT_UT
 def method_configs(spec: str, overrides=()) -> dict:
   """method -> resolved config, for every row of the config file's `methods()` table (aliases skipped):
   the file's argument with `method=NAME`, then the command-line overrides."""
-  import importlib.util
-
   from jft import config as cfg
 
   path, _, arg = spec.partition(":")
   cfg.load_config(spec)  # the file and its argument are valid as given
-  module_spec = importlib.util.spec_from_file_location(f"jft_estimate_{abs(hash(path))}", path)
-  module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
+  module = cfg.load_module(path)
   if not hasattr(module, "methods"):
     raise EstimateError(f"{path}: defines no methods() table, so --all-methods has nothing to compare")
   items = [i for i in arg.split(",") if i.strip() and i.split("=", 1)[0].strip() != "method"]

@@ -20,9 +20,10 @@ class ReportError(JftError, ValueError):
   pass
 
 
-def _pyplot():
+def pyplot():
+  """matplotlib's pyplot writing files only (no display needed)."""
   import matplotlib
-  matplotlib.use("Agg")  # files only, no display
+  matplotlib.use("Agg")
   import matplotlib.pyplot as plt
   return plt
 
@@ -57,7 +58,7 @@ def plot_run(workdir: str) -> str | None:
     return None
   evals = [r for r in records if r["kind"] in ("zero_shot", "eval")]
   others = [k for k in ("accuracy", "exact_match") if any(k in r for r in evals)]
-  plt = _pyplot()
+  plt = pyplot()
   fig, axes = plt.subplots(1, 1 + len(others), figsize=(4.5 * (1 + len(others)), 3.4), squeeze=False)
   for ax, name in zip(axes[0], ["loss"] + others):
     if name == "loss":
@@ -175,7 +176,7 @@ def _numeric(values) -> bool:
 def _sweep_plots(sweep_dir: str, info: dict, rows: list[dict], folders: list[str]) -> list[str]:
   """metric-vs-<field>.png per swept field, loss-curves.png for all points; -> file names."""
   metric = info["metric"]
-  plt = _pyplot()
+  plt = pyplot()
   names = []
   scored = [r for r in rows if r.get(f"best_{metric}") is not None]
   for key in info["keys"]:

@@ -150,16 +150,9 @@ def _check_space(spaces: Sequence[Space], where: str):
 
 def load_space(spec: str) -> list[Space]:
   """The `sweep(arg)` of a `FILE.py[:arg]` config spec, as a list of spaces."""
-  path, _, arg = spec.partition(":")
-  module = cfg.load_module(path)
-  if not hasattr(module, "sweep"):
-    raise SweepError(f"{path}: defines no sweep(arg=None) (see jft/sweep.py for the format)")
-  try:
-    spaces = module.sweep(arg or None)
-  except (ValueError, KeyError, TypeError) as e:
-    raise SweepError(f"{path}: sweep(): {e}") from None
+  spaces = cfg.call(spec, "sweep")
   spaces = [spaces] if isinstance(spaces, Space) else list(spaces or ())
-  _check_space(spaces, f"{path}: sweep()")
+  _check_space(spaces, f"{spec.partition(':')[0]}: sweep()")
   return spaces
 
 
