@@ -6,7 +6,7 @@
 Arguments: method = any registered method (full, lora, dora, bottleneck, prefix, prompt, ptuning,
 bitfit, ia3, ... each with its own `recipe`: learning rate and hyperparameters) or qlora (LoRA on an
 NF4 base); mode = demo (the README quickstart: fits 10 minutes on a 2-core CPU) | full | study (a sweep
-point: 2-3 minutes, 128 validation and 256 test reviews) | local (a smoke run);
+point: about 3 minutes, 96 validation and 200 test reviews) | local (a smoke run);
 lr_scale multiplies the method's recipe learning rate (what the sweep varies, so one grid fits every method).
 Classification as generation: the model answers " positive" or " negative"; accuracy compares
 those two words' logits after "Sentiment:".
@@ -61,8 +61,8 @@ def get_config(arg=None):
     c.train.update(steps=1000, batch_size=16, log_every=20, eval_every=250, save_every=250)
     c.data.update(bucket=8)
   elif arg.mode == "study":  # one point of a sweep on a 2-core CPU: short, but enough reviews to rank points
-    c.train.update(steps=40, batch_size=8, log_every=5, eval_every=10, save_every=20)
-    c.data.update(max_eval_examples=128, max_test_examples=256, bucket=8)
+    c.train.update(steps=30, batch_size=8, log_every=5, eval_every=10, save_every=10)
+    c.data.update(max_eval_examples=96, max_test_examples=200, bucket=8)
   elif arg.mode == "local":  # a smoke run for a laptop or CI
     c.train.update(steps=6, batch_size=4, log_every=2, eval_every=3, save_every=3)
     c.data.update(max_train_examples=64, max_eval_examples=16, max_test_examples=16)

@@ -350,6 +350,7 @@ def test_bfloat16_compute_keeps_float32_trainable_state(tiny_model, tmp_path):
   assert params["layers"]["self_attn"]["q_proj"]["lora"]["a"].dtype == jnp.float32
 
 
+@pytest.mark.slow  # a sweep point in a subprocess, then export, a compile and decoding (about a minute)
 def test_compare_methods_script_writes_a_table(tiny_model, tmp_path):
   out = subprocess.run([sys.executable, os.path.join(ROOT, "experiments", "compare_methods.py"), "--config", TINY,
                         "--mode", "", "--methods", "ia3", "--set", f"model.name={tiny_model}", "--set",

@@ -17,6 +17,7 @@ def base(hf_models):
   return tiny_llama(hf_models)
 
 
+@pytest.mark.slow  # the whole contract (about a minute); peft parity below stays in the default suite
 def test_contract(base):
   shapes = {}
   for module, d_in, d_out in (("self_attn/q_proj", D, D), ("self_attn/v_proj", D, KV), ("mlp/down_proj", FFN, D)):

@@ -91,8 +91,10 @@ def test_tree_after_init(name, base):
     assert trainable == {p for p in EXPECTED_NEW_LEAVES[name] if not p.endswith("lora/scale")}
 
 
-@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n == "ptuning_lstm" else n
-                                  for n in sorted(METHODS)])  # the LSTM encoder's gradients: slow; plain P-tuning stays
+# Slow: the LSTM encoder's gradients (plain P-tuning stays), the prefix MLP (plain prefix stays),
+# DoRA (LoRA stays; DoRA keeps its peft-parity tests).
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow)
+                                  if n in ("ptuning_lstm", "prefix_mlp", "dora") else n for n in sorted(METHODS)])
 def test_train_only_trainable(name, base):
   model, params, ids, mask = base
   method = METHODS[name]
