@@ -72,11 +72,18 @@ def get_config(arg=None):
 
 
 def sweep(arg=None):
-  """The study of the README: which method, which LoRA rank, which learning rate (relative to each
-  method's recipe). `jft sweep --config configs/sentiment.py:mode=local --workdir runs/study`."""
+  """Which method, which LoRA rank, which learning rate (relative to each method's recipe).
+
+  `jft sweep --config configs/sentiment.py:mode=local --workdir runs/grid` sweeps them all;
+  naming a method (`:mode=study,method=lora`) sweeps only its hyperparameters.
+  """
   from jft.sweep import Space, grid
 
   lr = grid(0.5, 1.0, 2.0)
+  chosen = parse_arg(arg, method="", mode="demo", lr_scale=1.0).method
+  if chosen:
+    rank = {"method.hparams.rank": grid(4, 8, 16)} if chosen in ("lora", "qlora", "dora") else {}
+    return Space({**rank, "arg:lr_scale": lr}, trials=6)
   return [Space({"arg:method": grid("lora", "dora", "qlora"), "method.hparams.rank": grid(4, 8, 16),
                  "arg:lr_scale": lr}, trials=12),
           Space({"arg:method": grid("ia3", "bitfit", "bottleneck", "prompt", "prefix"), "arg:lr_scale": lr},

@@ -422,8 +422,12 @@ class Sweep:
 
     storage = f"sqlite:///{os.path.abspath(os.path.join(self.workdir, 'optuna.db'))}"
     pruner = optuna.pruners.MedianPruner(n_startup_trials=min(5, max(1, self.trials // 4)))
-    return optuna.create_study(study_name="jft", storage=storage, load_if_exists=True, direction=self.direction,
-                               sampler=optuna.samplers.TPESampler(seed=self.seed), pruner=pruner), storage
+    study = optuna.create_study(study_name="jft", storage=storage, load_if_exists=True, direction=self.direction,
+                                pruner=pruner)
+    # A fresh sampler per call (each worker process, each machine): seeded by the trials so far, so
+    # reproducible, and never drawing the same "random" startup point twice.
+    study.sampler = optuna.samplers.TPESampler(seed=self.seed + len(study.trials))
+    return study, storage
 
   def _ask(self, index: int):
     """Ask Optuna for trials (the sampler chooses their values) until point `index` has its folder.

@@ -147,6 +147,8 @@ def test_optuna_point_reports_its_evaluations_and_is_told_the_result(tiny_model,
   folder = s._prepare(0)
   record = sweep.read_point(folder)
   assert 1e-3 <= record["values"]["optim.lr"] <= 1e-1 and record["values"]["method.hparams.rank"] in (2, 3, 4)
+  # Each ask seeds its sampler by the trials so far: the next (random startup) point is another one.
+  assert sweep.read_point(s._prepare(1))["values"] != record["values"]
   assert sweep.run_point(folder) == 0
   s._tell(folder)
   study = optuna.load_study(study_name="jft", storage=record["optuna"]["storage"])
