@@ -17,7 +17,8 @@ def get_config(arg=None):
   c.method.hparams = (dict(rank=16, alpha=32.0, targets=("q_proj", "k_proj", "v_proj", "o_proj"))
                       if arg.method in ("lora", "qlora", "dora") else {})
   c.quant.format = "nf4" if arg.method == "qlora" else ""
-  c.data.update(path=os.path.join(os.path.dirname(HERE), "data", "chat"), task="sft", chat=True,
+  c.objective.name = "sft"
+  c.data.update(path=os.path.join(os.path.dirname(HERE), "data", "chat"), chat=True,
                 template="{text}", prompt_field="prompt", response_field="response", max_length=128,
                 pack=True, eval_split="", test_split="")
   c.optim.update(lr=3e-4)

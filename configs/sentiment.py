@@ -49,7 +49,7 @@ def get_config(arg=None):
   c.quant.format = quant_format
   # A plain prompt (no chat template): half the tokens of the chat form, and a stronger zero-shot
   # baseline for SmolLM2 (label-word accuracy 0.81 vs 0.65 with its chat template, 200 validation reviews).
-  c.data.update(path=os.path.join(os.path.dirname(HERE), "data", "sentiment"), task="classification",
+  c.data.update(path=os.path.join(os.path.dirname(HERE), "data", "sentiment"),
                 chat=False, template="Review: {text}\nSentiment:", labels=("negative", "positive"), max_length=96)
   c.optim.update(lr=lr * arg.lr_scale, warmup_steps=10, schedule="cosine")
   c.eval.update(batch_size=32, metric="accuracy")

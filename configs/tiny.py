@@ -16,7 +16,7 @@ def get_config(arg=None):
   c.model.name = REQUIRED
   c.method.name = arg.method
   c.method.hparams = {"lora": dict(rank=4, alpha=8.0, targets=("q_proj", "v_proj"))}.get(arg.method, {})
-  c.data.update(path=os.path.join(os.path.dirname(HERE), "data", "sentiment"), task="classification",
+  c.data.update(path=os.path.join(os.path.dirname(HERE), "data", "sentiment"),
                 chat=True, template="Sentiment?\n{text}", max_length=48, max_train_examples=48,
                 max_eval_examples=8, max_test_examples=8)
   c.train.update(steps=arg.steps, batch_size=4, log_every=1, eval_every=4, save_every=2, keep=10)

@@ -189,7 +189,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.model = dict(name="smollm2-135m", dtype="float32", remat="none")
   c.method = dict(name="lora", hparams=dict(rank=8, alpha=16.0, targets=("q_proj", "v_proj")))
   c.quant = dict(format="", blocksize=64, double_quant=True)  # format "" = dense base
-  c.data = dict(task="classification", path=REQUIRED, chat=True, system="", template="{text}", text_field="text",
+  # what a step minimises and evaluation reports (jft.objectives): lm, sft, classification, dpo, ...
+  c.objective = dict(name="classification", hparams=dict())
+  c.data = dict(path=REQUIRED, chat=True, system="", template="{text}", text_field="text",
                 label_field="label", labels=("negative", "positive"), prompt_field="prompt",
                 response_field="response", max_length=128, truncation="left", pack=False, bucket=1,
                 train_split="train", eval_split="validation", test_split="test",

@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import os
-from typing import Any, Iterable, Optional, Sequence
+from typing import Any, Callable, Iterable, Optional, Sequence
 
 import numpy as np
 
@@ -70,7 +70,8 @@ def load_split(source: Any, split: str = "train"):
   return datasets.load_dataset(path, split=split)  # a hub dataset, where a hub is reachable
 
 
-def _field(row: dict, name: str, where: str):
+def field(row: dict, name: str, where: str):
+  """row[name], or an error naming the fields the rows do have."""
   if name not in row:
     raise DataError(f"{where}: rows have no field {name!r}; fields: {sorted(row)}")
   return row[name]
@@ -93,10 +94,10 @@ def classification_examples(dataset, tokenizer, *, text_field: str, label_field:
   for i, row in enumerate(dataset):
     if limit is not None and i >= limit:
       break
-    label = str(_field(row, label_field, "classification data"))
+    label = str(field(row, label_field, "classification data"))
     if label not in labels:
       raise DataError(f"row {i}: label {label!r} is not one of the configured labels {list(labels)}")
-    out.append({"prompt": render_prompt(tokenizer, _field(row, text_field, "classification data"), template, chat,
+    out.append({"prompt": render_prompt(tokenizer, field(row, text_field, "classification data"), template, chat,
                                         system),
                 "response": label, "label": labels.index(label)})
   return out
@@ -108,8 +109,8 @@ def sft_examples(dataset, tokenizer, *, prompt_field: str, response_field: str, 
   for i, row in enumerate(dataset):
     if limit is not None and i >= limit:
       break
-    out.append({"prompt": render_prompt(tokenizer, _field(row, prompt_field, "SFT data"), template, chat, system),
-                "response": str(_field(row, response_field, "SFT data"))})
+    out.append({"prompt": render_prompt(tokenizer, field(row, prompt_field, "SFT data"), template, chat, system),
+                "response": str(field(row, response_field, "SFT data"))})
   return out
 
 
@@ -181,7 +182,9 @@ def pack_rows(rows, length: int, pad_id: int = 0):
 class Batches:
   """An endless, seeded, epoch-aware stream of training batches with a restorable position.
 
-  Epoch e visits the examples in `permutation(seed, e)`. With `pack`, each
+  Rows are whatever the objective's `collate` turns into a batch (default:
+  `(ids, loss_mask)` pairs, padded by `pad_batch`). Epoch e visits the
+  examples in `permutation(seed, e)`. With `pack`, each
   batch packs the next examples into `batch_size` rows of `max_length`;
   otherwise rows are padded to the longest in the batch (rounded up to a
   multiple of 16, so few shapes compile), and `bucket` > 1 sorts windows of
@@ -199,6 +202,8 @@ class Batches:
   bucket: int = 1
   pad_id: int = 0
   shard: Optional[tuple] = None  # (lo, hi): the rows of each global batch this process builds
+  collate: Callable = pad_batch  # (rows, length, pad_id) -> batch: an objective's own row layout
+  length: Callable = lambda row: len(row[0])  # a row's token count, for padding and bucketing
   epoch: int = 0
   index: int = 0  # batches already taken in this epoch
 
@@ -208,7 +213,7 @@ class Batches:
       batches, current, used = [], [], 0
       capacity = self.batch_size * self.max_length
       for i in order:
-        n = len(self.rows[i][0])
+        n = self.length(self.rows[i])
         if used + n > capacity and current:
           batches.append(current)
           current, used = [], 0
@@ -220,7 +225,7 @@ class Batches:
     for start in range(0, len(order) - self.batch_size + 1, window):
       chunk = order[start:start + window]
       if self.bucket > 1:
-        chunk = sorted(chunk, key=lambda i: len(self.rows[i][0]))
+        chunk = sorted(chunk, key=lambda i: self.length(self.rows[i]))
       batches += [list(map(int, chunk[j:j + self.batch_size]))
                   for j in range(0, len(chunk) - self.batch_size + 1, self.batch_size)]
     if self.bucket > 1:
@@ -255,8 +260,8 @@ class Batches:
         extra = self.batch_size - batch["input_ids"].shape[0]
         batch = {k: np.concatenate([v, np.zeros((extra, self.max_length), v.dtype)]) for k, v in batch.items()}
       return {k: v[lo:hi] for k, v in batch.items()}
-    longest = max(len(x) for x, _ in chosen)  # of the global batch: one shape in every process
-    return pad_batch(chosen[lo:hi], min(-(-longest // 16) * 16, self.max_length), self.pad_id)
+    longest = max(map(self.length, chosen))  # of the global batch: one shape in every process
+    return self.collate(chosen[lo:hi], min(-(-longest // 16) * 16, self.max_length), self.pad_id)
 
   @property
   def batches_per_epoch(self) -> int:

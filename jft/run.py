@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from jft import checkpoint, peft, quant, sharding
+from jft import checkpoint, objectives, peft, quant, sharding
 from jft.errors import JftError
 from jft.models import load_pretrained, load_tokenizer
 from jft.models.pretrained import resolve
@@ -108,7 +108,7 @@ def build_model(config, mesh=None):
   if config.quant.format:
     base, _ = quant.quantize(base, ((r"layers/.*/kernel", config.quant.format),), blocksize=config.quant.blocksize,
                              double_quant=config.quant.double_quant)
-  method = peft.build(config.method.name, **config.method.hparams.to_dict())
+  method = objectives.from_config(config).method(peft.build(config.method.name, **config.method.hparams.to_dict()))
   return model, base, method, load_tokenizer(config.model.name)
 
 

@@ -1,4 +1,4 @@
-"""The loss and the jitted train step: one pure function of (trainable, frozen, batch).
+"""The jitted train step: an objective's loss, differentiated w.r.t. the trainable leaves only.
 
 The gradient is taken with respect to the trainable part only; the frozen
 base (dense, bf16 or quantized) is an ordinary argument, never differentiated
@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jft import loss as losses, rules
+from jft import objectives, rules
 from jft.peft import api
 
 
@@ -25,27 +25,26 @@ def training_model(model, method: api.Method):
   return model.clone(settings=dataclasses.replace(model.settings, deterministic=False))
 
 
-def make_loss_fn(model, method: api.Method):
-  """(trainable, frozen, batch, rng) -> (mean next-token loss, predicted tokens).
+def make_loss_fn(model, method: api.Method, objective=None):
+  """(trainable, frozen, batch, rng) -> (loss, metrics) of `objective` (default: next-token SFT).
 
-  The output projection and the loss are fused (`jft.loss.head_loss`: no
-  vocab-sized logits) unless a method or quantization changes that layer.
+  The policy is the method's materialized tree; objectives that need a
+  reference model get the base view of the same `frozen` tree (no copy).
   """
+  objective = objective or objectives.build("sft")
+  train_model, eval_model = training_model(model, method), method.configure(model)
+
   def loss_fn(trainable, frozen, batch, rng):
     params = method.materialize(api.combine(trainable, frozen))
-    mask = batch.get("loss_mask", batch["attention_mask"])
-    head = losses.output_head(params)
-    out = model.apply({"params": params}, batch["input_ids"], attention_mask=batch["attention_mask"],
-                      rngs={"dropout": rng}, return_hidden=head is not None)
-    if head is None:
-      return losses.next_token_loss(out, batch["input_ids"], mask)
-    trains_head = head.path in rules.flatten(trainable)
-    return losses.head_loss(out, params, head, batch["input_ids"], mask, trains_head)
+    reference = objectives.base_view(method, frozen) if objective.uses_reference else None
+    forward = objectives.Forward(train_model, eval_model, params, reference, rng,
+                                 frozenset(rules.flatten(trainable)))
+    return objective.loss(forward, batch)
   return loss_fn
 
 
 def make_train_step(model, method: api.Method, tx: optax.GradientTransformation, donate: bool = True,
-                    skip_nonfinite: bool = False, shardings: dict | None = None):
+                    skip_nonfinite: bool = False, shardings: dict | None = None, objective=None):
   """-> jitted step(trainable, opt_state, frozen, batch, rng) -> (trainable, opt_state, metrics).
 
   With `skip_nonfinite`, a step whose loss or gradient is NaN/Inf leaves the
@@ -53,7 +52,7 @@ def make_train_step(model, method: api.Method, tx: optax.GradientTransformation,
   `shardings` (`State.step_shardings()`) pins inputs and outputs: the state
   leaves the step exactly as it came in, and metrics are replicated.
   """
-  loss_fn = make_loss_fn(training_model(model, method), method)
+  loss_fn = make_loss_fn(model, method, objective)
   placement = {}
   if shardings is not None:
     s = shardings
@@ -62,12 +61,11 @@ def make_train_step(model, method: api.Method, tx: optax.GradientTransformation,
 
   @functools.partial(jax.jit, donate_argnums=(0, 1) if donate else (), **placement)
   def step(trainable, opt_state, frozen, batch, rng):
-    (loss, tokens), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable, frozen, batch, rng)
+    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable, frozen, batch, rng)
     grad_norm = optax.tree.norm(grads)
     updates, new_opt_state = tx.update(grads, opt_state, trainable)
     new_trainable = optax.apply_updates(trainable, updates)
-    metrics = {"loss": loss, "loss_tokens": tokens, "grad_norm": grad_norm,
-               "tokens": (batch["attention_mask"] != 0).sum()}
+    metrics = {**aux, "loss": loss, "grad_norm": grad_norm, "tokens": (batch["attention_mask"] != 0).sum()}
     if skip_nonfinite:
       ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
       keep = lambda new, old: jnp.where(ok, new, old)

@@ -18,7 +18,7 @@ import time
 import jax
 import numpy as np
 
-from jft import checkpoint, data, estimate, evaluate, peft, run, sharding, state
+from jft import checkpoint, data, estimate, objectives, peft, rules, run, sharding, state
 from jft.errors import JftError
 from jft.step import make_train_step
 
@@ -28,32 +28,14 @@ class TrainingError(JftError, RuntimeError):
 
 
 def examples_for(config, tokenizer, split: str, limit):
-  """Prompt/response examples of one split, as the config's task defines them."""
-  d = config.data
-  ds = data.load_split(d.path, split)
-  if d.task == "classification":
-    return data.classification_examples(ds, tokenizer, text_field=d.text_field, label_field=d.label_field,
-                                        labels=tuple(d.labels), template=d.template, chat=d.chat, limit=limit,
-                                        system=d.system)
-  if d.task == "sft":
-    return data.sft_examples(ds, tokenizer, prompt_field=d.prompt_field, response_field=d.response_field,
-                             template=d.template, chat=d.chat, limit=limit, system=d.system)
-  raise TrainingError(f"data.task={d.task!r}; expected classification or sft")
+  """The examples of one split, as the config's objective reads them."""
+  return objectives.from_config(config).examples(config.data, tokenizer, split, limit)
 
 
-def evaluate_split(config, model, params, tokenizer, examples, mesh=None) -> dict:
-  """Loss/perplexity always; accuracy (label words) for classification; exact match if asked."""
-  d = config.data
-  rows = data.tokenize(examples, tokenizer, d.max_length, d.chat, d.truncation)
-  if d.task == "classification":  # loss and label accuracy from one forward pass
-    out = evaluate.classification(model, params, rows, [ex["label"] for ex in examples],
-                                  evaluate.label_token_ids(tokenizer, tuple(d.labels), d.chat),
-                                  config.eval.batch_size, mesh=mesh)
-  else:
-    out = evaluate.loss_and_perplexity(model, params, rows, config.eval.batch_size, mesh=mesh)
-  if config.eval.exact_match:
-    out.update(evaluate.exact_match(model, params, tokenizer, examples, d.chat, config.eval.batch_size))
-  return out
+def evaluate_split(config, model, params, tokenizer, examples, mesh=None, reference=None) -> dict:
+  """The objective's evaluation of `examples` (`model` as the method configured it)."""
+  forward = objectives.Forward(model, model, params, reference)
+  return objectives.from_config(config).evaluate(config, forward, tokenizer, examples, mesh=mesh)
 
 
 class _Log:
@@ -158,24 +140,30 @@ def train(config, workdir: str, resume: bool = False, echo=print, dry_run: bool 
   echo(f"model {c.model.name}, method {method.name}" + (f" on a {c.quant.format} base" if c.quant.format else "")
        + f"; mesh {dict(mesh.shape)} over {jax.process_count()} process(es)")
 
-  # ---- Data ------------------------------------------------------------------
+  # ---- Objective and data ----------------------------------------------------
   d = c.data
+  objective = objectives.from_config(c)
+  if d.pack and not objective.packable:
+    raise TrainingError(f"data.pack=True: objective {objective.name} keeps its rows apart (pairs, groups); "
+                        "set --config.data.pack=false")
   train_examples = examples_for(c, tokenizer, d.train_split, d.max_train_examples or None)
   eval_examples = examples_for(c, tokenizer, d.eval_split, d.max_eval_examples or None) if d.eval_split else []
   pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-  batches = data.Batches(data.tokenize(train_examples, tokenizer, d.max_length, d.chat, d.truncation),
-                         c.train.batch_size, d.max_length, seed=c.seed, pack=d.pack, bucket=d.bucket, pad_id=pad_id,
-                         shard=sharding.process_rows(mesh, c.train.batch_size))
+  batches = data.Batches(objective.rows(train_examples, tokenizer, d), c.train.batch_size, d.max_length,
+                         seed=c.seed, pack=d.pack, bucket=d.bucket, pad_id=pad_id,
+                         shard=sharding.process_rows(mesh, c.train.batch_size), collate=objective.collate,
+                         length=objective.row_length)
 
   # ---- State: eval_shape -> shardings -> jitted init (jft.state) ---------------
   st = state.build(method, base, mesh, seed=c.seed, make_tx=lambda t: run.make_tx(c, t, method),
                    axis_rules=c.train.axis_rules, overrides=c.train.sharding_overrides)
+  objectives.check_base_view(method, rules.flatten(base), rules.flatten(st.trainable), objective)
   del base
   trainable, frozen, opt_state = st.trainable, st.frozen, st.opt_state
   counts = peft.count(method, peft.combine(trainable, frozen))
   echo(str(counts))
   step_fn = make_train_step(model, method, st.tx, skip_nonfinite=c.train.nan_policy == "skip",
-                            shardings=st.step_shardings())
+                            shardings=st.step_shardings(), objective=objective)
   rng = jax.random.PRNGKey(c.seed + 1)
   eval_model = method.configure(model)
   layout_path = os.path.join(workdir, "shardings.json")
@@ -193,8 +181,10 @@ def train(config, workdir: str, resume: bool = False, echo=print, dry_run: bool 
   def run_params(trainable_):
     return method.materialize(peft.combine(trainable_, frozen))
 
+  reference = objectives.base_view(method, frozen) if objective.uses_reference else None
+
   def evaluate_on(params, examples):
-    return evaluate_split(c, eval_model, params, tokenizer, examples, mesh=mesh)
+    return evaluate_split(c, eval_model, params, tokenizer, examples, mesh=mesh, reference=reference)
 
   # ---- Resume ----------------------------------------------------------------
   mngr = checkpoint.manager(workdir, c.train.keep)

@@ -1,0 +1,139 @@
+"""What a training objective is, and the reference model every objective shares.
+
+An objective is a small frozen dataclass, one file; defining the class
+registers it by `name` (its fields are the config's `objective.hparams`). It owns
+the three parts of a stage of training (gemma's DPO example keeps them apart too):
+
+    examples(data, tokenizer, split, limit)   a split's rows as this objective reads them
+    rows(examples, tokenizer, data)           tokenized rows; `row_length`, `collate` make padded batches
+    loss(forward, batch)                      (scalar loss, metrics), inside the jitted step
+    evaluate(forward, examples, ...)          metrics of a split, outside the step
+    method(method)                            what trains: the configured method, or it plus a head
+
+The step (`jft.step`) is built from an objective and an optimizer; language
+modelling, SFT and classification-as-generation are objectives like DPO.
+
+The reference model of DPO, KTO and RL's KL term is never a second copy of
+the weights: it is the *base view* of the same tree, the frozen leaves without
+any leaf the method owns (`base_view`), run through the same model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from typing import Any, ClassVar, Optional
+
+import jax
+
+from jft import rules
+from jft.errors import JftError
+
+OBJECTIVES: dict[str, type] = {}  # name -> class, filled by defining an Objective subclass
+
+
+class ObjectiveError(JftError, ValueError):
+  pass
+
+
+@dataclasses.dataclass(frozen=True)
+class Forward:
+  """What a loss sees in the step: the policy's params and the models that run them.
+
+  `model` trains (dropout on); `eval_model` is deterministic and runs the
+  reference (`reference`: the base view, or None when the objective needs
+  none). `trained` holds the paths of trainable leaves (the fused loss asks
+  whether the output projection is one of them).
+  """
+  model: Any
+  eval_model: Any
+  params: Any
+  reference: Any = None
+  rng: Any = None
+  trained: frozenset = frozenset()
+
+  def apply(self, input_ids, attention_mask, **kwargs):
+    return self.model.apply({"params": self.params}, input_ids, attention_mask=attention_mask,
+                            rngs={"dropout": self.rng}, **kwargs)
+
+
+@dataclasses.dataclass(frozen=True)
+class Objective:
+  """Base class. Subclasses set `name` and override what they need."""
+  name: ClassVar[str] = "objective"
+  uses_reference: ClassVar[bool] = False  # the loss reads `Forward.reference`
+  packable: ClassVar[bool] = False  # rows may be packed into one sequence (`data.pack`)
+  online: ClassVar[bool] = False  # batches are sampled from the policy during training (`rollout`)
+
+  def __init_subclass__(cls, **kwargs):
+    super().__init_subclass__(**kwargs)
+    if "name" in cls.__dict__:
+      OBJECTIVES[cls.name] = cls
+
+  def method(self, method):
+    return method
+
+  def examples(self, data, tokenizer, split: str, limit: Optional[int]) -> list:
+    raise NotImplementedError
+
+  def rows(self, examples: list, tokenizer, data) -> list:
+    raise NotImplementedError
+
+  def row_length(self, row) -> int:
+    return len(row[0])
+
+  def collate(self, rows: list, length: int, pad_id: int) -> dict:
+    raise NotImplementedError
+
+  def loss(self, forward: Forward, batch: dict):
+    raise NotImplementedError
+
+  def evaluate(self, config, forward: Forward, tokenizer, examples: list, mesh=None) -> dict:
+    raise NotImplementedError
+
+  def hparams(self) -> dict:
+    return dataclasses.asdict(self)
+
+
+def build(name: str, **hparams) -> Objective:
+  """An objective from its registered name and hyperparameters, with named errors."""
+  if name not in OBJECTIVES:
+    close = difflib.get_close_matches(name, OBJECTIVES, n=3)
+    raise ObjectiveError(f"unknown objective {name!r}; available: {', '.join(sorted(OBJECTIVES))}"
+                         + (f" (did you mean {', '.join(close)}?)" if close else ""))
+  cls = OBJECTIVES[name]
+  fields = {f.name for f in dataclasses.fields(cls)}
+  unknown = sorted(set(hparams) - fields)
+  if unknown:
+    raise ObjectiveError(f"objective {name}: unknown hyperparameter(s) {unknown}; valid: {sorted(fields)}")
+  return cls(**hparams)
+
+
+def from_config(config) -> Objective:
+  """The run's objective: `objective.name` + `objective.hparams`; run folders written before
+  objectives existed name it as `data.task`."""
+  if "objective" in config:
+    return build(config.objective.name, **config.objective.hparams.to_dict())
+  return build(config.data.task)
+
+
+def base_view(method, frozen):
+  """The reference model's params: the frozen leaves the method does not own (no copy is made).
+
+  With every method group gone the model runs the base; `stop_gradient`
+  makes sure nothing flows into it even where it shares leaves with the policy.
+  """
+  flat = {p: jax.lax.stop_gradient(v) for p, v in rules.flatten(frozen).items() if method.own(p) is None}
+  return rules.unflatten(flat)
+
+
+def check_base_view(method, base_paths, trainable_paths, objective: Objective):
+  """A base view exists only when training changes no base leaf: full fine-tuning (or BitFit on a
+  model with biases) trains the base itself, so its reference would need a second copy."""
+  trained_base = sorted(set(base_paths) & set(trainable_paths))
+  if objective.uses_reference and trained_base:
+    raise ObjectiveError(
+        f"objective {objective.name} needs the reference model, which jft computes from the base with the "
+        f"method's leaves switched off; method {method.name} trains base weights ({trained_base[0]}, ... "
+        f"{len(trained_base)} in all), so no reference is left. Use an adapter method (lora, dora, ia3...), "
+        f"or start from an earlier run with --init-from")
