@@ -25,7 +25,7 @@ def methods():
   """method -> (jft method name, hyperparameters, quantized base format, learning rate), from the registry."""
   rows = {}
   for name, cls in sorted(peft.METHODS.items()):
-    if name == "compose":
+    if name == "compose" or not cls.standalone:
       continue
     recipe = dict(cls.recipe)
     lr = recipe.pop("lr")

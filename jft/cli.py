@@ -27,6 +27,9 @@ def _train(args) -> int:
   from jft.train import train
 
   config = _config(args)  # every config error surfaces here, before any compute
+  if args.init_from:
+    from jft import config as cfg
+    cfg.override(config, "train.init_from", args.init_from)
   _join(args)
   results = train(config, args.workdir, resume=args.resume, dry_run=args.dry_run)
   if not sharding.is_primary():
@@ -237,6 +240,9 @@ def build_parser() -> argparse.ArgumentParser:
   t.add_argument("--config", required=True, help="configs/FILE.py[:name=value,...]")
   t.add_argument("--workdir", required=True, help="run folder (config, metrics, checkpoints)")
   t.add_argument("--resume", action="store_true", help="continue the run in --workdir from its last checkpoint")
+  t.add_argument("--init-from", metavar="RUN", default="",
+                 help="start from an earlier run: its adapter (best checkpoint) merged into the base, which is "
+                      "then the frozen base and the reference model (= --config.train.init_from=RUN)")
   t.add_argument("--dry-run", action="store_true",
                  help="build and place the state, compile the step, write shardings.json (with the compiled "
                       "step's memory per device), and stop")

@@ -195,9 +195,11 @@ def default_config() -> ml_collections.ConfigDict:
                 label_field="label", labels=("negative", "positive"), prompt_field="prompt",
                 response_field="response", max_length=128, truncation="left", pack=False, bucket=1,
                 train_split="train", eval_split="validation", test_split="test",
+                holdout=0.1,  # one data file (no split files): the seeded fraction held out for evaluation
                 max_train_examples=0, max_eval_examples=0, max_test_examples=0)
   c.train = dict(steps=100, batch_size=8, log_every=10, eval_every=0, save_every=50, keep=2,
                  nan_policy="stop", mesh=dict(data=-1, fsdp=1, tensor=1),
+                 init_from="",  # an earlier run whose merged adapter is this run's base (--init-from)
                  # logical axis -> mesh axis (jft.sharding.AXIS_RULES); path overrides (regex, per-layer spec)
                  axis_rules=AXIS_RULES, sharding_overrides=())
   c.optim = dict(name="adamw", lr=1e-4, schedule="cosine", warmup_steps=10, final_lr_ratio=0.1, b1=0.9,

@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from jft import checkpoint, objectives, peft, quant, sharding
+from jft import checkpoint, objectives, peft, quant, rules, sharding
 from jft.errors import JftError
 from jft.models import load_pretrained, load_tokenizer
 from jft.models.pretrained import resolve
@@ -102,6 +102,8 @@ def build_model(config, mesh=None):
   """
   dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[config.model.dtype]
   model, base = load_pretrained(config.model.name, dtype=dtype, remat=config.model.remat)
+  if config.train.get("init_from"):
+    base = merged_base(config.train.init_from, config.model.name, base)
   if mesh is not None:
     pinned = sharding.activation_sharding(mesh, config.train.axis_rules)
     model = model.clone(settings=dataclasses.replace(model.settings, sharding=pinned))
@@ -110,6 +112,27 @@ def build_model(config, mesh=None):
                              double_quant=config.quant.double_quant)
   method = objectives.from_config(config).method(peft.build(config.method.name, **config.method.hparams.to_dict()))
   return model, base, method, load_tokenizer(config.model.name)
+
+
+def merged_base(workdir: str, model_name: str, base):
+  """An earlier run's adapter (its best checkpoint) folded into `base`: the base of a run that starts from it.
+
+  The merged weights are then both what the new method adapts and its
+  reference model (`jft.objectives.base_view`). Runs chain: the earlier run
+  may itself have started from another.
+  """
+  if not os.path.isfile(os.path.join(workdir, "config.json")):
+    raise RunError(f"--init-from {workdir}: not a run folder (no config.json)")
+  earlier = restore(workdir, "best")
+  if base_identity(earlier.config.model.name)["sha256"] != base_identity(model_name)["sha256"]:
+    raise RunError(f"--init-from {workdir}: that run fine-tuned {earlier.config.model.name}, this one "
+                   f"{model_name}; an adapter only applies to its own base")
+  try:
+    merged, _ = earlier.method.merge(earlier.params())
+  except peft.MethodError as e:
+    raise RunError(f"--init-from {workdir}: {e}") from None
+  flat, want = rules.flatten(merged), rules.flatten(base)
+  return rules.unflatten({p: jnp.asarray(quant.as_dense(flat[p]), want[p].dtype) for p in want})
 
 
 def make_tx(config, trainable, method=None):

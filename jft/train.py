@@ -149,7 +149,11 @@ def train(config, workdir: str, resume: bool = False, echo=print, dry_run: bool 
   train_examples = examples_for(c, tokenizer, d.train_split, d.max_train_examples or None)
   eval_examples = examples_for(c, tokenizer, d.eval_split, d.max_eval_examples or None) if d.eval_split else []
   pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-  batches = data.Batches(objective.rows(train_examples, tokenizer, d), c.train.batch_size, d.max_length,
+  if objective.online and jax.process_count() > 1:
+    raise TrainingError(f"objective {objective.name} samples on one process; multi-process runs are not "
+                        "supported for online objectives yet")
+  batches = data.Batches(objective.rows(train_examples, tokenizer, d), objective.rows_per_batch(c.train.batch_size),
+                         d.max_length,
                          seed=c.seed, pack=d.pack, bucket=d.bucket, pad_id=pad_id,
                          shard=sharding.process_rows(mesh, c.train.batch_size), collate=objective.collate,
                          length=objective.row_length)
@@ -203,9 +207,9 @@ def train(config, workdir: str, resume: bool = False, echo=print, dry_run: bool 
       echo(f"resumed from step {start}")
   log = _Log(workdir, resumed_step=start if resume else None, enabled=primary)
 
-  def save(step: int):
+  def save(step: int, position=None):
     checkpoint.save(mngr, step, {"trainable": trainable, "opt_state": opt_state},
-                    {"data": batches.state(), "best": best, "step": step})
+                    {"data": position or batches.state(), "best": best, "step": step})
 
   # ---- Zero-shot evaluation --------------------------------------------------
   results = {"counts": {"trainable": counts.trainable, "total": counts.total, "percent": counts.percent}}
@@ -216,6 +220,13 @@ def train(config, workdir: str, resume: bool = False, echo=print, dry_run: bool 
     results["zero_shot"] = {"split": zero_split, **zero}
     log(0, "zero_shot", zero)
     echo("zero-shot " + _fmt(zero))
+
+  samples_path = os.path.join(workdir, "samples.json")
+  if start == 0 and eval_examples:
+    before = objective.samples(c, objectives.Forward(eval_model, eval_model, run_params(trainable), reference),
+                               tokenizer, eval_examples)
+    if before and primary:
+      run.write_json(samples_path, {"before": before})
 
   # ---- Loop ------------------------------------------------------------------
   stop = {"signal": None, "pruned": False}
@@ -229,7 +240,18 @@ def train(config, workdir: str, resume: bool = False, echo=print, dry_run: bool 
   step = start
   try:
     for step in range(start, c.train.steps):
-      batch = sharding.global_batch(mesh, next(batches), c.train.batch_size)
+      position = batches.state()
+      host, rollout = next(batches), {}
+      if objective.online:
+        policy = objectives.Forward(eval_model, eval_model, run_params(trainable))
+        try:
+          host, rollout = objective.rollout(host, policy, tokenizer, seed=c.seed * 1_000_003 + step,
+                                            where=f"step {step + 1}")
+        except JftError as e:
+          save(step, position)
+          raise TrainingError(f"{e}; nothing lost: checkpoint saved at step {step} in {workdir} (fix the cause "
+                              "and continue with --resume)") from e
+      batch = sharding.global_batch(mesh, host, c.train.batch_size)
       trainable, opt_state, metrics = step_fn(trainable, opt_state, frozen, batch,
                                               np.asarray(jax.random.fold_in(rng, step)))
       metrics = jax.device_get(metrics)  # one host transfer per step (the loss is checked every step)
@@ -244,7 +266,9 @@ def train(config, workdir: str, resume: bool = False, echo=print, dry_run: bool 
         dt = time.time() - t_last  # training steps only: evaluations and checkpoints are not counted
         rate = tokens_since / max(dt, 1e-9)
         record = {"loss": loss, "grad_norm": float(metrics["grad_norm"]), "tokens_per_s": rate,
-                  "step_seconds": dt / steps_since, "skipped": int(metrics.get("skipped", 0))}
+                  "step_seconds": dt / steps_since, "skipped": int(metrics.get("skipped", 0)),
+                  **{k: float(v) for k, v in metrics.items() if k not in ("loss", "grad_norm", "tokens", "skipped")},
+                  **rollout}
         log(done, "train", record)
         bar.update(done, loss, rate)
         t_last, tokens_since, steps_since = time.time(), 0, 0
@@ -281,6 +305,11 @@ def train(config, workdir: str, resume: bool = False, echo=print, dry_run: bool 
       echo("validation " + _fmt(ev))
     if mngr.latest_step() != c.train.steps:
       save(c.train.steps)
+    after = objective.samples(c, objectives.Forward(eval_model, eval_model, run_params(trainable), reference),
+                              tokenizer, eval_examples) if eval_examples else []
+    if after and primary:
+      saved = json.load(open(samples_path)) if os.path.isfile(samples_path) else {}
+      run.write_json(samples_path, {**saved, "after": after})
 
   # ---- Test evaluation (the best checkpoint) ---------------------------------
   if not interrupted and d.test_split:
@@ -369,6 +398,27 @@ class _progress:
       self.bar.close()
 
 
+def _samples_section(path: str) -> list[str]:
+  """Held-out prompts with the reference and the model's output before and after training."""
+  if not os.path.isfile(path):
+    return []
+  with open(path) as f:
+    saved = json.load(f)
+  before, after = saved.get("before", []), saved.get("after", [])
+  lines = ["", "## Held-out samples (greedy)"]
+  quote = lambda text: "\n".join("> " + line for line in (text.strip() or "(empty)").splitlines())
+  for i in range(max(len(before), len(after))):
+    ex = (after or before)[i]
+    prompt = ex["prompt"] if len(ex["prompt"]) <= 400 else "..." + ex["prompt"][-400:]
+    lines += ["", f"### {i + 1}", "", "```text", prompt.strip(), "```"]
+    if ex.get("reference"):
+      lines += ["", "reference:", "", quote(ex["reference"])]
+    for label, rows in (("before training", before), ("after training", after)):
+      if i < len(rows):
+        lines += ["", f"{label}:", "", quote(rows[i]["generated"])]
+  return lines
+
+
 def _write_summary(workdir: str, c, method, results: dict):
   lines = [f"# Run {os.path.basename(os.path.abspath(workdir))}", "",
            f"- model: `{c.model.name}` ({c.model.dtype}), method: `{method.name}` "
@@ -385,5 +435,6 @@ def _write_summary(workdir: str, c, method, results: dict):
     lines.append(f"- best {b['metric']}: {b['value']:.4f} at step {b['step']}")
   if os.path.isfile(os.path.join(workdir, "curves.png")):
     lines += ["", "![loss and evaluation curves](curves.png)"]
+  lines += _samples_section(os.path.join(workdir, "samples.json"))
   with open(os.path.join(workdir, "summary.md"), "w") as f:
     f.write("\n".join(lines) + "\n")

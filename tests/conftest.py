@@ -98,3 +98,44 @@ def tiny_model(tmp_path_factory):
   transformers.AutoModelForCausalLM.from_config(config).save_pretrained(folder)
   jft.load_tokenizer("smollm2-135m").save_pretrained(folder)
   return folder
+
+
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def byte_tokenizer():
+  """A byte-level tokenizer (one token per byte, eos <|im_end|>, a ChatML template): no hub, tiny vocab."""
+  from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+  from transformers import PreTrainedTokenizerFast
+
+  vocab = {c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+  backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+  backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+  backend.decoder = decoders.ByteLevel()
+  tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|im_end|>", pad_token="<|im_end|>",
+                                      additional_special_tokens=["<|im_start|>"])
+  tokenizer.chat_template = CHATML
+  return tokenizer
+
+
+@pytest.fixture(scope="session")
+def byte_model(tmp_path_factory):
+  """Folder of a random 2-layer Llama over `byte_tokenizer`'s 258 tokens (saved beside it): fast runs of
+  every objective, where sampling sees every token often (GRPO can find a rewarded one). Weights drawn
+  with std 0.2, not 0.02: tied embeddings that small bound every logit near 0, so no adapter could make
+  a token likely."""
+  import torch
+  import transformers
+
+  folder = str(tmp_path_factory.mktemp("byte_llama"))
+  tokenizer = byte_tokenizer()
+  config = transformers.LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                                    num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                    max_position_embeddings=256, tie_word_embeddings=True, initializer_range=0.2,
+                                    eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                                    bos_token_id=None)
+  torch.manual_seed(0)
+  transformers.AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+  tokenizer.save_pretrained(folder)
+  return folder

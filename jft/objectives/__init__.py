@@ -9,7 +9,7 @@ import importlib as _importlib
 import pkgutil as _pkgutil
 
 from jft.objectives.api import (OBJECTIVES, Forward, Objective, ObjectiveError, base_view, build,
-                                check_base_view, from_config)
+                                check_base_view, default_hparams, from_config, mean_loss)
 
 for _module in _pkgutil.iter_modules(__path__):
   _importlib.import_module(f"{__name__}.{_module.name}")

@@ -6,8 +6,10 @@ the three parts of a stage of training (gemma's DPO example keeps them apart too
 
     examples(data, tokenizer, split, limit)   a split's rows as this objective reads them
     rows(examples, tokenizer, data)           tokenized rows; `row_length`, `collate` make padded batches
+    rollout(batch, forward, ...)              online objectives (GRPO): sample the step's batch from the policy
     loss(forward, batch)                      (scalar loss, metrics), inside the jitted step
     evaluate(forward, examples, ...)          metrics of a split, outside the step
+    samples(forward, examples, ...)           a few generations shown in the summary (before/after)
     method(method)                            what trains: the configured method, or it plus a head
 
 The step (`jft.step`) is built from an objective and an optimizer; language
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 from typing import Any, ClassVar, Optional
 
 import jax
@@ -53,8 +56,11 @@ class Forward:
   trained: frozenset = frozenset()
 
   def apply(self, input_ids, attention_mask, **kwargs):
-    return self.model.apply({"params": self.params}, input_ids, attention_mask=attention_mask,
-                            rngs={"dropout": self.rng}, **kwargs)
+    rngs = {"dropout": self.rng} if self.rng is not None else {}
+    return self.model.apply({"params": self.params}, input_ids, attention_mask=attention_mask, rngs=rngs, **kwargs)
+
+  def apply_reference(self, input_ids, attention_mask, **kwargs):
+    return self.eval_model.apply({"params": self.reference}, input_ids, attention_mask=attention_mask, **kwargs)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,6 +85,14 @@ class Objective:
   def rows(self, examples: list, tokenizer, data) -> list:
     raise NotImplementedError
 
+  def rows_per_batch(self, batch_size: int) -> int:
+    """Rows the data stream yields per step (GRPO: prompts, each completed several times)."""
+    return batch_size
+
+  def rollout(self, batch: dict, forward: Forward, tokenizer, seed: int, where: str) -> tuple[dict, dict]:
+    """Online objectives: the data stream's batch -> (the step's batch, metrics), sampled from the policy."""
+    return batch, {}
+
   def row_length(self, row) -> int:
     return len(row[0])
 
@@ -91,8 +105,35 @@ class Objective:
   def evaluate(self, config, forward: Forward, tokenizer, examples: list, mesh=None) -> dict:
     raise NotImplementedError
 
+  def samples(self, config, forward: Forward, tokenizer, examples: list) -> list[dict]:
+    """A few outputs of the model on held-out examples, for the run's summary (before and after training)."""
+    return []
+
   def hparams(self) -> dict:
     return dataclasses.asdict(self)
+
+
+@functools.partial(jax.jit, static_argnames=("objective", "model"))
+def _batch_loss(objective, model, params, reference, batch):
+  loss, metrics = objective.loss(Forward(model, model, params, reference), batch)
+  return {"loss": loss, **metrics}
+
+
+def mean_loss(objective: Objective, forward: Forward, rows: list, batch_size: int, pad_id: int = 0) -> dict:
+  """The objective's loss and metrics on `rows`, in fixed order, averaged over rows (deterministic model).
+
+  Objectives whose evaluation is their training loss (DPO, KTO...) use this.
+  """
+  totals, n = {}, 0
+  for start in range(0, len(rows), batch_size):
+    chunk = rows[start:start + batch_size]
+    longest = max(map(objective.row_length, chunk))
+    batch = objective.collate(chunk, -(-longest // 16) * 16, pad_id)
+    out = jax.device_get(_batch_loss(objective, forward.eval_model, forward.params, forward.reference, batch))
+    for k, v in out.items():
+      totals[k] = totals.get(k, 0.0) + float(v) * len(chunk)
+    n += len(chunk)
+  return {k: v / max(n, 1) for k, v in totals.items()}
 
 
 def build(name: str, **hparams) -> Objective:
@@ -109,6 +150,13 @@ def build(name: str, **hparams) -> Objective:
   return cls(**hparams)
 
 
+def default_hparams(name: str) -> dict:
+  """Every hyperparameter of an objective with its default: a config lists them all, so any one can be
+  overridden on the command line (`--config.objective.hparams.beta=0.2`)."""
+  build(name)  # a named error for an unknown objective
+  return {f.name: f.default for f in dataclasses.fields(OBJECTIVES[name])}
+
+
 def from_config(config) -> Objective:
   """The run's objective: `objective.name` + `objective.hparams`; run folders written before
   objectives existed name it as `data.task`."""
@@ -118,13 +166,12 @@ def from_config(config) -> Objective:
 
 
 def base_view(method, frozen):
-  """The reference model's params: the frozen leaves the method does not own (no copy is made).
+  """The reference model's params: the frozen leaves the method does not own, the same arrays (no copy).
 
-  With every method group gone the model runs the base; `stop_gradient`
-  makes sure nothing flows into it even where it shares leaves with the policy.
+  With every method group gone the model runs the base. Frozen leaves are
+  never differentiated, and losses put `stop_gradient` on reference outputs.
   """
-  flat = {p: jax.lax.stop_gradient(v) for p, v in rules.flatten(frozen).items() if method.own(p) is None}
-  return rules.unflatten(flat)
+  return rules.unflatten({p: v for p, v in rules.flatten(frozen).items() if method.own(p) is None})
 
 
 def check_base_view(method, base_paths, trainable_paths, objective: Objective):

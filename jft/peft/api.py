@@ -75,6 +75,10 @@ class Method(hooks.Hook):
   # init(base) computes the base model, so restoring a leaf's initial value removes the method there
   # (`jft ablate`'s layer and module ablations). False when init adds something (virtual tokens).
   init_is_base: ClassVar[bool] = True
+  # False: a part other code composes in (the reward objective's `score_head`), not a method to pick alone.
+  standalone: ClassVar[bool] = True
+  # peft writes it as a whole module (`modules_to_save`) beside another method's adapter; that module's name.
+  peft_module: ClassVar[Optional[str]] = None
 
   def __init_subclass__(cls, **kwargs):
     super().__init_subclass__(**kwargs)

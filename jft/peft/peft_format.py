@@ -100,21 +100,46 @@ def _check_shape(what, value, like, where):
     raise errors.ShapeMismatchError(f"{where}: {what} has shape {np.shape(value)}, expected {tuple(like.shape)}")
 
 
+def _adapter_and_modules(method: api.Method) -> tuple[api.Method, list]:
+  """The one method peft calls the adapter, and the parts it saves as whole modules (`modules_to_save`)."""
+  parts = method.methods if isinstance(method, api.Compose) else (method,)
+  modules = [m for m in parts if m.peft_module]
+  adapters = [m for m in parts if not m.peft_module]
+  if len(adapters) == 1:
+    return adapters[0], modules
+  raise PeftFormatError(f"method {method.name!r}: a peft folder holds one adapter, this has "
+                        f"{[m.name for m in adapters]}")
+
+
 def export_peft(method: api.Method, params, config: ModelConfig, folder: str, base_model: str = "") -> str:
-  """Write `method`'s adapter from `params` as a peft folder."""
-  if method.peft_type is None:
-    raise PeftFormatError(f"method {method.name!r} has no peft equivalent (those with one: "
+  """Write `method`'s adapter from `params` as a peft folder (a reward head as `modules_to_save`)."""
+  adapter, modules = _adapter_and_modules(method)
+  if adapter.peft_type is None:
+    raise PeftFormatError(f"method {adapter.name!r} has no peft equivalent (those with one: "
                           f"{', '.join(sorted(n for n, c in api.METHODS.items() if c.peft_type))})")
   io = PeftIO(config)
-  method.peft_export(params, io)
-  cfg = {"peft_type": method.peft_type, "task_type": "CAUSAL_LM", "inference_mode": True,
-         "base_model_name_or_path": base_model, "modules_to_save": None, **method.peft_config(params)}
+  for part in (adapter, *modules):
+    part.peft_export(params, io)
+  cfg = {"peft_type": adapter.peft_type, "task_type": "SEQ_CLS" if modules else "CAUSAL_LM", "inference_mode": True,
+         "base_model_name_or_path": base_model, "modules_to_save": [m.peft_module for m in modules] or None,
+         **adapter.peft_config(params)}
   os.makedirs(folder, exist_ok=True)
   save_file({k: np.ascontiguousarray(v, np.float32) for k, v in io.tensors.items()},
             os.path.join(folder, WEIGHTS), metadata={"format": "pt"})
   with open(os.path.join(folder, CONFIG), "w") as f:
     json.dump(cfg, f, indent=2)
   return folder
+
+
+def _saved_modules(cfg: dict, tensors: dict) -> list:
+  """The whole-module parts (`modules_to_save`) a folder holds tensors for: a reward head."""
+  parts = []
+  for cls in api.METHODS.values():
+    if cls.peft_module and cls.peft_module in (cfg.get("modules_to_save") or ()):
+      weight = tensors.get(f"{PREFIX}{cls.peft_module}.weight")
+      if weight is not None:
+        parts.append(cls(outputs=weight.shape[0]))
+  return parts
 
 
 def _method_class(cfg: dict, path: str) -> type:
@@ -144,9 +169,14 @@ def import_peft(folder: str, params, config: ModelConfig):
     raise errors.CorruptCheckpointError(f"{weights_path}: not a readable safetensors file ({e})") from e
   # peft strips the adapter name on save; tolerate ".default" from older files.
   tensors = {re.sub(r"\.default(?=\.|$)", "", k): v for k, v in tensors.items()}
+  modules = _saved_modules(cfg, tensors)
+  if modules:
+    method = api.Compose((method, *modules))
   adapted = method.init(jax.random.PRNGKey(0), params)  # structure + constants (scale)
   io = PeftIO(config, tensors, weights_path)
-  values = method.peft_import(adapted, io)
+  values = {}
+  for part in method.methods if modules else (method,):
+    values.update(part.peft_import(adapted, io))
   if io.tensors:
     raise errors.UnexpectedTensorError(f"{weights_path}: unexpected tensor(s) {sorted(io.tensors)[:5]}")
   flat = rules.flatten(adapted)

@@ -1,0 +1,152 @@
+"""Objectives: each one trains, the reference is the base view (no copy), GRPO learns, bad input is named.
+
+The losses themselves are checked against TRL in test_align.py; here the
+objectives run through the real step on a tiny byte-level Llama (`byte_model`).
+"""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import jft
+from jft import cli, config as cfg, objectives, peft, rules
+from jft.step import make_train_step
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = os.path.join(ROOT, "configs", "tiny.py")
+LORA = dict(rank=8, alpha=16.0, targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"))
+
+
+def pairs_file(path, n=24):
+  rows = [{"prompt": f"Question {i}: say yes?", "chosen": "yes " * (1 + i % 3), "rejected": "no"} for i in range(n)]
+  with open(path, "w") as f:
+    f.writelines(json.dumps(r) + "\n" for r in rows)
+  return str(path)
+
+
+def write_reward(path, body):
+  path.write_text(f"def reward(prompts, completions):\n  {body}\n")
+  return f"{path}:reward"
+
+
+def state(model, params, method, lr=1e-2):
+  trainable, frozen = peft.split(method, method.init(jax.random.PRNGKey(0), params))
+  tx = optax.adam(lr)
+  return trainable, frozen, tx, tx.init(trainable)
+
+
+@pytest.mark.parametrize("name,hparams", [("dpo", {}), ("dpo", {"loss_type": "ipo"}), ("dpo", {"loss_type": "hinge"}),
+                                          ("orpo", {}), ("kto", {}), ("reward", {}), ("lm", {})])
+def test_each_objective_lowers_its_loss(byte_model, tmp_path, name, hparams):
+  model, params = jft.load_pretrained(byte_model)
+  tokenizer = jft.load_tokenizer(byte_model)
+  c = cfg.build(f"{TINY}:objective={name}", [("model.name", byte_model), ("data.path", pairs_file(tmp_path / "p.jsonl"))]
+                if name in ("dpo", "orpo", "kto") else [("model.name", byte_model)])
+  objective = objectives.build(name, **{**c.objective.hparams.to_dict(), **hparams})
+  method = objective.method(peft.LoRA(**LORA))
+  examples = objective.examples(c.data, tokenizer, "train", 8)
+  rows = objective.rows(examples, tokenizer, c.data)[:8]
+  batch = objective.collate(rows, -(-max(map(objective.row_length, rows)) // 16) * 16, tokenizer.pad_token_id)
+  trainable, frozen, tx, opt = state(model, params, method)
+  step = make_train_step(model, method, tx, objective=objective)
+  losses, margins = [], []
+  for i in range(6):
+    trainable, opt, metrics = step(trainable, opt, frozen, batch, jax.random.PRNGKey(i))
+    losses.append(float(metrics["loss"]))
+    margins.append(float(metrics.get("rewards/margins", 0.0)))
+  assert np.isfinite(losses).all()
+  if name == "kto":  # its loss also moves with the batch KL estimate, which grows from 0 as the policy moves
+    assert margins[-1] > margins[0] + 0.01, margins
+  else:
+    assert losses[-1] < losses[0] - 0.01, losses
+  if name == "dpo":  # LoRA starts as the base, so the policy starts equal to its reference
+    start = {"sigmoid": np.log(2), "ipo": (1 / (2 * objective.beta)) ** 2, "hinge": 1.0}[objective.loss_type]
+    assert losses[0] == pytest.approx(start, abs=1e-4)
+    assert {"rewards/chosen", "rewards/margins", "rewards/accuracies", "logps/chosen"} <= set(metrics)
+
+
+def test_reference_is_the_base_view_of_the_same_tree_no_copy():
+  """The reference params are the frozen tree's own arrays, and the compiled DPO step takes nothing but
+  the state and the batch as arguments and needs far less scratch memory than one copy of the base."""
+  config = jft.ModelConfig(family="llama", vocab_size=258, hidden_size=256, intermediate_size=1024, num_layers=2,
+                           num_heads=4, num_kv_heads=4, head_dim=64, max_position_embeddings=64)
+  model = jft.Transformer(config)
+  params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 4), jnp.int32))["params"]
+  method = peft.LoRA(rank=4, alpha=8.0, targets=("q_proj", "v_proj"))
+  trainable, frozen, tx, opt = state(model, params, method)
+  view = objectives.base_view(method, frozen)
+  flat_view, flat_frozen = rules.flatten(view), rules.flatten(frozen)
+  assert set(flat_view) == set(rules.flatten(params)) and all(flat_view[p] is flat_frozen[p] for p in flat_view)
+  objective = objectives.build("dpo")
+  step = make_train_step(model, method, tx, objective=objective, donate=False)
+  b, t = 2, 16
+  batch = {"input_ids": jnp.ones((b, 2, t), jnp.int32), "attention_mask": jnp.ones((b, 2, t), jnp.int32),
+           "loss_mask": jnp.ones((b, 2, t), jnp.int32).at[..., :4].set(0)}
+  rng = jax.random.PRNGKey(0)
+  memory = step.lower(trainable, opt, frozen, batch, rng).compile().memory_analysis()
+  nbytes = lambda tree: sum(x.nbytes for x in jax.tree.leaves(tree))
+  base_bytes = nbytes(params)
+  assert memory.argument_size_in_bytes <= nbytes((trainable, opt, frozen, batch, rng))  # (an unused rng is pruned)
+  assert memory.temp_size_in_bytes < 0.5 * base_bytes, (memory.temp_size_in_bytes, base_bytes)
+
+
+def test_full_fine_tuning_has_no_reference_to_offer(byte_model, tmp_path):
+  c = cfg.build(f"{TINY}:objective=dpo,method=full", [("model.name", byte_model),
+                                                      ("data.path", pairs_file(tmp_path / "p.jsonl"))])
+  with pytest.raises(objectives.ObjectiveError, match="no reference is left"):
+    from jft.train import train
+    train(c, str(tmp_path / "run"))
+
+
+def test_grpo_learns_to_emit_a_token(byte_model, tmp_path):
+  """Reward = how often the completion contains "X": within 12 steps the policy writes it far more often."""
+  model, params = jft.load_pretrained(byte_model)
+  tokenizer = jft.load_tokenizer(byte_model)
+  objective = objectives.build("grpo", reward=write_reward(tmp_path / "r.py", "return [c.count('X') for c in completions]"),
+                               group_size=8, max_new_tokens=12, beta=0.04)
+  method = peft.LoRA(**LORA)
+  trainable, frozen, tx, opt = state(model, params, method, lr=3e-2)
+  step = make_train_step(model, method, tx, objective=objective)
+  policy = method.configure(model)
+  prompts = {"prompts": [np.asarray(tokenizer(p)["input_ids"], np.int32)
+                         for p in ("The film", "A movie", "This is", "It was")]}
+  rewards, kls = [], []
+  for i in range(12):
+    forward = objectives.Forward(policy, policy, method.materialize(peft.combine(trainable, frozen)))
+    batch, info = objective.rollout(prompts, forward, tokenizer, seed=i, where=f"step {i + 1}")
+    assert batch["input_ids"].shape[0] == 32 and abs(batch["advantages"].reshape(4, 8).mean(1)).max() < 1e-5
+    trainable, opt, metrics = step(trainable, opt, frozen, batch, jax.random.PRNGKey(i))
+    rewards.append(info["reward"])
+    kls.append(float(metrics["kl"]))
+  assert np.mean(rewards[-3:]) > 1.0 > 0.3 > np.mean(rewards[:3]), rewards
+  assert kls[0] == pytest.approx(0.0, abs=1e-6) and kls[-1] > 0.01  # starts at the reference, then moves away
+
+
+@pytest.mark.parametrize("body,message", [("raise ValueError('scorer down')", "raised ValueError: scorer down"),
+                                          ("return [float('nan')] * len(completions)", "returned nan"),
+                                          ("return [1.0]", "returned 1 values for 8 completions")])
+def test_a_broken_reward_names_the_step_and_loses_nothing(byte_model, tmp_path, capsys, body, message):
+  spec = write_reward(tmp_path / "r.py", body)
+  workdir = tmp_path / "run"
+  code = cli.main(["train", "--config", f"{TINY}:objective=grpo,steps=2", f"--config.model.name={byte_model}",
+                   f"--config.objective.hparams.reward={spec}", "--config.objective.hparams.samples_shown=0",
+                   "--workdir", str(workdir)])
+  err = capsys.readouterr().err
+  assert code != 0 and "step 1" in err and message in err and "--resume" in err, err
+  assert os.path.isdir(workdir / "checkpoints" / "0")
+
+
+def test_preference_file_without_rejected_is_one_named_error(byte_model, tmp_path, capsys):
+  path = tmp_path / "bad.jsonl"
+  path.write_text(json.dumps({"prompt": "p", "chosen": "a", "rejected": "b"}) + "\n"
+                  + json.dumps({"prompt": "p", "chosen": "a"}) + "\n")
+  code = cli.main(["train", "--config", f"{TINY}:objective=dpo", f"--config.model.name={byte_model}",
+                   f"--config.data.path={path}", "--config.data.holdout=0", "--workdir", str(tmp_path / "run")])
+  err = capsys.readouterr().err
+  assert code == 2 and "bad.jsonl" in err and "row 1" in err and "rejected" in err, err
+  assert len(err.strip().splitlines()) == 1
