@@ -71,8 +71,9 @@ def test_each_objective_lowers_its_loss(byte_model, tmp_path, name, hparams):
 
 
 def test_reference_is_the_base_view_of_the_same_tree_no_copy():
-  """The reference params are the frozen tree's own arrays, and the compiled DPO step takes nothing but
-  the state and the batch as arguments and needs far less scratch memory than one copy of the base."""
+  """The reference params are the frozen tree's own arrays; the compiled DPO step takes nothing but the
+  state and the batch as arguments, and its scratch memory is an SFT step's on the same sequences (a
+  copy of the base would add its size)."""
   config = jft.ModelConfig(family="llama", vocab_size=258, hidden_size=256, intermediate_size=1024, num_layers=2,
                            num_heads=4, num_kv_heads=4, head_dim=64, max_position_embeddings=64)
   model = jft.Transformer(config)
@@ -82,17 +83,21 @@ def test_reference_is_the_base_view_of_the_same_tree_no_copy():
   view = objectives.base_view(method, frozen)
   flat_view, flat_frozen = rules.flatten(view), rules.flatten(frozen)
   assert set(flat_view) == set(rules.flatten(params)) and all(flat_view[p] is flat_frozen[p] for p in flat_view)
-  objective = objectives.build("dpo")
-  step = make_train_step(model, method, tx, objective=objective, donate=False)
   b, t = 2, 16
-  batch = {"input_ids": jnp.ones((b, 2, t), jnp.int32), "attention_mask": jnp.ones((b, 2, t), jnp.int32),
+  pairs = {"input_ids": jnp.ones((b, 2, t), jnp.int32), "attention_mask": jnp.ones((b, 2, t), jnp.int32),
            "loss_mask": jnp.ones((b, 2, t), jnp.int32).at[..., :4].set(0)}
+  rows = {k: v.reshape(2 * b, t) for k, v in pairs.items()}  # the same sequences, as SFT rows
   rng = jax.random.PRNGKey(0)
-  memory = step.lower(trainable, opt, frozen, batch, rng).compile().memory_analysis()
   nbytes = lambda tree: sum(x.nbytes for x in jax.tree.leaves(tree))
-  base_bytes = nbytes(params)
-  assert memory.argument_size_in_bytes <= nbytes((trainable, opt, frozen, batch, rng))  # (an unused rng is pruned)
-  assert memory.temp_size_in_bytes < 0.5 * base_bytes, (memory.temp_size_in_bytes, base_bytes)
+
+  def memory(name, batch):
+    step = make_train_step(model, method, tx, objective=objectives.build(name), donate=False)
+    return step.lower(trainable, opt, frozen, batch, rng).compile().memory_analysis()
+
+  dpo, sft = memory("dpo", pairs), memory("sft", rows)
+  assert dpo.argument_size_in_bytes <= nbytes((trainable, opt, frozen, pairs, rng))  # (an unused rng is pruned)
+  # Measured: 8,666,176 vs 8,666,048 bytes (the reference pass adds 128 bytes); the base is 8,922,112.
+  assert dpo.temp_size_in_bytes - sft.temp_size_in_bytes < 0.1 * nbytes(params)
 
 
 def test_full_fine_tuning_has_no_reference_to_offer(byte_model, tmp_path):
