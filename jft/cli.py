@@ -60,6 +60,16 @@ def _sweep(args) -> int:
   return 0
 
 
+def _pairs(args) -> int:
+  from jft.onpolicy import preference_pairs
+
+  counts = preference_pairs(args.policy, args.reward, args.out, prompts=args.prompts, samples=args.samples,
+                            max_new_tokens=args.max_new_tokens, split=args.split, seed=args.seed)
+  print(f"wrote {counts['pairs']} pairs from {counts['prompts']} prompts ({counts['ties']} all-equal groups "
+        f"skipped) to {args.out}")
+  return 0
+
+
 def _report(args) -> int:
   from jft.report import report
 
@@ -269,6 +279,17 @@ def build_parser() -> argparse.ArgumentParser:
   s.add_argument("--point", type=int, help="run only point K (a scheduler's array index)")
   s.add_argument("--seed", type=int, default=0, help="seed of the random/optuna search itself")
   s.set_defaults(run=_sweep, accepts_overrides=True)
+
+  p = sub.add_parser("pairs", help="sample preference pairs from a run's policy, ranked by a reward (for DPO)")
+  p.add_argument("policy", metavar="RUN", help="the policy's run folder (its best checkpoint)")
+  p.add_argument("--reward", required=True, help="jft.rewards spec: run:DIR, module:function, file.py:function")
+  p.add_argument("--out", required=True, help="JSONL file (prompt/chosen/rejected)")
+  p.add_argument("--prompts", type=int, default=400)
+  p.add_argument("--samples", type=int, default=4, help="completions per prompt; best = chosen, worst = rejected")
+  p.add_argument("--max-new-tokens", type=int, default=24)
+  p.add_argument("--split", default="train")
+  p.add_argument("--seed", type=int, default=0)
+  p.set_defaults(run=_pairs)
 
   r = sub.add_parser("report", help="rebuild the table and plots of a sweep folder, or a run's curves")
   r.add_argument("dir", help="a sweep folder (sweep.json) or a run folder (config.json)")

@@ -1,0 +1,52 @@
+"""Preference pairs sampled from a policy and ranked by a reward: on-policy data for DPO.
+
+    jft pairs RUN --reward run:runs/reward --out pairs.jsonl [--prompts 400 --samples 4]
+
+For each prompt (the first words of a text of the run's data, as GRPO
+builds them) the policy of RUN samples `samples` completions; the highest-
+and lowest-rewarded become `chosen` and `rejected` (ties are skipped). Rows
+are written in the common prompt/chosen/rejected layout (plus both rewards),
+which `configs/dpo.py` reads with `--config.data.path=pairs.jsonl`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+
+from jft import objectives, rewards, run
+
+
+def preference_pairs(workdir: str, reward: str, out: str, *, prompts: int = 400, samples: int = 4,
+                     prompt_words: int = 4, max_new_tokens: int = 24, temperature: float = 1.0, split: str = "train",
+                     batch_prompts: int = 8, seed: int = 0, echo=print) -> dict:
+  """Write `out` (JSONL); -> counts. The prompts' texts come from RUN's `data.path` split `split`."""
+  r = run.restore(workdir, "best")
+  sampler = objectives.build("grpo", reward=reward, group_size=max(samples, 2), max_new_tokens=max_new_tokens,
+                             temperature=temperature, prompt_words=prompt_words)
+  examples = sampler.examples(r.config.data, r.tokenizer, split, prompts)
+  rows = [ids for ids, _ in sampler.rows(examples, r.tokenizer, r.config.data)]
+  forward = objectives.Forward(r.model, r.model, r.params())
+  tmp = out + ".tmp"
+  written = ties = 0
+  with open(tmp, "w") as f:
+    for start in range(0, len(rows), batch_prompts):
+      texts_p, texts_c, *_ = sampler.complete(forward, r.tokenizer, rows[start:start + batch_prompts],
+                                              sampler.group_size, seed=seed + start)
+      scores = rewards.call(reward, texts_p, texts_c, f"prompts {start}..").reshape(-1, sampler.group_size)
+      for g, group in enumerate(scores):
+        hi, lo = int(np.argmax(group)), int(np.argmin(group))
+        if group[hi] == group[lo]:
+          ties += 1
+          continue
+        i = g * sampler.group_size
+        # One leading space off: plain-text completions are tokenized with one (`jft.data.response_ids`).
+        strip = lambda text: text[1:] if text.startswith(" ") else text
+        f.write(json.dumps({"prompt": texts_p[i], "chosen": strip(texts_c[i + hi]), "rejected": strip(texts_c[i + lo]),
+                            "chosen_reward": float(group[hi]), "rejected_reward": float(group[lo])}) + "\n")
+        written += 1
+      echo(f"{min(start + batch_prompts, len(rows))}/{len(rows)} prompts, {written} pairs")
+  os.replace(tmp, out)
+  return {"pairs": written, "ties": ties, "prompts": len(rows)}
