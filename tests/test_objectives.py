@@ -155,3 +155,31 @@ def test_preference_file_without_rejected_is_one_named_error(byte_model, tmp_pat
   err = capsys.readouterr().err
   assert code == 2 and "bad.jsonl" in err and "row 1" in err and "rejected" in err, err
   assert len(err.strip().splitlines()) == 1
+
+
+def test_init_from_an_sft_run_makes_its_merged_weights_the_base_and_the_reference(byte_model, tmp_path):
+  """SFT, then DPO `--init-from` it: DPO's frozen base is the SFT run's merged model, and DPO starts at
+  its reference (loss log 2); on-policy pairs sampled from the SFT policy feed the DPO run."""
+  from jft import run
+
+  sft, dpo = str(tmp_path / "sft"), str(tmp_path / "dpo")
+  assert cli.main(["train", "--config", f"{TINY}:objective=lm,steps=2", f"--config.model.name={byte_model}",
+                   "--config.train.eval_every=0", "--workdir", sft]) == 0
+  reward = write_reward(tmp_path / "r.py", "return [len(c) + c.count('e') for c in completions]")
+  pairs = str(tmp_path / "pairs.jsonl")
+  assert cli.main(["pairs", sft, "--reward", reward, "--out", pairs, "--prompts", "12", "--samples", "4",
+                   "--max-new-tokens", "6"]) == 0
+  rows = [json.loads(line) for line in open(pairs)]
+  assert rows and all(r["chosen_reward"] > r["rejected_reward"] for r in rows)
+  assert cli.main(["train", "--config", f"{TINY}:objective=dpo,steps=2", f"--config.model.name={byte_model}",
+                   f"--config.data.path={pairs}", "--config.data.holdout=0.25", "--init-from", sft,
+                   "--workdir", dpo]) == 0
+  first = next(json.loads(line) for line in open(os.path.join(dpo, "metrics.jsonl")) if '"train"' in line)
+  assert first["loss"] == pytest.approx(np.log(2), abs=1e-5)
+  earlier = run.restore(sft, "best")
+  merged = rules.flatten(earlier.method.merge(earlier.params())[0])
+  later = run.restore(dpo, "latest")
+  base = rules.flatten(objectives.base_view(later.method, later.init.frozen))
+  assert set(base) == set(rules.flatten(jft.load_pretrained(byte_model)[1]))
+  for path, value in base.items():
+    np.testing.assert_allclose(np.asarray(value), np.asarray(merged[path]), atol=1e-6, err_msg=path)
