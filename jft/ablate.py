@@ -325,7 +325,7 @@ def run_ablations(workdir: str, kinds: Sequence[str] = ("all",), split: Optional
   shardings = r.init.shardings["trainable"]
 
   def measure(params):
-    return evaluate_split(config, r.model, params, r.tokenizer, examples, mesh=r.init.mesh)
+    return evaluate_split(config, r.model, params, r.tokenizer, examples, mesh=r.init.mesh, reference=r.reference())
 
   rows = [{"kind": "none", "ablation": "none", "leaves": "", "metrics": measure(r.params())}]
   bar = None

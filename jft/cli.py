@@ -81,10 +81,10 @@ def _eval(args) -> int:
   from jft import run
   from jft.train import evaluate_split, examples_for
 
-  config, model, method, params, tokenizer = run.restore_params(args.workdir, args.checkpoint)
-  split = args.split or config.data.test_split
-  examples = examples_for(config, tokenizer, split, args.limit or None)
-  metrics = evaluate_split(config, model, params, tokenizer, examples)
+  r = run.restore(args.workdir, args.checkpoint)
+  split = args.split or r.config.data.test_split or r.config.data.eval_split
+  examples = examples_for(r.config, r.tokenizer, split, args.limit or None)
+  metrics = evaluate_split(r.config, r.model, r.params(), r.tokenizer, examples, reference=r.reference())
   print(json.dumps({"split": split, "examples": len(examples), **metrics}, indent=2))
   return 0
 

@@ -163,6 +163,12 @@ class Restored:
     return self.method.materialize(peft.combine(self.trainable if trainable is None else trainable,
                                                 self.init.frozen))
 
+  def reference(self):
+    """The reference model's params (the base view), when the run's objective has one; else None."""
+    if not objectives.from_config(self.config).uses_reference:
+      return None
+    return objectives.base_view(self.method, self.init.frozen)
+
 
 def restore(workdir: str, which: str = "best", mesh=None) -> Restored:
   """A run's trainable leaves from its `which` checkpoint, and the state they were trained from.

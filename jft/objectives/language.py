@@ -52,13 +52,16 @@ class SFT(api.Objective):
     return next_token_loss(forward, batch)
 
   def evaluate(self, config, forward, tokenizer, examples, mesh=None):
-    d = config.data
-    out = evaluate.loss_and_perplexity(forward.model, forward.params, self.rows(examples, tokenizer, d),
+    out = evaluate.loss_and_perplexity(forward.model, forward.params, self.rows(examples, tokenizer, config.data),
                                        config.eval.batch_size, mesh=mesh)
-    if config.eval.exact_match:
-      out.update(evaluate.exact_match(forward.model, forward.params, tokenizer, examples, d.chat,
-                                      config.eval.batch_size))
-    return out
+    return {**out, **self.exact_match(config, forward, tokenizer, examples)}
+
+  def exact_match(self, config, forward, tokenizer, examples) -> dict:
+    """Greedy generation against the response text, when `eval.exact_match` asks for it."""
+    if not config.eval.exact_match:
+      return {}
+    return evaluate.exact_match(forward.model, forward.params, tokenizer, examples, config.data.chat,
+                                config.eval.batch_size)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,10 +80,7 @@ class Classification(SFT):
                                   [ex["label"] for ex in examples],
                                   evaluate.label_token_ids(tokenizer, tuple(d.labels), d.chat),
                                   config.eval.batch_size, mesh=mesh)
-    if config.eval.exact_match:
-      out.update(evaluate.exact_match(forward.model, forward.params, tokenizer, examples, d.chat,
-                                      config.eval.batch_size))
-    return out
+    return {**out, **self.exact_match(config, forward, tokenizer, examples)}
 
 
 @dataclasses.dataclass(frozen=True)
