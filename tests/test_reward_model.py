@@ -92,10 +92,10 @@ def test_reward_objective_matches_trl_loss_and_gradients(seqcls):
             "attention_mask": torch.tensor(halves(batch["attention_mask"]), dtype=torch.long),
             "margin": torch.tensor(batch["margin"])}
   trainer = object.__new__(RewardTrainer)
-  trainer.__dict__.update(model=types.SimpleNamespace(training=False), _total_train_tokens=0, _tp_size=1,
-                         args=types.SimpleNamespace(
-      center_rewards_coefficient=None), _metrics={"eval": {k: [] for k in ("min_reward", "mean_reward", "max_reward",
-                                                                           "accuracy", "margin")}},
+  metrics = {"eval": {k: [] for k in ("min_reward", "mean_reward", "max_reward", "accuracy", "margin")}}
+  trainer.__dict__.update(  # TRL's own compute_loss, on a trainer without its setup (evaluation mode)
+      model=types.SimpleNamespace(training=False), _total_train_tokens=0, _tp_size=1, _metrics=metrics,
+      args=types.SimpleNamespace(center_rewards_coefficient=None),
       accelerator=types.SimpleNamespace(gather=lambda x: x, gather_for_metrics=lambda x: x))
   torch_model.zero_grad()
   loss = trainer.compute_loss(torch_model, inputs)

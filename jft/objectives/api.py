@@ -2,7 +2,8 @@
 
 An objective is a small frozen dataclass, one file; defining the class
 registers it by `name` (its fields are the config's `objective.hparams`). It owns
-the three parts of a stage of training (gemma's DPO example keeps them apart too):
+the parts of a stage of training, kept apart as gemma's DPO example keeps the
+data transform, the loss and the frozen anchor:
 
     examples(data, tokenizer, split, limit)   a split's rows as this objective reads them
     rows(examples, tokenizer, data)           tokenized rows; `row_length`, `collate` make padded batches
