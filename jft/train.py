@@ -405,7 +405,7 @@ def _samples_section(path: str) -> list[str]:
   with open(path) as f:
     saved = json.load(f)
   before, after = saved.get("before", []), saved.get("after", [])
-  lines = ["", "## Held-out samples (greedy)"]
+  lines = ["", "## Held-out samples, before and after training"]
   quote = lambda text: "\n".join("> " + line for line in (text.strip() or "(empty)").splitlines())
   for i in range(max(len(before), len(after))):
     ex = (after or before)[i]
