@@ -412,7 +412,8 @@ def _samples_section(path: str) -> list[str]:
     prompt = ex["prompt"] if len(ex["prompt"]) <= 400 else "..." + ex["prompt"][-400:]
     lines += ["", f"### {i + 1}", "", "```text", prompt.strip(), "```"]
     if ex.get("reference"):
-      lines += ["", "reference:", "", quote(ex["reference"])]
+      reference = ex["reference"] if len(ex["reference"]) <= 600 else ex["reference"][:600] + " ..."
+      lines += ["", "reference:", "", quote(reference)]
     for label, rows in (("before training", before), ("after training", after)):
       if i < len(rows):
         lines += ["", f"{label}:", "", quote(rows[i]["generated"])]
