@@ -153,8 +153,7 @@ def train(config, workdir: str, resume: bool = False, echo=print, dry_run: bool 
     raise TrainingError(f"objective {objective.name} samples on one process; multi-process runs are not "
                         "supported for online objectives yet")
   batches = data.Batches(objective.rows(train_examples, tokenizer, d), objective.rows_per_batch(c.train.batch_size),
-                         d.max_length,
-                         seed=c.seed, pack=d.pack, bucket=d.bucket, pad_id=pad_id,
+                         d.max_length, seed=c.seed, pack=d.pack, bucket=d.bucket, pad_id=pad_id,
                          shard=sharding.process_rows(mesh, c.train.batch_size), collate=objective.collate,
                          length=objective.row_length)
 
