@@ -200,6 +200,7 @@ def _losses(workdir):
   return out
 
 
+@pytest.mark.slow  # model-scale / long: make test-slow (the default suite stays under 15 min)
 def test_kill_resume_equals_uninterrupted_then_eval_and_export(tiny_model, tmp_path, capsys):
   args = ["train", "--config", TINY, f"--config.model.name={tiny_model}", "--config.train.steps=10"]
   reference = str(tmp_path / "reference")
@@ -417,6 +418,7 @@ def _as_dicts(node):
   return node
 
 
+@pytest.mark.slow  # model-scale / long: make test-slow (the default suite stays under 15 min)
 def test_checkpoints_of_the_older_layout_restore(tiny_model, tmp_path):
   """Runs saved before methods grouped their leaves (`lora_a` beside the kernel) still load and resume."""
   import orbax.checkpoint as ocp

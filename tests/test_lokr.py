@@ -24,6 +24,7 @@ def test_factorization_as_peft():
       assert factorization(n, factor) == reference(n, factor), (n, factor)
 
 
+@pytest.mark.slow  # model-scale / long: make test-slow (the default suite stays under 15 min)
 def test_contract_full_factors(base):
   """r = 4 >= half the second factors: W2 is one full matrix (as peft decides)."""
   method = LoKr(rank=4, alpha=8.0, targets=("q_proj", "v_proj", "down_proj"))

@@ -207,6 +207,7 @@ def test_forward_matches_bitsandbytes_linear4bit(smol, tmp_path):
   assert np.abs(dense - ref).max() > 1e-2  # the comparison sees quantization
 
 
+@pytest.mark.slow  # model-scale / long: make test-slow (the default suite stays under 15 min)
 def test_merge_save_load_and_export(smol, tmp_path):
   import transformers
 
