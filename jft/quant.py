@@ -112,19 +112,23 @@ DQ_BLOCKSIZE = 256
 
 def blockwise8(flat: np.ndarray, blocksize: int):
   """8-bit blockwise quantization with the dynamic map, as bitsandbytes' CPU
-  `quantize_blockwise` does it: value / absmax (a true division), then `bnb_numerics.nearest_8bit`."""
+  `quantize_blockwise` does it: value / absmax (a true division), then `bnb_numerics.nearest_8bit`.
+
+  An all-zero block gives 0 / 0, which bitsandbytes codes 0 (the map's -1 end, times absmax 0), so NaN
+  is coded as -1. Double quantization meets it whenever all block scales equal their mean (one block)."""
   flat = np.asarray(flat, np.float32).reshape(-1)
   pad = (-flat.size) % blocksize
   blocks = np.concatenate([flat, np.zeros(pad, np.float32)]).reshape(-1, blocksize)
   absmax = np.abs(blocks).max(axis=1).astype(np.float32)
   with np.errstate(divide="ignore", invalid="ignore"):
     scaled = (blocks / absmax[:, None]).astype(np.float32).reshape(-1)[: flat.size]
-  return nearest_8bit(np.nan_to_num(scaled), dynamic_map()), absmax
+  return nearest_8bit(np.nan_to_num(scaled, nan=-1.0), dynamic_map()), absmax
 
 
 def blockwise(flat: np.ndarray, blocksize: int, book: np.ndarray):
   """4-bit: float32 [n] -> (codes uint8 [n], absmax float32 [ceil(n / blocksize)]),
-  as bitsandbytes' reference `quantize_4bit` (multiply by 1/absmax, torch.bucketize)."""
+  as bitsandbytes' reference `quantize_4bit` (multiply by 1/absmax, torch.bucketize). A partial
+  last block is scaled by the absmax of its own values, never padded (its codes stop at n)."""
   flat = np.asarray(flat, np.float32).reshape(-1)
   n = flat.size
   full = n - n % blocksize
@@ -139,9 +143,12 @@ def blockwise(flat: np.ndarray, blocksize: int, book: np.ndarray):
   return nearest(np.concatenate(scaled).astype(np.float32), book), absmax.astype(np.float32)
 
 
-def pack4(codes: np.ndarray) -> np.ndarray:
+def pack4(codes: np.ndarray, book: np.ndarray) -> np.ndarray:
+  """Two codes per byte, high nibble first. An odd count fills the last low nibble with the
+  code of 0.0 (NF4 7, FP4 0), as bitsandbytes pads the scaled values with 0.0 before coding them,
+  so the packed bytes match its own; dequantization drops that nibble whatever it holds."""
   if codes.size % 2:
-    codes = np.concatenate([codes, np.zeros(1, np.uint8)])
+    codes = np.concatenate([codes, nearest(np.zeros(1, np.float32), book)])
   return ((codes[0::2] << 4) | codes[1::2]).astype(np.uint8)
 
 
@@ -247,7 +254,7 @@ def quantize_array(weight, fmt: str = "nf4", blocksize: int = 64, double_quant: 
   by_row = lambda a: np.reshape(a, (rows, -1))
   for matrix in flat:
     codes, absmax = blockwise8(matrix, blocksize) if fmt == "int8" else blockwise(matrix, blocksize, book)
-    out["codes"].append(by_row(codes if fmt == "int8" else pack4(codes)))
+    out["codes"].append(by_row(codes if fmt == "int8" else pack4(codes, book)))
     if double_quant:
       offset = torch_float32_mean(absmax)
       c2, s2 = blockwise8(absmax - offset, DQ_BLOCKSIZE)

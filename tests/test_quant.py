@@ -43,25 +43,28 @@ def bnb_reference_dequantize(packed, state, blocksize, fmt):
 
 
 def check_4bit(weight_out_in, fmt, blocksize, double_quant):
+  """Leading axes are stacked layers: ours quantizes each on its own, so each is compared with bitsandbytes alone."""
   import bitsandbytes.functional as F
   import torch
 
-  packed, state = F.quantize_4bit(torch.tensor(weight_out_in), blocksize=blocksize, quant_type=fmt,
-                                  compress_statistics=double_quant)
-  ours = quant.quantize_array(weight_out_in.T, fmt, blocksize, double_quant)  # from the Flax (in, out) kernel
-  assert np.array_equal(np.asarray(ours.codes).reshape(-1), packed.numpy().reshape(-1))
-  if double_quant:
-    assert np.array_equal(np.asarray(ours.absmax_codes).reshape(-1), state.absmax.numpy())
-    assert np.array_equal(np.asarray(ours.absmax_scale), state.state2.absmax.numpy())
-    assert np.float32(ours.absmax_offset) == np.float32(state.offset)
-  else:
-    assert np.array_equal(np.asarray(ours.absmax).reshape(-1), state.absmax.numpy())
-  if weight_out_in.shape[-1] % blocksize == 0:
-    ref = F.dequantize_4bit(packed, state).numpy()
-  else:
-    ref = bnb_reference_dequantize(packed, state, blocksize, fmt)
-  deq = np.asarray(quant.dequantize(ours)).T
-  assert np.abs(deq - ref).max() <= 1e-6 * np.abs(ref).max()
+  stacked = quant.quantize_array(np.swapaxes(weight_out_in, -1, -2), fmt, blocksize, double_quant)  # Flax (in, out)
+  for layer in np.ndindex(weight_out_in.shape[:-2]):
+    w, ours = weight_out_in[layer], jax.tree.map(lambda a: a[layer], stacked)
+    packed, state = F.quantize_4bit(torch.tensor(w), blocksize=blocksize, quant_type=fmt,
+                                    compress_statistics=double_quant)
+    assert np.array_equal(np.asarray(ours.codes).reshape(-1), packed.numpy().reshape(-1))
+    if double_quant:
+      assert np.array_equal(np.asarray(ours.absmax_codes).reshape(-1), state.absmax.numpy())
+      assert np.array_equal(np.asarray(ours.absmax_scale), state.state2.absmax.numpy())
+      assert np.float32(ours.absmax_offset) == np.float32(state.offset)
+    else:
+      assert np.array_equal(np.asarray(ours.absmax).reshape(-1), state.absmax.numpy())
+    if w.shape[-1] % blocksize == 0:
+      ref = F.dequantize_4bit(packed, state).numpy()
+    else:
+      ref = bnb_reference_dequantize(packed, state, blocksize, fmt)
+    deq = np.asarray(quant.dequantize(ours)).T
+    assert np.abs(deq - ref).max() <= 1e-6 * np.abs(ref).max()
 
 
 @pytest.mark.parametrize("fmt", ["nf4", "fp4"])
@@ -82,6 +85,38 @@ def test_4bit_bit_exact_smollm2(fmt, double_quant, blocksize, smol):
     check_4bit(torch_layout(params["layers"][module][proj]["kernel"][layer]), fmt, blocksize, double_quant)
 
 
+def unusual_weight(case):
+  """Odd element counts (bitsandbytes pads the last byte with the code of 0.0), a partial last block,
+  an all-zero block, 1e4 outliers; block 64."""
+  rng = np.random.RandomState(0)
+  if case == "stacked_odd":
+    return rng.randn(3, 5, 7).astype(np.float32)  # three layers of 35 values each
+  shape = {"odd_33x65": (33, 65), "odd_1x7": (1, 7), "zero_block": (3, 65), "outliers": (5, 65)}[case]
+  w = rng.randn(*shape).astype(np.float32) * 0.05
+  flat = w.reshape(-1)
+  if case == "zero_block":
+    flat[64:128] = 0  # a whole block; the 3-value tail block is zero too
+    flat[-3:] = 0
+  if case == "outliers":
+    flat[[5, 70, 71, 200, 324]] = [1e4, -1e4, 3e3, 1e4, -1e4]  # several blocks, one in the 5-value tail
+  return w
+
+
+@pytest.mark.parametrize("fmt", ["nf4", "fp4"])
+@pytest.mark.parametrize("double_quant", [False, True])
+@pytest.mark.parametrize("case", ["odd_33x65", "odd_1x7", "stacked_odd", "zero_block", "outliers"])
+def test_4bit_bit_exact_unusual(case, fmt, double_quant):
+  check_4bit(unusual_weight(case), fmt, 64, double_quant)
+
+
+def test_pack4_pads_with_the_code_of_zero():
+  """The unused low nibble of an odd count: 7 in NF4, 0 in FP4; even counts pack as before."""
+  codes = np.array([1, 2, 3], np.uint8)
+  assert quant.pack4(codes, quant.codebook("nf4")).tolist() == [0x12, 0x37]
+  assert quant.pack4(codes, quant.codebook("fp4")).tolist() == [0x12, 0x30]
+  assert quant.pack4(codes[:2], quant.codebook("nf4")).tolist() == [0x12]
+
+
 @pytest.mark.parametrize("blocksize", [64, 256, 4096])
 def test_int8_blockwise_bit_exact(blocksize, smol):
   import bitsandbytes.functional as F
@@ -96,6 +131,19 @@ def test_int8_blockwise_bit_exact(blocksize, smol):
     assert np.array_equal(np.asarray(ours.absmax).reshape(-1), state.absmax.numpy())
     ref = F.dequantize_blockwise(codes, state).numpy()
     assert np.abs(np.asarray(quant.dequantize(ours)).T - ref).max() <= 1e-6 * np.abs(ref).max()
+
+
+@pytest.mark.parametrize("n", [5, 200])
+def test_int8_zero_block_bit_exact(n):
+  """bitsandbytes codes an all-zero block (0 / 0) as 0, not as the code of 0.0."""
+  import bitsandbytes.functional as F
+  import torch
+
+  w = np.random.RandomState(0).randn(n).astype(np.float32)
+  w[:64] = 0
+  codes, state = F.quantize_blockwise(torch.tensor(w), blocksize=64)
+  ours, absmax = quant.blockwise8(w, 64)
+  assert np.array_equal(ours, codes.numpy()) and np.array_equal(absmax, state.absmax.numpy())
 
 
 def test_codebooks_equal_bitsandbytes():
