@@ -6,11 +6,23 @@ The frozen base is never written here; a run records which base it needs
 process calls `save` and `restore` with its shards (orbax coordinates them);
 restore templates carry the target shardings, so a checkpoint written on one
 mesh restores onto another.
+
+A step is *complete* when orbax has finalized it and its file checksums
+(`jft_checksums.json`) are written beside its items. `Checkpoints.restore`
+verifies them and skips, by name, a newest step that is incomplete or
+corrupt (an interrupted save, a truncated or flipped file) for the newest
+intact one; `save` deletes older steps only after the new one is complete, so
+a failed save never costs the last good checkpoint.
 """
 
 from __future__ import annotations
 
+import glob
+import hashlib
+import json
 import os
+import shutil
+import time
 
 import jax
 import jax.numpy as jnp
@@ -18,30 +30,220 @@ import orbax.checkpoint as ocp
 
 from jft import errors
 
-
-def manager(workdir: str, keep: int) -> ocp.CheckpointManager:
-  return ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, "checkpoints")),
-                               options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True),
-                               item_names=("state", "meta"))
+CHECKSUMS = "jft_checksums.json"
 
 
-def save(mngr: ocp.CheckpointManager, step: int, state: dict, meta: dict):
-  mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
-            force=True)
-  mngr.wait_until_finished()
+class CheckpointSaveError(errors.JftError, OSError):
+  """A save failed (disk full, read-only folder...); the steps saved before it are intact."""
 
 
-def restore(mngr: ocp.CheckpointManager, abstract_state: dict, step: int | None = None, upgrade=None):
-  """-> (step, state, meta) of `step` (default: the latest); arrays placed as the template's shardings.
+class Checkpoints:
+  """A folder of step checkpoints (items `state`, `meta`) that keeps the newest `keep` complete steps."""
+
+  def __init__(self, directory: str, keep: int | None = None):
+    self.directory = os.path.abspath(directory)
+    self.keep = keep
+    # Retention is ours (`_prune`), so that nothing is deleted before a new step is complete.
+    self._mngr = ocp.CheckpointManager(self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=None,
+                                                                                            create=True),
+                                       item_names=("state", "meta"))
+
+  def remove_leftovers(self) -> list[str]:
+    """Delete the temporary folders of saves interrupted in an earlier process; -> their names.
+
+    Only the run's writer calls this (it holds the workdir lock): a reader
+    would delete the save a live run is writing.
+    """
+    found = sorted(glob.glob(os.path.join(self.directory, "*.orbax-checkpoint-tmp*")))
+    if jax.process_index() == 0:
+      for leftover in found:
+        shutil.rmtree(leftover, ignore_errors=True)
+    _sync("jft-remove-leftovers")
+    self._mngr.reload()
+    return [os.path.basename(f) for f in found]
+
+  def steps(self) -> list[int]:
+    return sorted(self._mngr.all_steps())
+
+  def latest_step(self) -> int | None:
+    steps = self.steps()
+    return steps[-1] if steps else None
+
+  def step_dir(self, step: int) -> str:
+    return os.path.join(self.directory, str(step))
+
+  def save(self, step: int, state: dict, meta: dict):
+    """Write `step` (all processes), then its checksums, then drop steps beyond `keep`."""
+    try:
+      self._mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                    meta=ocp.args.JsonSave({**meta, "checksummed": True})),
+                      force=True)
+      self._mngr.wait_until_finished()
+      _sync(f"jft-checkpoint-{step}")
+      if jax.process_index() == 0:
+        write_checksums(self.step_dir(step))
+      _sync(f"jft-checksums-{step}")
+    except OSError as e:
+      self._discard_partial(step)
+      kept = [s for s in self.steps() if s != step]
+      raise CheckpointSaveError(
+          f"saving step {step} to {self.directory} failed ({e.strerror or e}); "
+          + (f"the last complete checkpoint, step {kept[-1]}, is intact" if kept else "no earlier checkpoint")
+      ) from e
+    self._prune(step)
+
+  def _discard_partial(self, step: int):
+    """Remove what a failed save of `step` left (its temporary folder, or a step without checksums)."""
+    if jax.process_index() != 0:
+      return
+    for leftover in glob.glob(os.path.join(self.directory, f"{step}.orbax-checkpoint-tmp*")):
+      shutil.rmtree(leftover, ignore_errors=True)
+    if os.path.isdir(self.step_dir(step)) and not os.path.isfile(os.path.join(self.step_dir(step), CHECKSUMS)):
+      shutil.rmtree(self.step_dir(step), ignore_errors=True)
+    self._mngr.reload()
+
+  def _prune(self, newest: int):
+    if not self.keep:
+      return
+    older = [s for s in self.steps() if s != newest]
+    for s in older[:max(0, len(older) - (self.keep - 1))]:
+      self._mngr.delete(s)
+
+  def delete(self, step: int):
+    self._mngr.delete(step)
+
+  def set_aside(self, step: int, reason: str) -> str:
+    """Move a broken step out of the folder (kept for inspection, never deleted); -> where it went."""
+    target = os.path.join(os.path.dirname(self.directory), "corrupt",
+                          f"{os.path.basename(self.directory)}-{step}-{time.strftime('%Y%m%d-%H%M%S')}")
+    if jax.process_index() == 0:
+      os.makedirs(os.path.dirname(target), exist_ok=True)
+      shutil.move(self.step_dir(step), target)
+      with open(os.path.join(target, "WHY.txt"), "w") as f:
+        f.write(reason + "\n")
+    _sync(f"jft-set-aside-{step}")
+    self._mngr.reload()
+    return target
+
+  def problem(self, step: int) -> str | None:
+    """Why `step` cannot be trusted (missing/changed files, an interrupted save), or None if it is intact."""
+    folder = self.step_dir(step)
+    path = os.path.join(folder, CHECKSUMS)
+    if not os.path.isfile(path):
+      meta = _read_meta(folder)
+      if meta is None:
+        return "incomplete (its metadata is missing or unreadable)"
+      if meta.get("checksummed"):
+        return "incomplete (the save was interrupted before its checksums were written)"
+      return None  # written before checksums existed: nothing to verify against
+    try:
+      with open(path) as f:
+        recorded = json.load(f)
+    except (OSError, ValueError):
+      return f"corrupt ({CHECKSUMS} unreadable)"
+    for name, (size, digest) in sorted(recorded.items()):
+      file = os.path.join(folder, name)
+      if not os.path.isfile(file):
+        return f"incomplete ({name} is missing)"
+      if os.path.getsize(file) != size:
+        return f"corrupt ({name} has {os.path.getsize(file)} bytes, {size} were saved)"
+      if _digest(file) != digest:
+        return f"corrupt ({name} differs from what was saved: checksum mismatch)"
+    return None
+
+  def restore(self, abstract_state: dict, step: int | None = None, upgrade=None, report=print):
+    """-> (step, state, meta) of `step`, else of the newest intact step (None if there is none).
+
+    Without `step`, a newer step that is incomplete or corrupt is reported by
+    name through `report` and skipped (see `set_aside` to move it out of the way).
+    """
+    candidates = [step] if step is not None else self.steps()[::-1]
+    skipped = []
+    for s in candidates:
+      reason = self.problem(s)
+      if reason is None:
+        try:
+          step_, state, meta = _restore(self._mngr, s, abstract_state, upgrade)
+          out = step_, state, {k: v for k, v in meta.items() if k != "checksummed"}  # as the caller saved it
+          if skipped:
+            report(f"checkpoint: using step {s} instead")
+          return out
+        except (errors.CheckpointMismatchError, errors.ShapeMismatchError):
+          raise  # another method or model: not damage, and older steps would not match either
+        except Exception as e:  # orbax/tensorstore raise many types for damaged files
+          reason = f"unreadable ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})"
+      report(f"checkpoint: {self.step_dir(s)} is {reason}")
+      skipped.append((s, reason))
+    if skipped:
+      raise errors.CorruptCheckpointError(
+          f"{self.directory}: no intact checkpoint (" + "; ".join(f"step {s}: {r}" for s, r in skipped) + ")")
+    return None
+
+  def broken_after(self, step: int) -> list[tuple[int, str]]:
+    """Steps newer than `step` and why they are not usable (after `restore` fell back to `step`)."""
+    return [(s, self.problem(s) or "unreadable") for s in self.steps() if s > step]
+
+
+def manager(workdir: str, keep: int | None) -> Checkpoints:
+  return Checkpoints(os.path.join(workdir, "checkpoints"), keep)
+
+
+def save(mngr: Checkpoints, step: int, state: dict, meta: dict):
+  mngr.save(step, state, meta)
+
+
+def write_checksums(folder: str):
+  """Record size and SHA-256 of every file of a finalized step (written atomically)."""
+  recorded = {}
+  for root, _, files in os.walk(folder):
+    for name in files:
+      rel = os.path.relpath(os.path.join(root, name), folder)
+      if rel != CHECKSUMS:
+        recorded[rel] = [os.path.getsize(os.path.join(root, name)), _digest(os.path.join(root, name))]
+  tmp = os.path.join(folder, CHECKSUMS + ".tmp")
+  with open(tmp, "w") as f:
+    json.dump(recorded, f, indent=0, sort_keys=True)
+    f.flush()
+    os.fsync(f.fileno())
+  os.replace(tmp, os.path.join(folder, CHECKSUMS))
+
+
+def _digest(path: str) -> str:
+  h = hashlib.sha256()
+  with open(path, "rb") as f:
+    for chunk in iter(lambda: f.read(1 << 20), b""):
+      h.update(chunk)
+  return h.hexdigest()
+
+
+def _read_meta(folder: str) -> dict | None:
+  try:
+    with open(os.path.join(folder, "meta", "metadata")) as f:
+      meta = json.load(f)
+    return meta if isinstance(meta, dict) else None
+  except (OSError, ValueError):
+    return None
+
+
+def _sync(name: str):
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(name)
+
+
+def restore(mngr: Checkpoints, abstract_state: dict, step: int | None = None, upgrade=None, report=print):
+  """-> (step, state, meta) of `step` (default: the newest intact step), or None if there is no checkpoint."""
+  return mngr.restore(abstract_state, step, upgrade, report)
+
+
+def _restore(mngr: ocp.CheckpointManager, step: int, abstract_state: dict, upgrade=None):
+  """-> (step, state, meta) of `step`; arrays placed as the template's shardings.
 
   A checkpoint written by an older jft (leaves since renamed, step and rng
   once stored as arrays) is read as written and matched to the template by
   path, `upgrade(old path) -> path` (the method's `upgrade_path`) renaming
   its leaves; anything that still differs is an error naming the paths.
   """
-  step = mngr.latest_step() if step is None else step
-  if step is None:
-    return None
   read = lambda template: mngr.restore(step, args=ocp.args.Composite(
       state=ocp.args.StandardRestore(template), meta=ocp.args.JsonRestore()))
   try:

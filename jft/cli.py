@@ -7,6 +7,9 @@ import json
 import os
 import sys
 import time
+import traceback
+
+from jft.errors import JftError
 
 
 def _config(args):
@@ -90,8 +93,6 @@ def _eval(args) -> int:
 
 
 def _export(args) -> int:
-  import shutil
-
   from jft import quant, rules, run
   from jft.models.pretrained import save_pretrained
   from jft.peft import peft_format
@@ -101,46 +102,74 @@ def _export(args) -> int:
     args.format = "trainable"
   out = _export_target(args)
   config, model, method, params, tokenizer = run.restore_params(args.workdir, args.checkpoint)
-  tmp = f"{out}.tmp-{os.getpid()}"  # written whole, then renamed into place: never half an export
-  shutil.rmtree(tmp, ignore_errors=True)
-  if args.format == "peft":
-    peft_format.export_peft(method, params, model.config, tmp, base_model=config.model.name)
-  elif args.format == "merged":
-    merged, _ = method.merge(params)
-    dense = {p: (quant.dequantize(v) if quant.is_quantized(v) else v) for p, v in rules.flatten(merged).items()}
-    save_pretrained(model, rules.unflatten(dense), tmp, tokenizer=tokenizer)
-  else:  # trainable: jft's own format, the trainable leaves as safetensors + the method's hyperparameters
-    from safetensors.numpy import save_file
-    import numpy as np
-    from jft import peft
-    trainable, _ = peft.split(method, params)
-    os.makedirs(tmp, exist_ok=True)
-    save_file({p: np.asarray(v) for p, v in rules.flatten(trainable).items()},
-              os.path.join(tmp, "trainable.safetensors"))
-    run.write_json(os.path.join(tmp, "method.json"), method.hparams())
-  if os.path.exists(out):
-    shutil.rmtree(out)
-  os.replace(tmp, out)
-  print(f"exported {args.format} to {out}")
+
+  def write(folder):
+    if args.format == "peft":
+      peft_format.export_peft(method, params, model.config, folder, base_model=config.model.name)
+    elif args.format == "merged":
+      merged, _ = method.merge(params)
+      dense = {p: (quant.dequantize(v) if quant.is_quantized(v) else v) for p, v in rules.flatten(merged).items()}
+      save_pretrained(model, rules.unflatten(dense), folder, tokenizer=tokenizer)
+    else:  # trainable: jft's own format, the trainable leaves as safetensors + the method's hyperparameters
+      from safetensors.numpy import save_file
+      import numpy as np
+      from jft import peft
+      trainable, _ = peft.split(method, params)
+      os.makedirs(folder, exist_ok=True)
+      save_file({p: np.asarray(v) for p, v in rules.flatten(trainable).items()},
+                os.path.join(folder, "trainable.safetensors"))
+      run.write_json(os.path.join(folder, "method.json"), method.hparams())
+
+  _write_whole(out, write)
+  print(f"exported {args.format} to {args.out}")
   return 0
 
 
-def _export_target(args) -> str:
-  """The export folder, refused when it is the run, holds the run or its base, or is not empty."""
-  import json as _json
+def _write_whole(out: str, write):
+  """`write(folder)` into `<out>.tmp-<pid>`, then swap it in for `out`: a failed or interrupted export
+  leaves `out` as it was, and an old `out` is removed only once the new one is complete."""
+  import shutil
 
+  tmp, old = f"{out}.tmp-{os.getpid()}", f"{out}.old-{os.getpid()}"
+  os.makedirs(os.path.dirname(out), exist_ok=True)
+  shutil.rmtree(tmp, ignore_errors=True)
+  try:
+    write(tmp)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+  if os.path.isdir(out):  # empty, or --overwrite: moved aside, not deleted, until the new one is in place
+    os.rename(out, old)
+  try:
+    os.rename(tmp, out)
+  except BaseException:
+    if os.path.isdir(old):
+      os.rename(old, out)
+    raise
+  shutil.rmtree(old, ignore_errors=True)
+
+
+def _export_target(args) -> str:
+  """The real path of --out, refused when it is, holds or lies inside the run folder or its base model, is a
+  file, or is a non-empty folder without --overwrite."""
   from jft import run
 
   out = os.path.realpath(args.out)
   protected = [os.path.realpath(args.workdir)]
   base_json = os.path.join(args.workdir, "base.json")
   if os.path.isfile(base_json):
-    with open(base_json) as f:
-      protected.append(os.path.realpath(_json.load(f)["path"]))
+    try:
+      with open(base_json) as f:
+        protected.append(os.path.realpath(json.load(f)["path"]))
+    except (ValueError, KeyError, TypeError) as e:
+      raise run.RunError(f"{base_json}: unreadable ({type(e).__name__}: {e}); cannot tell where the base model "
+                         "is, so nothing is exported") from e
   for path in protected:
-    if out == path or path.startswith(out + os.sep):  # replacing `out` would delete it
+    if out == path or path.startswith(out + os.sep) or out.startswith(path + os.sep):
       raise run.RunError(f"--out {args.out}: refusing to write over or into {path} (the run or its base model)")
-  if os.path.isfile(out) or (os.path.isdir(out) and os.listdir(out) and not args.overwrite):
+  if os.path.exists(out) and not os.path.isdir(out):
+    raise run.RunError(f"--out {args.out} exists and is not a folder")
+  if os.path.isdir(out) and os.listdir(out) and not args.overwrite:
     raise run.RunError(f"--out {args.out} exists and is not empty; pass --overwrite to replace it")
   return out
 
@@ -222,6 +251,7 @@ def _estimate(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(prog="jft", description="Performance-efficient fine-tuning in JAX.")
+  parser.add_argument("--debug", action="store_true", help="show the full traceback of an error (or JFT_DEBUG=1)")
   sub = parser.add_subparsers(dest="command", required=True)
 
   g = sub.add_parser("generate", help="generate text from a pretrained model",
@@ -338,22 +368,68 @@ def build_parser() -> argparse.ArgumentParser:
   s.add_argument("--all-methods", action="store_true", help="every method of the config's methods() table, side by side")
   s.add_argument("--json", action="store_true", help="print one JSON object")
   s.set_defaults(run=_estimate, accepts_overrides=True)
+  for command in sub.choices.values():  # `jft --debug CMD` and `jft CMD ... --debug` alike
+    command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                         help="show the full traceback of an error (or JFT_DEBUG=1)")
   return parser
 
 
 def main(argv=None) -> int:
-  from jft.errors import JftError
-
+  """Run one subcommand. Bad input and the environment's failures (a missing or unreadable file, a full
+  disk, a corrupt run file) end as one line `jft COMMAND: error: ...`, exit 2 (1: training failed);
+  the traceback only with --debug or JFT_DEBUG=1. Anything else is a bug and keeps its traceback."""
   parser = build_parser()
   args, rest = parser.parse_known_args(argv)
   if rest and not getattr(args, "accepts_overrides", False):
     parser.error(f"unrecognized arguments: {' '.join(rest)}")
   args.overrides = rest
+  debug = getattr(args, "debug", False) or os.environ.get("JFT_DEBUG", "0") not in ("", "0")
   try:
     return args.run(args)
-  except JftError as e:  # bad input: one clear line, no traceback
-    print(f"jft {args.command}: error: {e}", file=sys.stderr)
-    return 2
+  except KeyboardInterrupt:
+    if debug:
+      traceback.print_exc()
+    print(f"jft {args.command}: interrupted", file=sys.stderr)
+    return 130
+  except (JftError, OSError, json.JSONDecodeError) as e:
+    if debug:
+      traceback.print_exc()
+    print(f"jft {args.command}: error: {_describe(e)}", file=sys.stderr)
+    training = sys.modules.get("jft.train")  # TrainingError lives there; not imported = not raised
+    return 1 if training is not None and isinstance(e, training.TrainingError) else 2
+
+
+def _describe(e: BaseException) -> str:
+  """One line saying what failed and where: the file, or else the jft code that was running."""
+  if isinstance(e, JftError):
+    return str(e)
+  if isinstance(e, json.JSONDecodeError):
+    return f"{_open_file(e) or 'a JSON file'}: not valid JSON ({e.msg}: line {e.lineno} column {e.colno})"
+  what = e.strerror or str(e) or type(e).__name__
+  where = " -> ".join(str(f) for f in (e.filename, e.filename2) if f is not None) or _open_file(e)
+  return f"{where}: {what}" if where else f"{what} (in {_jft_frame(e)})"
+
+
+def _open_file(e: BaseException) -> str | None:
+  """The file the failing code had open (json.load's `fp`, a `with open(...) as f`): the innermost
+  frame's local file object. Python's errors from reads and writes of open files carry no name."""
+  import io
+
+  for frame, _ in reversed(list(traceback.walk_tb(e.__traceback__))):
+    for value in frame.f_locals.values():
+      if isinstance(value, io.IOBase) and isinstance(getattr(value, "name", None), str):
+        return value.name
+  return None
+
+
+def _jft_frame(e: BaseException) -> str:
+  """`function, jft/file.py:line` of the innermost jft frame of the traceback."""
+  here = os.path.dirname(os.path.abspath(__file__))
+  inner = [(f.f_code, line) for f, line in traceback.walk_tb(e.__traceback__) if f.f_code.co_filename.startswith(here)]
+  if not inner:
+    return "jft"
+  code, line = inner[-1]
+  return f"{code.co_name}, {os.path.relpath(code.co_filename, os.path.dirname(here))}:{line}"
 
 
 if __name__ == "__main__":

@@ -4,8 +4,9 @@ A config file defines `get_config(arg=None) -> ml_collections.ConfigDict`.
 `arg` is a comma list `method=lora,mode=local` parsed with `parse_arg`
 against typed defaults. Any field can then be overridden as
 `--config.optim.lr=3e-4`; the string is parsed to the field's type. Every
-mistake (unknown key, wrong type, missing required field) fails here, before
-any model is loaded, naming the field and the closest valid names.
+mistake (unknown key, wrong type, missing required field, a value outside
+the field's choices or range: `jft.schema`) fails here, before any model is
+loaded, naming the field and the closest valid names.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import ast
 import difflib
 import importlib.util
 import os
+import traceback
 from typing import Any, Iterable
 
 import ml_collections
@@ -100,31 +102,56 @@ def flat_keys(config: ml_collections.ConfigDict, prefix: str = "") -> dict[str, 
 
 
 def load_module(path: str):
-  """The config file at `path`, imported (its `get_config`, and `sweep` if it has one)."""
+  """The config file at `path`, imported (its `get_config`, and `sweep` if it has one); a syntax error
+  or an exception while importing it is a ConfigError naming `file:line`."""
   if not os.path.isfile(path):
     raise ConfigError(f"config file {path!r} does not exist")
   module_spec = importlib.util.spec_from_file_location(f"jft_config_{abs(hash(path))}", path)
   module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
+  try:
+    module_spec.loader.exec_module(module)
+  except SyntaxError as e:
+    where = f"{e.filename}:{e.lineno}" if e.filename and e.lineno else path
+    raise ConfigError(f"{where}: {type(e).__name__}: {e.msg}"
+                      + (f": {e.text.strip()}" if e.text and e.text.strip() else "")) from e
+  except Exception as e:  # anything the file runs at import
+    raise ConfigError(f"{_where(path, e)}: {_what(e)}") from e
   return module
+
+
+def _where(path: str, error: BaseException) -> str:
+  """`path:line` of the deepest frame of `error`'s traceback inside the config file `path`."""
+  target, line = os.path.realpath(path), None
+  for frame, lineno in traceback.walk_tb(error.__traceback__):
+    if os.path.realpath(frame.f_code.co_filename) == target:
+      line = lineno
+  return f"{path}:{line}" if line else path
+
+
+def _what(error: BaseException) -> str:
+  """A raised ValueError or JftError is the file's own message; anything else is a bug: say which."""
+  return str(error) if isinstance(error, (ValueError, JftError)) else f"{type(error).__name__}: {error}"
 
 
 def call(spec: str, function: str = "get_config"):
   """`path/to/file.py[:arg]` -> the file's `function(arg)` (`get_config`, `sweep`); a missing
-  function or an argument it rejects is a ConfigError naming the file."""
+  function, an argument it rejects or an error it raises is a ConfigError naming `file:line`."""
   path, _, arg = spec.partition(":")
   module = load_module(path)
   if not hasattr(module, function):
     raise ConfigError(f"{path}: defines no {function}(arg=None)")
   try:
     return getattr(module, function)(arg or None)
-  except (ValueError, KeyError, TypeError) as e:
-    raise ConfigError(f"{path}: {e}" if function == "get_config" else f"{path}: {function}(): {e}") from None
+  except Exception as e:
+    what = _what(e) if function == "get_config" else f"{function}(): {_what(e)}"
+    raise ConfigError(f"{_where(path, e)}: {what}") from e
 
 
 def load_config(spec: str) -> ml_collections.ConfigDict:
   """`path/to/file.py[:arg]` -> the file's `get_config(arg)`, locked."""
   config = call(spec)
+  if not isinstance(config, ml_collections.ConfigDict):
+    raise ConfigError(f"{spec.partition(':')[0]}: get_config returned a {type(config).__name__}, not a ConfigDict")
   config.lock()  # from here on, a misspelt key is an error, not a new field
   return config
 
@@ -174,11 +201,14 @@ def check_required(config: ml_collections.ConfigDict):
 
 
 def build(spec: str, overrides: list[tuple[str, str]] = ()) -> ml_collections.ConfigDict:
-  """The resolved config of a run: file + argument + overrides, validated."""
+  """The resolved config of a run: file + argument + overrides, validated against `jft.schema` (every
+  field's choices and range) before anything is loaded. train, estimate and every sweep point come here."""
   config = load_config(spec)
   for key, value in overrides:
     override(config, key, value)
   check_required(config)
+  from jft import schema  # imports the registries, which may import this module
+  schema.validate(config)
   return config
 
 

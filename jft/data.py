@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import os
 from typing import Any, Callable, Iterable, Optional, Sequence
 
@@ -63,11 +64,39 @@ def load_split(source: Any, split: str = "train"):
     ext = os.path.splitext(path)[1]
     if ext not in EXTENSIONS:
       raise DataError(f"{path}: unsupported file type {ext!r}; use one of {sorted(EXTENSIONS)}")
+    _check_rows_file(path, ext)
     kwargs = {"delimiter": "\t"} if ext == ".tsv" else {}
     return datasets.load_dataset(EXTENSIONS[ext], data_files={split: path}, split=split, **kwargs)
   if os.path.sep in path or path.startswith("."):
     raise DataError(f"{path}: no such file or folder")
   return datasets.load_dataset(path, split=split)  # a hub dataset, where a hub is reachable
+
+
+def _check_rows_file(path: str, ext: str):
+  """An empty file, or a JSONL line that is not a JSON object, as an error naming the file and line.
+
+  (datasets reports these without the file, the line, or at all: `StopIteration`.)
+  """
+  if ext == ".parquet":
+    return
+  with open(path, encoding="utf-8", errors="replace") as f:
+    if ext != ".jsonl":
+      if not f.read(1 << 16).strip():
+        raise DataError(f"{path}: the file is empty (no rows)")
+      return
+    rows = 0
+    for number, line in enumerate(f, 1):
+      if not line.strip():
+        continue
+      try:
+        row = json.loads(line)
+      except ValueError as e:
+        raise DataError(f"{path}:{number}: line {number} is not valid JSON ({e})") from None
+      if not isinstance(row, dict):
+        raise DataError(f"{path}:{number}: line {number} is a JSON {type(row).__name__}, not an object of fields")
+      rows += 1
+  if not rows:
+    raise DataError(f"{path}: the file is empty (no rows)")
 
 
 def field(row: dict, name: str, where: str):

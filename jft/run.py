@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from jft import checkpoint, objectives, peft, quant, rules, sharding
+from jft import checkpoint, errors, objectives, peft, quant, rules, sharding
 from jft.errors import JftError
 from jft.models import load_pretrained, load_tokenizer
 from jft.models.pretrained import resolve
@@ -140,10 +140,8 @@ def make_tx(config, trainable, method=None):
   return make_optimizer(config.optim, config.train.steps, trainable, method)
 
 
-def best_manager(workdir: str):
-  return checkpoint.ocp.CheckpointManager(
-      os.path.abspath(os.path.join(workdir, "best")),
-      options=checkpoint.ocp.CheckpointManagerOptions(max_to_keep=1, create=True), item_names=("state", "meta"))
+def best_manager(workdir: str) -> checkpoint.Checkpoints:
+  return checkpoint.Checkpoints(os.path.join(workdir, "best"), keep=1)
 
 
 @dataclasses.dataclass
@@ -170,15 +168,18 @@ class Restored:
     return objectives.base_view(self.method, self.init.frozen)
 
 
-def restore(workdir: str, which: str = "best", mesh=None) -> Restored:
+def restore(workdir: str, which: str = "best", mesh=None, report=None) -> Restored:
   """A run's trainable leaves from its `which` checkpoint, and the state they were trained from.
 
   `which`: "best" (by the validation metric, if the run tracked one) or "latest".
   The state is built as in training (`jft.state`, the run's seed) on `mesh`
   (default: data parallel over this process's devices), whatever mesh the run trained on.
+  A damaged newest checkpoint is named through `report` (default: stderr) and the
+  newest intact one is used.
   """
   from jft import state
 
+  report = report or (lambda line: print(line, file=sys.stderr))
   config = read_config(workdir)
   mesh = mesh if mesh is not None else sharding.make_mesh({"data": -1}, jax.local_devices())
   model, base, method, tokenizer = build_model(config)
@@ -186,18 +187,21 @@ def restore(workdir: str, which: str = "best", mesh=None) -> Restored:
   st = state.build(method, base, mesh, seed=config.seed, make_tx=lambda t: make_tx(config, t, method),
                    abstract_opt_state=True, axis_rules=config.train.axis_rules,
                    overrides=config.train.sharding_overrides)
-  best = best_manager(workdir) if which == "best" else None
-  if best is not None and best.latest_step() is not None:
-    step, saved, _ = checkpoint.restore(best, {"trainable": checkpoint.abstract(st.trainable)},
-                                        upgrade=method.upgrade_path)
-    source = "best"
-  else:
+  restored, source = None, "best"
+  if which == "best" and os.path.isdir(os.path.join(workdir, "best")):
+    try:
+      restored = checkpoint.restore(best_manager(workdir), {"trainable": checkpoint.abstract(st.trainable)},
+                                    upgrade=method.upgrade_path, report=report)
+    except errors.CorruptCheckpointError as e:
+      report(f"{e}; using the newest intact step instead")
+  if restored is None:
     template = checkpoint.abstract({"trainable": st.trainable, "opt_state": st.opt_state})
-    restored = checkpoint.restore(checkpoint.manager(workdir, keep=1), template, upgrade=method.upgrade_path)
-    if restored is None:
-      raise RunError(f"{workdir}: no checkpoint to restore")
-    step, saved, _ = restored
+    restored = checkpoint.restore(checkpoint.manager(workdir, keep=None), template, upgrade=method.upgrade_path,
+                                  report=report)
     source = "latest"
+  if restored is None:
+    raise RunError(f"{workdir}: no checkpoint to restore")
+  step, saved, _ = restored
   return Restored(config, method.configure(model), method, tokenizer, st, saved["trainable"], step, source)
 
 

@@ -18,7 +18,7 @@ import time
 import jax
 import numpy as np
 
-from jft import checkpoint, data, estimate, objectives, peft, rules, run, sharding, state
+from jft import checkpoint, data, estimate, objectives, peft, rules, run, schema, sharding, state
 from jft.errors import JftError
 from jft.step import make_train_step
 
@@ -106,8 +106,16 @@ def train(config, workdir: str, resume: bool = False, echo=print, dry_run: bool 
   `shardings.json` (with the compiled step's memory analysis), then stops.
   `on_eval(step, metrics)` is called after every periodic evaluation; when it
   returns True the run stops there, checkpointed, marked `pruned` (a sweep's
-  pruner uses this).
+  pruner uses this). Process 0 holds `WORKDIR/.lock` throughout (`jft.lock`):
+  a second run on the same folder fails at once instead of writing it too.
   """
+  from jft.lock import workdir_lock
+
+  with workdir_lock(workdir, enabled=sharding.is_primary()):
+    return _train(config, workdir, resume, echo, dry_run, on_eval)
+
+
+def _train(config, workdir, resume, echo, dry_run, on_eval) -> dict:
   t_start = time.time()
   c = config
   primary = sharding.is_primary()
@@ -130,6 +138,7 @@ def train(config, workdir: str, resume: bool = False, echo=print, dry_run: bool 
     run.write_json(os.path.join(workdir, "versions.json"), run.versions())
 
   # ---- Model, method, quantization -------------------------------------------
+  schema.validate_against_model(c, estimate.model_config(c.model.name))  # from config.json: no weights read yet
   identity = run.base_identity(c.model.name)
   run.check_base(workdir, identity)
   if primary:
@@ -192,14 +201,19 @@ def train(config, workdir: str, resume: bool = False, echo=print, dry_run: bool 
   # ---- Resume ----------------------------------------------------------------
   mngr = checkpoint.manager(workdir, c.train.keep)
   best_mngr = run.best_manager(workdir)
+  for folder in (mngr, best_mngr):
+    for leftover in folder.remove_leftovers():
+      echo(f"removed {leftover} in {folder.directory}: a save interrupted by an earlier process")
   start, best = 0, None
   if resume:
     restored = checkpoint.restore(mngr, checkpoint.abstract({"trainable": trainable, "opt_state": opt_state}),
-                                  upgrade=method.upgrade_path)
+                                  upgrade=method.upgrade_path, report=echo)
     if restored is None:
       echo(f"--resume: no checkpoint in {workdir}; starting from step 0")
     else:
       start, saved, meta = restored
+      for broken, why in mngr.broken_after(start):  # out of the way of the steps about to be redone
+        echo(f"checkpoint step {broken} is {why}: moved to {mngr.set_aside(broken, why)}")
       trainable, opt_state = saved["trainable"], saved["opt_state"]
       batches.restore(meta["data"])
       best = meta.get("best")
@@ -354,8 +368,10 @@ def _track_best(c, best, step, ev, mngr, trainable):
   better = best is None or (ev[metric] > best["value"] if metric != "loss" else ev[metric] < best["value"])
   if better:
     best = {"step": step, "metric": metric, "value": ev[metric]}
-    if step in mngr.all_steps():  # redone after a resume from an older step: replace it
-      mngr.delete(step)
+    if step in mngr.steps() and mngr.problem(step) is None:
+      return best  # redone after a resume from an older step: the same params (resumes are exact), kept as saved
+    if step in mngr.steps():
+      mngr.set_aside(step, mngr.problem(step))
     checkpoint.save(mngr, step, {"trainable": trainable}, best)
   return best
 

@@ -1,0 +1,331 @@
+"""The CLI fails in one line (traceback on --debug), exports never overwrite by accident, one run per folder."""
+
+import errno
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from jft import cli, lock
+from jft.errors import CheckpointNotFoundError
+from jft.run import RunError
+from jft.train import TrainingError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = os.path.join(ROOT, "configs", "tiny.py")
+ONE_STEP = ["--config.train.steps=1", "--config.data.max_train_examples=8", "--config.data.max_eval_examples=4",
+            "--config.data.test_split=", "--config.eval.zero_shot=false"]
+
+
+def _jft(*args, env=None, code=None):
+  """Run `jft ARGS` in a fresh process (or `code` that calls cli.main) -> (returncode, stderr)."""
+  argv = [sys.executable, "-c", code] if code else [sys.executable, "-m", "jft.cli", *args]
+  p = subprocess.run(argv, capture_output=True, text=True, cwd=ROOT, timeout=300,
+                     env={**os.environ, "JFT_DEBUG": "0", **(env or {})})
+  return p.returncode, p.stderr
+
+
+def _snapshot(folder) -> dict:
+  """relative path -> bytes of every file under `folder` (None for a folder)."""
+  out = {}
+  for dirpath, dirnames, filenames in os.walk(folder):
+    for name in dirnames:
+      out[os.path.relpath(os.path.join(dirpath, name), folder)] = None
+    for name in filenames:
+      with open(os.path.join(dirpath, name), "rb") as f:
+        out[os.path.relpath(os.path.join(dirpath, name), folder)] = f.read()
+  return out
+
+
+def _dead_pid() -> int:
+  p = subprocess.Popen(["true"])
+  p.wait()  # reaped: the PID names no process (not even a zombie)
+  return p.pid
+
+
+# ---------------------------------------------------------------------------- one error path
+
+
+def _raise(e):
+  def command(args):
+    raise e
+  return command
+
+
+def _json_error(tmp_path):
+  path = tmp_path / "run.json"
+  path.write_text('{"step": 3,')
+  with open(path) as f:
+    try:
+      json.load(f)
+    except json.JSONDecodeError as e:
+      return e
+
+
+@pytest.mark.parametrize("make_error, code, line", [
+    (lambda _: RunError("runs/x: not a run folder (no config.json)"), 2, "runs/x: not a run folder"),
+    (lambda _: CheckpointNotFoundError("runs/x/best: no checkpoint"), 2, "runs/x/best: no checkpoint"),
+    (lambda _: TrainingError("non-finite loss (nan) at step 3"), 1, "non-finite loss (nan) at step 3"),
+    (lambda _: FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), "data/x.jsonl"), 2,
+     "data/x.jsonl: No such file or directory"),
+    (lambda _: PermissionError(errno.EACCES, os.strerror(errno.EACCES), "runs/x/config.json"), 2,
+     "runs/x/config.json: Permission denied"),
+    (lambda _: IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), "runs/x"), 2, "runs/x: Is a directory"),
+    (lambda _: NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), "a/b"), 2, "a/b: Not a directory"),
+    (lambda _: OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)), 2, "No space left on device (in main, jft/cli.py:"),
+    (lambda tmp: _json_error(tmp), 2, "run.json: not valid JSON (Expecting "),
+])
+def test_expected_errors_end_in_one_line(make_error, code, line, tmp_path, monkeypatch, capsys):
+  monkeypatch.setattr(cli, "_report", _raise(make_error(tmp_path)))
+  assert cli.main(["report", str(tmp_path)]) == code
+  err = capsys.readouterr().err
+  assert err.startswith("jft report: error: ") and line in err and err.count("\n") == 1, err
+
+
+def test_an_unreadable_run_file_is_named(tmp_path, capsys):
+  (tmp_path / "config.json").write_text('{"model": ')
+  assert cli.main(["eval", "--workdir", str(tmp_path)]) == 2
+  err = capsys.readouterr().err
+  assert err == f"jft eval: error: {tmp_path / 'config.json'}: not valid JSON (Expecting value: line 1 column 11)\n"
+
+
+def test_interrupted_and_unexpected_errors(monkeypatch, capsys):
+  monkeypatch.setattr(cli, "_report", _raise(KeyboardInterrupt()))
+  assert cli.main(["report", "x"]) == 130
+  assert capsys.readouterr().err == "jft report: interrupted\n"
+  monkeypatch.setattr(cli, "_report", _raise(ZeroDivisionError("a bug")))
+  with pytest.raises(ZeroDivisionError):  # a bug keeps its traceback
+    cli.main(["report", "x"])
+
+
+@pytest.mark.parametrize("args, env, traceback", [
+    (["eval", "--workdir", "{bad}"], {}, False),
+    (["eval", "--workdir", "{bad}", "--debug"], {}, True),
+    (["--debug", "eval", "--workdir", "{bad}"], {}, True),
+    (["eval", "--workdir", "{bad}"], {"JFT_DEBUG": "1"}, True),
+])
+def test_traceback_only_with_debug(args, env, traceback, tmp_path):
+  (tmp_path / "config.json").write_text("{")
+  code, err = _jft(*[a.format(bad=tmp_path) for a in args], env=env)
+  assert code == 2
+  assert ("Traceback (most recent call last)" in err) == traceback, err
+  assert err.rstrip("\n").splitlines()[-1].startswith(f"jft eval: error: {tmp_path / 'config.json'}: not valid JSON")
+
+
+def test_a_bug_still_shows_its_traceback():
+  code, err = _jft(code="import sys; from jft import cli\n"
+                        "def bug(args): return {}['missing']\n"
+                        "cli._report = bug; sys.exit(cli.main(['report', 'x']))")
+  assert code == 1 and "Traceback (most recent call last)" in err and "KeyError: 'missing'" in err
+
+
+def test_every_subcommand_accepts_debug():
+  parser = cli.build_parser()
+  for name, command in parser._subparsers._group_actions[0].choices.items():
+    assert "--debug" in command._option_string_actions, name
+
+
+# ---------------------------------------------------------------------------- data errors (jft/data.py, not fixed here)
+
+
+@pytest.mark.parametrize("text", ['{"text": "a", "label": "positive"}\n{"text": "b", "label": \n', ""])
+def test_data_errors_name_the_file_and_line(text, tmp_path):
+  from jft import data
+  (tmp_path / "train.jsonl").write_text(text)
+  with pytest.raises(data.DataError, match=r"train\.jsonl.*(line 2|empty)"):
+    data.load_split(str(tmp_path), "train")
+
+
+# ---------------------------------------------------------------------------- a tiny run (export and lock)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(byte_model, tmp_path_factory):
+  """(run folder, base model folder, stderr) of a one-step run started over a stale lock."""
+  workdir = str(tmp_path_factory.mktemp("reliability") / "run")
+  os.makedirs(workdir)
+  with open(os.path.join(workdir, lock.NAME), "w") as f:
+    json.dump({"pid": _dead_pid(), "host": socket.gethostname()}, f)
+  capture = subprocess.run(
+      [sys.executable, "-m", "jft.cli", "train", "--config", TINY, f"--config.model.name={byte_model}", *ONE_STEP,
+       "--workdir", workdir],
+      capture_output=True, text=True, cwd=ROOT, timeout=600)
+  assert capture.returncode == 0, capture.stderr
+  return workdir, byte_model, capture.stderr
+
+
+def test_a_stale_lock_is_taken_over_and_the_lock_goes_with_the_run(tiny_run):
+  workdir, _, err = tiny_run
+  assert "taking over the stale lock" in err and "no longer running" in err
+  assert not os.path.exists(os.path.join(workdir, lock.NAME))
+
+
+def test_a_second_run_on_a_folder_in_use_is_refused(tiny_run, capsys):
+  workdir, base, _ = tiny_run
+  sleeper = subprocess.Popen(["sleep", "60"])
+  try:
+    with open(os.path.join(workdir, lock.NAME), "w") as f:
+      json.dump({"pid": sleeper.pid, "host": socket.gethostname()}, f)
+    before = _snapshot(workdir)
+    code = cli.main(["train", "--config", TINY, f"--config.model.name={base}", *ONE_STEP, "--workdir", workdir,
+                     "--resume"])  # the run's own config: only the lock stops it
+    assert code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("jft train: error: ") and f"in use by process {sleeper.pid}" in err, err
+    assert _snapshot(workdir) == before  # nothing written
+  finally:
+    sleeper.kill()
+    sleeper.wait()
+    os.remove(os.path.join(workdir, lock.NAME))
+
+
+def _export(workdir, out, *extra, fmt="trainable"):
+  return cli.main(["export", "--workdir", workdir, "--format", fmt, "--out", str(out), *extra])
+
+
+@pytest.mark.parametrize("fmt", ["trainable", "peft"])
+def test_export_refuses_a_non_empty_folder(fmt, tiny_run, tmp_path, capsys):
+  out = tmp_path / "mine"
+  out.mkdir()
+  (out / "notes.txt").write_text("keep me")
+  before = _snapshot(out)
+  assert _export(tiny_run[0], out, fmt=fmt) == 2
+  assert "not empty; pass --overwrite" in capsys.readouterr().err
+  assert _snapshot(out) == before and sorted(os.listdir(tmp_path)) == ["mine"]
+
+
+@pytest.mark.parametrize("target", ["run", "base", "run/checkpoints", "run/new", "base/new", "above run",
+                                    "above base"])
+def test_export_never_touches_the_run_or_its_base(target, tiny_run, capsys):
+  workdir, base, _ = tiny_run
+  names = {"run": workdir, "base": base, "above run": os.path.dirname(workdir), "above base": os.path.dirname(base)}
+  out = names.get(target) or os.path.join(names[target.split("/")[0]], target.split("/")[1])
+  before = {workdir: _snapshot(workdir), base: _snapshot(base)}
+  assert _export(workdir, out, "--overwrite") == 2
+  assert "refusing to write over or into" in capsys.readouterr().err
+  assert {workdir: _snapshot(workdir), base: _snapshot(base)} == before
+
+
+def test_export_refuses_a_file(tiny_run, tmp_path, capsys):
+  (tmp_path / "f").write_text("x")
+  assert _export(tiny_run[0], tmp_path / "f", "--overwrite") == 2
+  assert "exists and is not a folder" in capsys.readouterr().err and (tmp_path / "f").read_text() == "x"
+
+
+def test_export_into_new_empty_and_overwritten_folders(tiny_run, tmp_path):
+  workdir = tiny_run[0]
+  assert _export(workdir, tmp_path / "a" / "b") == 0  # parents made
+  assert sorted(os.listdir(tmp_path / "a" / "b")) == ["method.json", "trainable.safetensors"]
+  (tmp_path / "empty").mkdir()
+  assert _export(workdir, tmp_path / "empty") == 0
+  assert sorted(os.listdir(tmp_path / "empty")) == ["method.json", "trainable.safetensors"]
+  (tmp_path / "empty" / "stray.txt").write_text("old")
+  assert _export(workdir, tmp_path / "empty", "--overwrite", fmt="peft") == 0
+  assert "stray.txt" not in os.listdir(tmp_path / "empty") and "adapter_config.json" in os.listdir(tmp_path / "empty")
+  assert sorted(os.listdir(tmp_path)) == ["a", "empty"]  # no .tmp-/.old- folder left
+
+
+@pytest.mark.parametrize("failure, code", [(OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)), 2),
+                                           (KeyboardInterrupt(), 130)])
+@pytest.mark.parametrize("existing", [False, True])
+def test_an_interrupted_export_leaves_nothing_half_written(failure, code, existing, tiny_run, tmp_path, monkeypatch,
+                                                           capsys):
+  from types import SimpleNamespace
+
+  from jft import run
+  from jft.peft import peft_format
+
+  def half(method, params, config, folder, base_model):
+    os.makedirs(folder)
+    with open(os.path.join(folder, "adapter_model.safetensors"), "wb") as f:
+      f.write(b"half")
+      raise failure
+
+  monkeypatch.setattr(peft_format, "export_peft", half)
+  fake = SimpleNamespace(model=SimpleNamespace(name="base"), config=None)  # no restore: the writer fails anyway
+  monkeypatch.setattr(run, "restore_params", lambda *_: (fake, fake, None, None, None))
+  out = tmp_path / "out"
+  if existing:
+    out.mkdir()
+    (out / "old.txt").write_text("old")
+  before = _snapshot(tmp_path)
+  assert _export(tiny_run[0], out, "--overwrite", fmt="peft") == code
+  assert _snapshot(tmp_path) == before
+  if code == 2:
+    assert "adapter_model.safetensors: No space left on device" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------- the lock itself
+
+
+def _owner(kind: str) -> dict:
+  host = socket.gethostname()
+  return {"foreign host": {"pid": _dead_pid(), "host": host + "-elsewhere"},
+          "dead": {"pid": _dead_pid(), "host": host},
+          "own pid, not held": {"pid": os.getpid(), "host": host},  # a restart that got the same PID
+          "reused pid": {"pid": os.getppid(), "host": host, "started": -1}}[kind]
+
+
+@pytest.mark.parametrize("kind, taken", [("foreign host", False), ("dead", True), ("own pid, not held", True),
+                                         ("reused pid", True)])
+def test_lock_takes_over_only_stale_locks(kind, taken, tmp_path):
+  owner = _owner(kind)
+  (tmp_path / lock.NAME).write_text(json.dumps(owner))
+  messages = []
+  if not taken:
+    with pytest.raises(lock.WorkdirLockedError, match=f"in use by process {owner['pid']} on {owner['host']}"):
+      with lock.workdir_lock(str(tmp_path), warn=messages.append):
+        pass
+    assert json.loads((tmp_path / lock.NAME).read_text()) == owner
+    return
+  with lock.workdir_lock(str(tmp_path), warn=messages.append):
+    assert json.loads((tmp_path / lock.NAME).read_text())["pid"] == os.getpid()
+    with pytest.raises(lock.WorkdirLockedError, match=f"in use by process {os.getpid()}"):  # not twice either
+      with lock.workdir_lock(str(tmp_path)):
+        pass
+  assert messages and f"process {owner['pid']}" in messages[0]
+  assert os.listdir(tmp_path) == []
+
+
+def test_lock_unreadable_file_is_refused_and_other_processes_skip_it(tmp_path):
+  (tmp_path / lock.NAME).write_text("")
+  with pytest.raises(lock.WorkdirLockedError, match="unreadable lock file"):
+    with lock.workdir_lock(str(tmp_path)):
+      pass
+  with lock.workdir_lock(str(tmp_path), enabled=False):  # a process other than 0
+    pass
+  assert (tmp_path / lock.NAME).read_text() == ""
+
+
+def test_lock_held_by_another_process_until_it_ends(tmp_path):
+  """A process holding the lock refuses this one; SIGTERM (before training's own handler) still releases it."""
+  holder = subprocess.Popen(
+      [sys.executable, "-c", "import sys, time\nfrom jft import lock\n"
+       "with lock.workdir_lock(sys.argv[1]):\n  print('held', flush=True)\n  time.sleep(60)\n", str(tmp_path)],
+      stdout=subprocess.PIPE, text=True, cwd=ROOT)
+  try:
+    assert holder.stdout.readline() == "held\n"
+    with pytest.raises(lock.WorkdirLockedError, match=f"in use by process {holder.pid} "):
+      with lock.workdir_lock(str(tmp_path)):
+        pass
+    holder.send_signal(signal.SIGTERM)
+    assert holder.wait(timeout=30) == 128 + signal.SIGTERM
+  finally:
+    holder.kill()
+    holder.wait()
+  assert not (tmp_path / lock.NAME).exists()
+  with lock.workdir_lock(str(tmp_path)):
+    pass
+
+
+def test_lock_is_released_on_error(tmp_path):
+  with pytest.raises(ZeroDivisionError):
+    with lock.workdir_lock(str(tmp_path)):
+      time.sleep(0)
+      1 / 0
+  assert not (tmp_path / lock.NAME).exists()
