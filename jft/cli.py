@@ -178,7 +178,15 @@ def _generate(args) -> int:
   import jax.numpy as jnp
 
   from jft.models import load_pretrained, load_tokenizer
+  from jft.models.generate import GenerationError, Sampling
 
+  # Checked before anything loads.
+  args.sampling = Sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p)
+  if args.quantize and args.blocksize < 1:
+    raise GenerationError(f"--blocksize {args.blocksize}: must be >= 1")
+  empty = [i for i, p in enumerate(args.prompt) if not p.strip()]
+  if empty:
+    raise GenerationError(f"prompt {empty[0]} is empty")
   dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[args.dtype]
   t0 = time.time()
   if args.workdir:
@@ -196,12 +204,11 @@ def _generate(args) -> int:
 
 
 def _decode(args, model, params, tokenizer, t0) -> int:
-  from jft.models.generate import Sampling, generate_text
+  from jft.models.generate import generate_text
 
   print(f"loaded in {time.time() - t0:.1f}s; generating ...", file=sys.stderr, flush=True)
-  sampling = Sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p)
   t0 = time.time()
-  texts = generate_text(model, params, tokenizer, args.prompt, sampling, chat=not args.no_chat,
+  texts = generate_text(model, params, tokenizer, args.prompt, args.sampling, chat=not args.no_chat,
                         seed=args.seed)
   for prompt, text in zip(args.prompt, texts):
     if len(args.prompt) > 1:

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import jft
-from jft.models.generate import Sampling, generate, sample_token
+from jft.models.generate import GenerationError, Sampling, generate, sample_token
 
 
 def naive_greedy(model, params, prompt, steps):
@@ -108,3 +108,29 @@ def test_prompt_and_prefix_tuned_models_decode_with_the_cache(method_name, hf_mo
   assert out != base
   for prompt, got in zip(prompts, out):
     assert got == naive_greedy(model, adapted, prompt, 6)
+
+
+def test_sampling_follows_the_distribution():
+  import jax
+
+  probs = np.array([0.7, 0.2, 0.1], np.float32)
+  logits = jnp.broadcast_to(jnp.log(jnp.asarray(probs)), (20000, 3))
+  draws = np.asarray(sample_token(logits, jax.random.PRNGKey(0), Sampling(temperature=1.0)))
+  np.testing.assert_allclose(np.bincount(draws, minlength=3) / draws.size, probs, atol=0.02)
+
+
+def test_out_of_vocabulary_ids_long_prompts_and_bad_settings_are_named(hf_models):
+  model, params = jft.load_pretrained(hf_models("llama")[0])
+  vocab, context = model.config.vocab_size, model.config.max_position_embeddings
+  with pytest.raises(GenerationError, match=rf"prompt 1: token id {vocab} is outside the model's vocabulary"):
+    generate(model, params, [[1, 2], [3, vocab]], Sampling(max_new_tokens=2))
+  with pytest.raises(GenerationError, match=rf"{context - 2} tokens \+ 4 new tokens exceeds the model's context "
+                     rf"of {context} positions; .* at most 2 new tokens"):
+    generate(model, params, [[1] * (context - 2)], Sampling(max_new_tokens=4))
+  with pytest.raises(GenerationError, match="non-empty prompt"):
+    generate(model, params, [[]], Sampling(max_new_tokens=2))
+  for settings, message in [({"max_new_tokens": 0}, "max_new_tokens=0: must be >= 1"),
+                            ({"top_p": 0.0}, r"top_p=0.0: must be in \(0, 1\]"),
+                            ({"temperature": -1.0}, "temperature=-1.0"), ({"top_k": -2}, "top_k=-2")]:
+    with pytest.raises(GenerationError, match=message):
+      Sampling(**settings)

@@ -16,8 +16,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jft.errors import JftError
 from jft.models import hooks
 from jft.models.transformer import Transformer, init_cache
+
+
+class GenerationError(JftError, ValueError):
+  pass
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,9 +34,13 @@ class Sampling:
 
   def __post_init__(self):
     if self.max_new_tokens < 1:
-      raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-    if self.temperature < 0 or self.top_k < 0 or not 0 < self.top_p <= 1:
-      raise ValueError(f"bad sampling settings {self}")
+      raise GenerationError(f"max_new_tokens={self.max_new_tokens}: must be >= 1")
+    if self.temperature < 0:
+      raise GenerationError(f"temperature={self.temperature}: must be >= 0 (0 = greedy)")
+    if self.top_k < 0:
+      raise GenerationError(f"top_k={self.top_k}: must be >= 0 (0 = off)")
+    if not 0 < self.top_p <= 1:
+      raise GenerationError(f"top_p={self.top_p}: must be in (0, 1] (1 = off)")
 
 
 def _argmax(x):
@@ -108,6 +117,22 @@ def _decoder(backend: str):
                  compiler_options=_CPU_OPTIONS if backend == "cpu" else None)
 
 
+def _check_prompts(model: Transformer, prompts, max_new_tokens: int):
+  """Token ids inside the vocabulary; prompt + new tokens inside the context (positions past it are garbage
+  for learned position tables and untrained for RoPE)."""
+  vocab = model.config.vocab_size
+  for i, prompt in enumerate(prompts):
+    bad = [t for t in prompt if not 0 <= int(t) < vocab]
+    if bad:
+      raise GenerationError(f"prompt {i}: token id {bad[0]} is outside the model's vocabulary (0..{vocab - 1})")
+  context = getattr(model.config, "max_position_embeddings", None)
+  longest = max(len(p) for p in prompts)
+  if context and longest + max_new_tokens > context:
+    raise GenerationError(f"a prompt of {longest} tokens + {max_new_tokens} new tokens exceeds the model's context "
+                          f"of {context} positions; shorten the prompt or ask for at most "
+                          f"{max(context - longest, 0)} new tokens")
+
+
 def _bucket(n: int, multiple: int = 16) -> int:
   return -(-n // multiple) * multiple
 
@@ -116,7 +141,8 @@ def generate(model: Transformer, params, prompts: Sequence[Sequence[int]], sampl
              *, stop_tokens: Sequence[int] = (), seed: int = 0, pad_id: int = 0) -> list[list[int]]:
   """Token-id prompts -> generated ids per prompt (stop token included, padding removed)."""
   if not prompts or any(len(p) == 0 for p in prompts):
-    raise ValueError("generate needs at least one non-empty prompt")
+    raise GenerationError("generate needs at least one non-empty prompt")
+  _check_prompts(model, prompts, sampling.max_new_tokens)
   length = _bucket(max(len(p) for p in prompts))
   ids = np.full((len(prompts), length), pad_id, np.int32)
   mask = np.zeros((len(prompts), length), np.int32)
