@@ -19,6 +19,7 @@ from typing import Any, Callable, Iterable, Optional, Sequence
 
 import numpy as np
 
+from jft import progress
 from jft.errors import JftError
 
 EXTENSIONS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".tsv": "csv", ".parquet": "parquet"}
@@ -307,7 +308,10 @@ class Batches:
 
 def eval_batches(rows, batch_size: int, pad_id: int = 0, left: bool = True) -> Iterable[tuple[dict, int]]:
   """Fixed-order batches for evaluation (left padding, so every prompt ends at the last index)."""
-  for start in range(0, len(rows), batch_size):
+  from jft import sharding
+
+  starts = range(0, len(rows), batch_size)
+  for start in progress.track(starts, len(starts), "evaluating (batches)", enabled=sharding.is_primary()):
     chunk = rows[start:start + batch_size]
     n = len(chunk)
     chunk = chunk + [chunk[-1]] * (batch_size - n)  # one shape for the whole pass

@@ -8,6 +8,7 @@ summary. The step itself lives in `jft.step`.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -18,7 +19,7 @@ import time
 import jax
 import numpy as np
 
-from jft import checkpoint, data, estimate, objectives, peft, rules, run, schema, sharding, state
+from jft import checkpoint, data, estimate, objectives, peft, progress, rules, run, schema, sharding, state
 from jft.errors import JftError
 from jft.step import make_train_step
 
@@ -117,6 +118,7 @@ def train(config, workdir: str, resume: bool = False, echo=print, dry_run: bool 
 
 def _train(config, workdir, resume, echo, dry_run, on_eval) -> dict:
   t_start = time.time()
+  phases = _Phases()
   c = config
   primary = sharding.is_primary()
   if not primary:
@@ -195,8 +197,9 @@ def _train(config, workdir, resume, echo, dry_run, on_eval) -> dict:
 
   reference = objectives.base_view(method, frozen) if objective.uses_reference else None
 
-  def evaluate_on(params, examples):
-    return evaluate_split(c, eval_model, params, tokenizer, examples, mesh=mesh, reference=reference)
+  def evaluate_on(params, examples, phase="evaluation"):
+    with phases(phase):
+      return evaluate_split(c, eval_model, params, tokenizer, examples, mesh=mesh, reference=reference)
 
   # ---- Resume ----------------------------------------------------------------
   mngr = checkpoint.manager(workdir, c.train.keep)
@@ -221,23 +224,25 @@ def _train(config, workdir, resume, echo, dry_run, on_eval) -> dict:
   log = _Log(workdir, resumed_step=start if resume else None, enabled=primary)
 
   def save(step: int, position=None):
-    checkpoint.save(mngr, step, {"trainable": trainable, "opt_state": opt_state},
-                    {"data": position or batches.state(), "best": best, "step": step})
+    with phases("checkpoints"):
+      checkpoint.save(mngr, step, {"trainable": trainable, "opt_state": opt_state},
+                      {"data": position or batches.state(), "best": best, "step": step})
 
   # ---- Zero-shot evaluation --------------------------------------------------
   results = {"counts": {"trainable": counts.trainable, "total": counts.total, "percent": counts.percent}}
   zero_split = {"eval": d.eval_split, "test": d.test_split}[c.eval.zero_shot_split]
   if start == 0 and c.eval.zero_shot and zero_split:
     limit = d.max_eval_examples if c.eval.zero_shot_split == "eval" else d.max_test_examples
-    zero = evaluate_on(run_params(trainable), examples_for(c, tokenizer, zero_split, limit or None))
+    zero = evaluate_on(run_params(trainable), examples_for(c, tokenizer, zero_split, limit or None), "zero-shot")
     results["zero_shot"] = {"split": zero_split, **zero}
     log(0, "zero_shot", zero)
     echo("zero-shot " + _fmt(zero))
 
   samples_path = os.path.join(workdir, "samples.json")
   if start == 0 and eval_examples:
-    before = objective.samples(c, objectives.Forward(eval_model, eval_model, run_params(trainable), reference),
-                               tokenizer, eval_examples)
+    with phases("samples"):
+      before = objective.samples(c, objectives.Forward(eval_model, eval_model, run_params(trainable), reference),
+                                 tokenizer, eval_examples)
     if before and primary:
       run.write_json(samples_path, {"before": before})
 
@@ -248,11 +253,12 @@ def _train(config, workdir, resume, echo, dry_run, on_eval) -> dict:
     stop["signal"] = signum
 
   previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
-  bar = _progress(c.train.steps, start, enabled=primary)
+  bar = progress.TrainingBar(c.train.steps, start, enabled=primary)
   last_saved, t_last, tokens_since, steps_since = start, time.time(), 0, 0
   step = start
   try:
     for step in range(start, c.train.steps):
+      t_step = time.time()
       position = batches.state()
       host, rollout = next(batches), {}
       if objective.online:
@@ -268,6 +274,7 @@ def _train(config, workdir, resume, echo, dry_run, on_eval) -> dict:
       trainable, opt_state, metrics = step_fn(trainable, opt_state, frozen, batch,
                                               np.asarray(jax.random.fold_in(rng, step)))
       metrics = jax.device_get(metrics)  # one host transfer per step (the loss is checked every step)
+      phases.add("training steps", time.time() - t_step)
       loss = float(metrics["loss"])
       tokens_since += int(metrics["tokens"])
       steps_since += 1
@@ -318,8 +325,9 @@ def _train(config, workdir, resume, echo, dry_run, on_eval) -> dict:
       echo("validation " + _fmt(ev))
     if mngr.latest_step() != c.train.steps:
       save(c.train.steps)
-    after = objective.samples(c, objectives.Forward(eval_model, eval_model, run_params(trainable), reference),
-                              tokenizer, eval_examples) if eval_examples else []
+    with phases("samples"):
+      after = objective.samples(c, objectives.Forward(eval_model, eval_model, run_params(trainable), reference),
+                                tokenizer, eval_examples) if eval_examples else []
     if after and primary:
       saved = json.load(open(samples_path)) if os.path.isfile(samples_path) else {}
       run.write_json(samples_path, {**saved, "after": after})
@@ -332,11 +340,12 @@ def _train(config, workdir, resume, echo, dry_run, on_eval) -> dict:
       _, saved, _ = checkpoint.restore(best_mngr, {"trainable": checkpoint.abstract(trainable)},
                                        upgrade=method.upgrade_path)
       params = run_params(saved["trainable"])
-    results["test"] = evaluate_on(params, test_examples)
+    results["test"] = evaluate_on(params, test_examples, "test")
     log(c.train.steps, "test", results["test"])
     echo("test " + _fmt(results["test"]))
   results.update(steps=step + 1 if interrupted else c.train.steps, interrupted=interrupted, pruned=stop["pruned"],
-                 best=best, seconds=time.time() - t_start, peak_rss_mib=_peak_rss_mib())
+                 best=best, seconds=time.time() - t_start, peak_rss_mib=_peak_rss_mib(),
+                 phases=phases.summary(time.time() - t_start))
   log.close()
   if primary:
     run.write_json(os.path.join(workdir, "results.json"), results)
@@ -344,6 +353,28 @@ def _train(config, workdir, resume, echo, dry_run, on_eval) -> dict:
     report.plot_run(workdir)
     _write_summary(workdir, c, method, results)
   return results
+
+
+class _Phases:
+  """Seconds spent per phase of a run (training steps, evaluation, checkpoints...), for summary.md."""
+
+  def __init__(self):
+    self.seconds = {}
+
+  def add(self, name: str, seconds: float):
+    self.seconds[name] = self.seconds.get(name, 0.0) + seconds
+
+  @contextlib.contextmanager
+  def __call__(self, name: str):
+    t = time.time()
+    try:
+      yield
+    finally:
+      self.add(name, time.time() - t)
+
+  def summary(self, total: float) -> dict:
+    """Every phase, plus `setup and other` (loading, placing, what no phase covers) so that they add up to `total`."""
+    return {"setup and other": max(total - sum(self.seconds.values()), 0.0), **self.seconds}
 
 
 def _peak_rss_mib() -> float:
@@ -380,39 +411,6 @@ def _fmt(metrics: dict) -> str:
   return ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float))
 
 
-class _progress:
-  """tqdm on a terminal (loss, tokens/s, time left); plain lines otherwise."""
-
-  def __init__(self, total: int, initial: int, enabled: bool = True):
-    self.enabled = enabled
-    self.tty = sys.stderr.isatty() and enabled
-    self.total, self.t0, self.initial = total, time.time(), initial
-    if self.tty:
-      from tqdm import tqdm
-      self.bar = tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True)
-
-  def update(self, step: int, loss: float, rate: float):
-    if self.tty:
-      self.bar.n = step
-      self.bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{rate:.0f}")
-      self.bar.refresh()
-    elif self.enabled:
-      done = step - self.initial
-      left = (time.time() - self.t0) / max(done, 1) * (self.total - step)
-      print(f"step {step}/{self.total}  loss {loss:.4f}  {rate:.0f} tok/s  ~{left:.0f}s left", file=sys.stderr,
-            flush=True)
-
-  def write(self, text: str):
-    if self.tty:
-      self.bar.write(text)
-    elif self.enabled:
-      print(text, file=sys.stderr, flush=True)
-
-  def close(self):
-    if self.tty:
-      self.bar.close()
-
-
 def _samples_section(path: str) -> list[str]:
   """Held-out prompts with the reference and the model's output before and after training."""
   if not os.path.isfile(path):
@@ -443,6 +441,8 @@ def _write_summary(workdir: str, c, method, results: dict):
            f"({results['counts']['percent']:.4f}%)",
            f"- steps: {results['steps']} x batch {c.train.batch_size}, {results['seconds']:.0f} s"
            + (" (interrupted)" if results["interrupted"] else "")]
+  if results.get("phases"):
+    lines.append("- time: " + ", ".join(f"{name} {seconds:.0f} s" for name, seconds in results["phases"].items()))
   for key in ("zero_shot", "validation", "test"):
     if key in results:
       lines.append(f"- {key.replace('_', '-')}: " + _fmt(results[key]))

@@ -329,3 +329,31 @@ def test_lock_is_released_on_error(tmp_path):
       time.sleep(0)
       1 / 0
   assert not (tmp_path / lock.NAME).exists()
+
+
+# ---------------------------------------------------------------------------- a quiet, informative start
+
+
+def test_a_normal_run_prints_no_library_noise_and_times_its_phases(tiny_run):
+  workdir, _, err = tiny_run
+  noise = [line for line in err.splitlines()
+           if line.strip() and not line.startswith(("step ", "taking over the stale lock"))]
+  assert not noise, noise  # no "PyTorch was not found", absl or deprecation lines
+  summary = open(os.path.join(workdir, "summary.md")).read()
+  timing = next(line for line in summary.splitlines() if line.startswith("- time: "))
+  for phase in ("setup and other", "training steps", "evaluation", "checkpoints"):
+    assert phase in timing, timing
+  phases = json.load(open(os.path.join(workdir, "results.json")))["phases"]
+  assert abs(sum(phases.values()) - json.load(open(os.path.join(workdir, "results.json")))["seconds"]) < 1.0
+
+
+def test_long_passes_report_progress_without_a_terminal(monkeypatch, capsys):
+  from jft import progress
+
+  monkeypatch.setattr(progress, "PLAIN_EVERY_S", 0.0)
+  assert list(progress.track(range(3), 3, "evaluating (batches)")) == [0, 1, 2]
+  lines = capsys.readouterr().err.splitlines()
+  assert lines[0].startswith("evaluating (batches) 1/3") and lines[-1].startswith("evaluating (batches) 3/3")
+  monkeypatch.setattr(progress, "PLAIN_EVERY_S", 60.0)
+  list(progress.track(range(3), 3, "quick"))
+  assert capsys.readouterr().err == ""  # short passes stay quiet
