@@ -46,6 +46,8 @@ def load_split(source: Any, split: str = "train"):
   """A `datasets.Dataset` for one split of a local folder/file, a DatasetDict, or a hub name."""
   import datasets
 
+  datasets.disable_progress_bars()  # its per-file bars flash past for embedded files; jft reports its own
+
   if isinstance(source, datasets.DatasetDict):
     if split not in source:
       raise DataError(f"no split {split!r}; have {sorted(source)}")

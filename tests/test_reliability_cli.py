@@ -357,3 +357,92 @@ def test_long_passes_report_progress_without_a_terminal(monkeypatch, capsys):
   monkeypatch.setattr(progress, "PLAIN_EVERY_S", 60.0)
   list(progress.track(range(3), 3, "quick"))
   assert capsys.readouterr().err == ""  # short passes stay quiet
+
+
+# ---------------------------------------------------------------------------- bad inputs and faults, one table
+
+TRAIN = ["train", "--config", TINY, "--config.model.name={model}", "--workdir", "{tmp}/w", *ONE_STEP]
+GENERATE = ["generate", "--model", "{model}", "--no-chat"]
+
+
+def _files(tmp, files: dict):
+  for name, text in files.items():
+    os.makedirs(os.path.dirname(os.path.join(tmp, name)), exist_ok=True)
+    with open(os.path.join(tmp, name), "w") as f:
+      f.write(text)
+
+
+ROWS = '{"text": "good", "label": "positive"}\n{"text": "bad", "label": "negative"}\n'
+
+# (case, argv, files written first, exit code, what the one error line says)
+BAD_INPUTS = [
+    ("dtype not offered", TRAIN + ["--config.model.dtype=float16"], {}, 2, r"model\.dtype='float16'"),
+    ("enum typo", TRAIN + ["--config.eval.zero_shot_split=evl"], {}, 2, r"eval\.zero_shot_split.*did you mean"),
+    ("save_every 0", TRAIN + ["--config.train.save_every=0"], {}, 2, r"train\.save_every=0"),
+    ("batch 0", TRAIN + ["--config.train.batch_size=0"], {}, 2, r"train\.batch_size=0"),
+    ("negative steps", TRAIN + ["--config.train.steps=-3"], {}, 2, r"train\.steps=-3"),
+    ("nan_policy typo", TRAIN + ["--config.train.nan_policy=skp"], {}, 2, r"train\.nan_policy='skp'"),
+    ("negative lr", TRAIN + ["--config.optim.lr=-0.001"], {}, 2, r"optim\.lr=-0\.001"),
+    ("unknown field", TRAIN + ["--config.train.stepz=3"], {}, 2, r"stepz.*did you mean.*steps"),
+    ("unknown method", TRAIN + ["--config.method.name=lorra"], {}, 2, r"method\.name='lorra'.*did you mean"),
+    ("rank 0", TRAIN + ["--config.method.hparams.rank=0"], {}, 2, r"rank"),
+    ("past the context", TRAIN + ["--config.data.max_length=4096"], {}, 2, r"exceeds the context of model"),
+    ("config syntax error", ["train", "--config", "{tmp}/bad.py", "--workdir", "{tmp}/w"],
+     {"bad.py": "def get_config(:\n"}, 2, r"bad\.py:1"),
+    ("config raises", ["train", "--config", "{tmp}/raises.py", "--workdir", "{tmp}/w"],
+     {"raises.py": "def get_config(arg=None):\n  return 1 / 0\n"}, 2, r"raises\.py:2: ZeroDivisionError"),
+    ("config missing", ["train", "--config", "{tmp}/nope.py", "--workdir", "{tmp}/w"], {}, 2, r"nope\.py"),
+    ("model missing", ["train", "--config", TINY, "--config.model.name={tmp}/no-model", "--workdir", "{tmp}/w"], {},
+     2, r"no-model"),
+    ("empty train file", TRAIN + ["--config.data.path={tmp}/d"], {"d/train.jsonl": "", "d/eval.jsonl": ROWS}, 2,
+     r"train\.jsonl: the file is empty"),
+    ("malformed JSONL line", TRAIN + ["--config.data.path={tmp}/d"],
+     {"d/train.jsonl": ROWS + '{"text": "x", "label": \n', "d/eval.jsonl": ROWS}, 2, r"train\.jsonl:3: line 3"),
+    ("data folder missing", TRAIN + ["--config.data.path={tmp}/nothing/"], {}, 2, r"nothing"),
+    ("label field missing", TRAIN + ["--config.data.path={tmp}/d"],
+     {"d/train.jsonl": '{"text": "x"}\n', "d/eval.jsonl": ROWS}, 2, r"no field 'label'"),
+    ("workdir is a file", ["train", "--config", TINY, "--config.model.name={model}", *ONE_STEP,
+                           "--workdir", "{tmp}/f"], {"f": "x"}, 2, r"f"),
+    ("checkpoints, no --resume", ["train", "--config", TINY, "--config.model.name={model}", *ONE_STEP,
+                                  "--workdir", "{run}"], {}, 1, r"already holds checkpoints"),
+    ("resume, another config", ["train", "--config", TINY, "--config.model.name={model}", *ONE_STEP,
+                                "--config.optim.lr=0.5", "--workdir", "{run}", "--resume"], {}, 1,
+     r"differs from the run's config\.json"),
+    ("eval, not a run", ["eval", "--workdir", "{tmp}"], {}, 2, r"config\.json"),
+    ("eval, truncated config", ["eval", "--workdir", "{tmp}"], {"config.json": '{"model": {'}, 2,
+     r"config\.json: not valid JSON"),
+    ("export, non-empty out", ["export", "--workdir", "{run}", "--format", "trainable", "--out", "{tmp}/o"],
+     {"o/keep.txt": "mine"}, 2, r"not empty; pass --overwrite"),
+    ("export over the run", ["export", "--workdir", "{run}", "--format", "trainable", "--out", "{run}",
+                             "--overwrite"], {}, 2, r"refusing to write over or into"),
+    ("export over the base", ["export", "--workdir", "{run}", "--format", "merged", "--out", "{model}",
+                              "--overwrite"], {}, 2, r"refusing to write over or into"),
+    ("generate 0 tokens", GENERATE + ["--prompt", "hi", "--max-new-tokens", "0"], {}, 2, r"max_new_tokens=0"),
+    ("generate top-p 0", GENERATE + ["--prompt", "hi", "--top-p", "0"], {}, 2, r"top_p=0\.0"),
+    ("generate blocksize 0", GENERATE + ["--prompt", "hi", "--quantize", "nf4", "--blocksize", "0"], {}, 2,
+     r"--blocksize 0"),
+    ("generate empty prompt", GENERATE + ["--prompt", " "], {}, 2, r"prompt 0 is empty"),
+    ("generate past the context", GENERATE + ["--prompt", "x" * 300, "--max-new-tokens", "4"], {}, 2,
+     r"a prompt of 300 tokens leaves no room for new tokens in the model's context of 256 positions"),
+    ("generate, model missing", ["generate", "--model", "{tmp}/no-model", "--prompt", "hi"], {}, 2, r"no-model"),
+]
+
+
+@pytest.mark.parametrize("case, argv, files, code, line", BAD_INPUTS, ids=[c[0] for c in BAD_INPUTS])
+def test_bad_input_is_one_named_error_and_changes_nothing(case, argv, files, code, line, tiny_run, tmp_path,
+                                                          capsys):
+  import re
+
+  run_dir, model, _ = tiny_run
+  _files(str(tmp_path), files)
+  watched = {"tmp": str(tmp_path), "run": run_dir, "model": model}
+  before = {k: _snapshot(v) for k, v in watched.items()}
+  args = [a.format(tmp=tmp_path, run=run_dir, model=model) for a in argv]
+  assert cli.main(args) == code
+  err = capsys.readouterr().err
+  lines = err.splitlines()  # status lines ("loading ...") may come first; the error is the last and only one
+  assert lines[-1].startswith(f"jft {args[0]}: error: ") and "Traceback" not in err, err
+  assert sum(x.startswith("jft ") for x in lines) == 1 and re.search(line, lines[-1]), err
+  for key, snapshot in before.items():  # what existed is untouched (a failed train may have added files)
+    after = _snapshot(watched[key])
+    assert {p: after.get(p) for p in snapshot} == snapshot, f"{case}: {key} changed"

@@ -127,6 +127,9 @@ def _check_prompts(model: Transformer, prompts, max_new_tokens: int):
       raise GenerationError(f"prompt {i}: token id {bad[0]} is outside the model's vocabulary (0..{vocab - 1})")
   context = getattr(model.config, "max_position_embeddings", None)
   longest = max(len(p) for p in prompts)
+  if context and longest >= context:
+    raise GenerationError(f"a prompt of {longest} tokens leaves no room for new tokens in the model's context of "
+                          f"{context} positions; shorten the prompt")
   if context and longest + max_new_tokens > context:
     raise GenerationError(f"a prompt of {longest} tokens + {max_new_tokens} new tokens exceeds the model's context "
                           f"of {context} positions; shorten the prompt or ask for at most "
