@@ -102,6 +102,30 @@ def _check_rows_file(path: str, ext: str):
     raise DataError(f"{path}: the file is empty (no rows)")
 
 
+def check_token_ids(rows, vocab_size: int, where: str):
+  """Every integer array in `rows` (ids, masks; any nesting) below the model's vocabulary size.
+
+  A tokenizer with tokens the embedding table lacks (added special tokens, another model's
+  tokenizer) would otherwise index past the table, which XLA clamps silently.
+  """
+  def walk(x, index):
+    if isinstance(x, np.ndarray):
+      if x.dtype.kind in "iu" and x.size and int(x.max()) >= vocab_size:
+        raise DataError(f"{where}: row {index} has token id {int(x.max())}, outside the model's vocabulary "
+                        f"(0..{vocab_size - 1}); does the tokenizer belong to this model?")
+    elif isinstance(x, dict):
+      for v in x.values():
+        walk(v, index)
+    elif isinstance(x, (list, tuple)) and x and not isinstance(x[0], (int, np.integer)):
+      for v in x:
+        walk(v, index)
+    elif isinstance(x, (list, tuple)) and x:
+      walk(np.asarray(x), index)
+
+  for i, row in enumerate(rows):
+    walk(row, i)
+
+
 def field(row: dict, name: str, where: str):
   """row[name], or an error naming the fields the rows do have."""
   if name not in row:

@@ -163,7 +163,9 @@ def _train(config, workdir, resume, echo, dry_run, on_eval) -> dict:
   if objective.online and jax.process_count() > 1:
     raise TrainingError(f"objective {objective.name} samples on one process; multi-process runs are not "
                         "supported for online objectives yet")
-  batches = data.Batches(objective.rows(train_examples, tokenizer, d), objective.rows_per_batch(c.train.batch_size),
+  train_rows = objective.rows(train_examples, tokenizer, d)
+  data.check_token_ids(train_rows, model.config.vocab_size, f"{d.path} ({d.train_split} split)")
+  batches = data.Batches(train_rows, objective.rows_per_batch(c.train.batch_size),
                          d.max_length, seed=c.seed, pack=d.pack, bucket=d.bucket, pad_id=pad_id,
                          shard=sharding.process_rows(mesh, c.train.batch_size), collate=objective.collate,
                          length=objective.row_length)

@@ -294,3 +294,15 @@ def test_llamafactory_files_parse(tok):
   assert len(pairs) == len(dpo) == 300
   assert all(p["prompt"].endswith("<|im_start|>assistant\n") for p in pairs)
   assert len(pd.unpaired_examples(dpo, tok, chat=True)) == 600
+
+
+def test_token_ids_outside_the_vocabulary_name_the_row():
+  import numpy as np
+
+  from jft import data
+
+  rows = [(np.array([1, 2, 3]), np.array([1, 1, 1])), {"chosen": (np.array([4, 300]), np.array([1, 1]))}]
+  data.check_token_ids(rows[:1], 258, "pairs.jsonl")
+  with pytest.raises(data.DataError, match=r"pairs\.jsonl: row 1 has token id 300, outside the model's vocabulary "
+                                           r"\(0\.\.257\)"):
+    data.check_token_ids(rows, 258, "pairs.jsonl")
