@@ -365,9 +365,15 @@ TRAIN = ["train", "--config", TINY, "--config.model.name={model}", "--workdir", 
 GENERATE = ["generate", "--model", "{model}", "--no-chat"]
 
 
-def _files(tmp, files: dict):
+def _files(tmp, files: dict, model: str):
+  """Write `files` under tmp; a text "@model/NAME" copies the test model's file NAME."""
+  import shutil
+
   for name, text in files.items():
     os.makedirs(os.path.dirname(os.path.join(tmp, name)), exist_ok=True)
+    if text.startswith("@model/"):
+      shutil.copy(os.path.join(model, text[len("@model/"):]), os.path.join(tmp, name))
+      continue
     with open(os.path.join(tmp, name), "w") as f:
       f.write(text)
 
@@ -394,6 +400,9 @@ BAD_INPUTS = [
     ("config missing", ["train", "--config", "{tmp}/nope.py", "--workdir", "{tmp}/w"], {}, 2, r"nope\.py"),
     ("model missing", ["train", "--config", TINY, "--config.model.name={tmp}/no-model", "--workdir", "{tmp}/w"], {},
      2, r"no-model"),
+    ("model without tokenizer", ["train", "--config", TINY, "--config.model.name={tmp}/m", "--workdir", "{tmp}/w"],
+     {"m/config.json": "@model/config.json", "m/model.safetensors": "@model/model.safetensors"}, 2,
+     r"m: no tokenizer files"),
     ("empty train file", TRAIN + ["--config.data.path={tmp}/d"], {"d/train.jsonl": "", "d/eval.jsonl": ROWS}, 2,
      r"train\.jsonl: the file is empty"),
     ("malformed JSONL line", TRAIN + ["--config.data.path={tmp}/d"],
@@ -434,7 +443,7 @@ def test_bad_input_is_one_named_error_and_changes_nothing(case, argv, files, cod
   import re
 
   run_dir, model, _ = tiny_run
-  _files(str(tmp_path), files)
+  _files(str(tmp_path), files, model)
   watched = {"tmp": str(tmp_path), "run": run_dir, "model": model}
   before = {k: _snapshot(v) for k, v in watched.items()}
   args = [a.format(tmp=tmp_path, run=run_dir, model=model) for a in argv]

@@ -69,7 +69,14 @@ def load_tokenizer(name_or_path: str):
   path = resolve(name_or_path)
   if path.endswith(".gguf"):
     return gguf_file.load_tokenizer(path)
+  if os.path.isdir(path) and not any(os.path.isfile(os.path.join(path, name)) for name in TOKENIZER_FILES):
+    raise errors.CheckpointError(f"{path}: no tokenizer files (one of {', '.join(TOKENIZER_FILES)}); save the "
+                                 "tokenizer beside the weights (tokenizer.save_pretrained(folder))")
   return AutoTokenizer.from_pretrained(path)
+
+
+# What transformers can build a tokenizer from (fast JSON, or the slow formats it converts).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "spiece.model", "tokenizer_config.json")
 
 
 def save_pretrained(model: Transformer, params, folder: str, tokenizer=None, dtype: str = "float32"):
