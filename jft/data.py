@@ -334,10 +334,8 @@ class Batches:
 
 def eval_batches(rows, batch_size: int, pad_id: int = 0, left: bool = True) -> Iterable[tuple[dict, int]]:
   """Fixed-order batches for evaluation (left padding, so every prompt ends at the last index)."""
-  from jft import sharding
-
   starts = range(0, len(rows), batch_size)
-  for start in progress.track(starts, len(starts), "evaluating (batches)", enabled=sharding.is_primary()):
+  for start in progress.track(starts, len(starts), "evaluating (batches)"):
     chunk = rows[start:start + batch_size]
     n = len(chunk)
     chunk = chunk + [chunk[-1]] * (batch_size - n)  # one shape for the whole pass

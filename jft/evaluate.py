@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jft import data, sharding
+from jft import data, progress, sharding
 from jft.models.generate import Sampling, generate
 from jft.loss import next_token_loss
 
@@ -97,7 +97,8 @@ def exact_match(model, params, tokenizer, examples, chat: bool, batch_size: int 
   """Greedy generation compared with the response text (case and surrounding space ignored)."""
   stops = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
   hits = 0
-  for start in range(0, len(examples), batch_size):
+  for start in progress.track(range(0, len(examples), batch_size), -(-len(examples) // batch_size),
+                              "generating (batches)"):
     chunk = examples[start:start + batch_size]
     prompts = [tokenizer(ex["prompt"], add_special_tokens=not chat)["input_ids"] for ex in chunk]
     outs = generate(model, params, prompts, Sampling(max_new_tokens=max_new_tokens), stop_tokens=stops)

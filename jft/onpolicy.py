@@ -16,7 +16,7 @@ import os
 
 import numpy as np
 
-from jft import objectives, rewards, run
+from jft import objectives, progress, rewards, run
 
 
 def preference_pairs(workdir: str, reward: str, out: str, *, prompts: int = 400, samples: int = 4,
@@ -32,7 +32,8 @@ def preference_pairs(workdir: str, reward: str, out: str, *, prompts: int = 400,
   tmp = out + ".tmp"
   written = ties = 0
   with open(tmp, "w") as f:
-    for start in range(0, len(rows), batch_prompts):
+    for start in progress.track(range(0, len(rows), batch_prompts), -(-len(rows) // batch_prompts),
+                                "sampling pairs (batches)"):
       texts_p, texts_c, *_ = sampler.complete(forward, r.tokenizer, rows[start:start + batch_prompts],
                                               sampler.group_size, seed=seed + start)
       scores = rewards.call(reward, texts_p, texts_c, f"prompts {start}..").reshape(-1, sampler.group_size)

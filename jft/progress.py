@@ -15,8 +15,14 @@ T = TypeVar("T")
 PLAIN_EVERY_S = 10.0  # without a terminal: at most one line per this many seconds
 
 
-def track(items: Iterable[T], total: int | None, desc: str, enabled: bool = True) -> Iterator[T]:
-  """Yield `items`, showing `desc i/total`; silent for passes that finish within PLAIN_EVERY_S."""
+def track(items: Iterable[T], total: int | None, desc: str, enabled: bool | None = None) -> Iterator[T]:
+  """Yield `items`, showing `desc i/total`; silent for passes that finish within PLAIN_EVERY_S.
+
+  `enabled` defaults to process 0 only (the others of a multi-process run stay quiet).
+  """
+  if enabled is None:
+    import jax
+    enabled = jax.process_index() == 0
   if not enabled:
     yield from items
     return

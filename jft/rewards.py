@@ -24,6 +24,7 @@ from typing import Callable, Sequence
 import jax
 import numpy as np
 
+from jft import progress
 from jft.errors import JftError
 
 RewardFn = Callable[[Sequence[str], Sequence[str]], Sequence[float]]
@@ -127,7 +128,8 @@ def _label_probability(model, params, tokenizer, prompts, label_ids, chat: bool,
   from jft import data
 
   out = []
-  for start in range(0, len(prompts), batch_size):
+  for start in progress.track(range(0, len(prompts), batch_size), -(-len(prompts) // batch_size),
+                              "scoring (batches)"):
     rows = [np.asarray(tokenizer(p, add_special_tokens=not chat)["input_ids"], np.int32)
             for p in prompts[start:start + batch_size]]
     length = -(-max(map(len, rows)) // 16) * 16

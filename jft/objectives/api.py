@@ -30,7 +30,7 @@ from typing import Any, ClassVar, Optional
 
 import jax
 
-from jft import rules
+from jft import progress, rules
 from jft.errors import JftError
 
 OBJECTIVES: dict[str, type] = {}  # name -> class, filled by defining an Objective subclass
@@ -126,7 +126,7 @@ def mean_loss(objective: Objective, forward: Forward, rows: list, batch_size: in
   Objectives whose evaluation is their training loss (DPO, KTO...) use this.
   """
   totals, n = {}, 0
-  for start in range(0, len(rows), batch_size):
+  for start in progress.track(range(0, len(rows), batch_size), -(-len(rows) // batch_size), "evaluating (batches)"):
     chunk = rows[start:start + batch_size]
     longest = max(map(objective.row_length, chunk))
     batch = objective.collate(chunk, -(-longest // 16) * 16, pad_id)

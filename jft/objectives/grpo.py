@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jft import align, data, rewards
+from jft import align, data, progress, rewards
 from jft.models.generate import Sampling, generate, stop_token_ids
 from jft.objectives import api
 from jft.objectives.preference import reference_logps
@@ -158,7 +158,8 @@ class GRPO(api.Objective):
       out["judge/positive_fraction"] = float(np.mean(judged > 0.5))
     if forward.reference is not None:
       kls = []
-      for start in range(0, len(texts), config.eval.batch_size):
+      for start in progress.track(range(0, len(texts), config.eval.batch_size),
+                                  -(-len(texts) // config.eval.batch_size), "KL to the reference (batches)"):
         rows = [(np.asarray(p + c, np.int32), np.asarray([0] * len(p) + [1] * len(c), np.int32))
                 for p, c in zip(prompt_ids[start:start + config.eval.batch_size],
                                 completion_ids[start:start + config.eval.batch_size])]
@@ -175,4 +176,5 @@ class GRPO(api.Objective):
       return []
     prompt_texts, texts, *_ = self._generations(forward, tokenizer, examples, config.data)
     scores = rewards.call(self.reward, prompt_texts, texts, "samples")
-    return [{"prompt": p, "generated": f"{t.strip()}  [reward {s:.3f}]"} for p, t, s in zip(prompt_texts, texts, scores)]
+    return [{"prompt": p, "generated": f"{t.strip()}  [reward {s:.3f}]"}
+            for p, t, s in zip(prompt_texts, texts, scores)]

@@ -21,7 +21,7 @@ from typing import ClassVar
 import jax
 import numpy as np
 
-from jft import align, data, peft, preference_data as pd
+from jft import align, data, peft, preference_data as pd, progress
 from jft.objectives import api
 from jft.peft.score_head import scores
 
@@ -37,7 +37,7 @@ def _rewards(model, params, input_ids, attention_mask):
 def rewards(model, params, tokenizer, texts, batch_size: int = 32, max_length: int = 512) -> np.ndarray:
   """[N] rewards of rendered texts (the reward model's own prompt format), in batches of right-padded rows."""
   out = []
-  for start in range(0, len(texts), batch_size):
+  for start in progress.track(range(0, len(texts), batch_size), -(-len(texts) // batch_size), "rewards (batches)"):
     rows = [_ids(tokenizer, t, max_length) for t in texts[start:start + batch_size]]
     length = -(-max(map(len, rows)) // 16) * 16
     batch = data.pad_batch([(r, r) for r in rows], length, tokenizer.pad_token_id or 0)
