@@ -401,10 +401,11 @@ def _track_best(c, best, step, ev, mngr, trainable):
   better = best is None or (ev[metric] > best["value"] if metric != "loss" else ev[metric] < best["value"])
   if better:
     best = {"step": step, "metric": metric, "value": ev[metric]}
-    if step in mngr.steps() and mngr.problem(step) is None:
-      return best  # redone after a resume from an older step: the same params (resumes are exact), kept as saved
-    if step in mngr.steps():
-      mngr.set_aside(step, mngr.problem(step))
+    if step in mngr.steps():  # redone after a resume from an older step
+      problem = mngr.problem(step)  # hashes the step's files: once
+      if problem is None:
+        return best  # the same params (resumes are exact), kept as saved
+      mngr.set_aside(step, problem)
     checkpoint.save(mngr, step, {"trainable": trainable}, best)
   return best
 
