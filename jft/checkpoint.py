@@ -33,7 +33,7 @@ from jft import errors
 CHECKSUMS = "jft_checksums.json"
 
 
-class CheckpointSaveError(errors.JftError, OSError):
+class CheckpointSaveError(errors.RunFailure, OSError):
   """A save failed (disk full, read-only folder...); the steps saved before it are intact."""
 
 

@@ -9,7 +9,7 @@ import sys
 import time
 import traceback
 
-from jft.errors import JftError
+from jft.errors import JftError, RunFailure
 
 
 def _config(args):
@@ -132,6 +132,7 @@ def _write_whole(out: str, write):
 
   tmp, old = f"{out}.tmp-{os.getpid()}", f"{out}.old-{os.getpid()}"
   os.makedirs(os.path.dirname(out), exist_ok=True)
+  _remove_stale_exports(out)
   shutil.rmtree(tmp, ignore_errors=True)
   try:
     write(tmp)
@@ -147,6 +148,29 @@ def _write_whole(out: str, write):
       os.rename(old, out)
     raise
   shutil.rmtree(old, ignore_errors=True)
+
+
+def _remove_stale_exports(out: str):
+  """Remove what a killed export (SIGKILL, power loss) of `out` left beside it: `<out>.tmp-PID` of a
+  process that is gone. Its `<out>.old-PID` (the previous export, moved aside) goes only if `out` exists;
+  without `out` it is the only copy, so it is kept and named."""
+  import re
+  import shutil
+
+  from jft import lock
+
+  parent, name = os.path.split(out)
+  for entry in sorted(os.listdir(parent)):
+    m = re.fullmatch(re.escape(name) + r"\.(tmp|old)-(\d+)", entry)
+    if not m or lock.pid_running(int(m.group(2))):
+      continue
+    path = os.path.join(parent, entry)
+    if m.group(1) == "tmp" or os.path.isdir(out):
+      print(f"removing {path}: left by an interrupted export (process {m.group(2)} is gone)", file=sys.stderr)
+      shutil.rmtree(path, ignore_errors=True)
+    else:
+      print(f"keeping {path}: the folder an interrupted export was replacing (move it back to {out} "
+            "to keep it)", file=sys.stderr)
 
 
 def _export_target(args) -> str:
@@ -209,7 +233,7 @@ def _decode(args, model, params, tokenizer, t0) -> int:
   print(f"loaded in {time.time() - t0:.1f}s; generating ...", file=sys.stderr, flush=True)
   t0 = time.time()
   texts = generate_text(model, params, tokenizer, args.prompt, args.sampling, chat=not args.no_chat,
-                        seed=args.seed)
+                        seed=args.seed, progress_desc="generating (tokens)")
   for prompt, text in zip(args.prompt, texts):
     if len(args.prompt) > 1:
       print(f"### {prompt}")
@@ -402,8 +426,7 @@ def main(argv=None) -> int:
     if debug:
       traceback.print_exc()
     print(f"jft {args.command}: error: {_describe(e)}", file=sys.stderr)
-    training = sys.modules.get("jft.train")  # TrainingError lives there; not imported = not raised
-    return 1 if training is not None and isinstance(e, training.TrainingError) else 2
+    return 1 if isinstance(e, RunFailure) else 2
 
 
 def _describe(e: BaseException) -> str:

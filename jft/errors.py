@@ -5,6 +5,11 @@ class JftError(Exception):
   """Base class of every error jft raises on purpose."""
 
 
+class RunFailure(JftError):
+  """The work itself failed while it ran (a diverged loss, a save that hit a full disk), as
+  opposed to bad input refused before it started: `jft` exits 1 for these, 2 for the rest."""
+
+
 class CheckpointError(JftError, ValueError):
   """A checkpoint could not be read as the model it claims to be."""
 

@@ -110,6 +110,11 @@ def _parse(raw: bytes) -> dict | None:
     return None
 
 
+def pid_running(pid: int) -> bool:
+  """Whether process `pid` on this host may still be running (e.g. the writer of a `.tmp-PID` folder)."""
+  return _alive({"pid": pid, "host": socket.gethostname()}, "")
+
+
 def _alive(owner: dict, path: str) -> bool:
   """Whether the lock's owner may still be running (a lock from another host always may)."""
   if owner["host"] != socket.gethostname():

@@ -15,10 +15,12 @@ T = TypeVar("T")
 PLAIN_EVERY_S = 10.0  # without a terminal: at most one line per this many seconds
 
 
-def track(items: Iterable[T], total: int | None, desc: str, enabled: bool | None = None) -> Iterator[T]:
+def track(items: Iterable[T], total: int | None, desc: str, enabled: bool | None = None,
+          per_item: int = 1) -> Iterator[T]:
   """Yield `items`, showing `desc i/total`; silent for passes that finish within PLAIN_EVERY_S.
 
   `enabled` defaults to process 0 only (the others of a multi-process run stay quiet).
+  `per_item` counts each item as that many units (e.g. a chunk of tokens).
   """
   if enabled is None:
     import jax
@@ -28,7 +30,8 @@ def track(items: Iterable[T], total: int | None, desc: str, enabled: bool | None
     return
   if sys.stderr.isatty():
     from tqdm import tqdm
-    with tqdm(items, total=total, desc=desc, leave=False, dynamic_ncols=True, mininterval=1.0) as bar:
+    with tqdm(items, total=total, desc=desc, leave=False, dynamic_ncols=True, mininterval=1.0,
+              unit_scale=per_item if per_item > 1 else False) as bar:
       yield from bar
     return
   t0 = last = time.time()
@@ -37,7 +40,8 @@ def track(items: Iterable[T], total: int | None, desc: str, enabled: bool | None
     now = time.time()
     if now - last >= PLAIN_EVERY_S:
       left = (now - t0) / i * (total - i) if total else None
-      print(f"{desc} {i}/{total if total else '?'}" + (f"  ~{left:.0f}s left" if left is not None else ""),
+      print(f"{desc} {i * per_item}/{total * per_item if total else '?'}"
+            + (f"  ~{left:.0f}s left" if left is not None else ""),
             file=sys.stderr, flush=True)
       last = now
 

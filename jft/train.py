@@ -19,12 +19,12 @@ import time
 import jax
 import numpy as np
 
-from jft import checkpoint, data, estimate, objectives, peft, progress, rules, run, schema, sharding, state
+from jft import checkpoint, data, errors, estimate, objectives, peft, progress, rules, run, schema, sharding, state
 from jft.errors import JftError
 from jft.step import make_train_step
 
 
-class TrainingError(JftError, RuntimeError):
+class TrainingError(errors.RunFailure, RuntimeError):
   pass
 
 

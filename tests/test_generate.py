@@ -134,3 +134,27 @@ def test_out_of_vocabulary_ids_long_prompts_and_bad_settings_are_named(hf_models
                             ({"temperature": -1.0}, "temperature=-1.0"), ({"top_k": -2}, "top_k=-2")]:
     with pytest.raises(GenerationError, match=message):
       Sampling(**settings)
+
+
+def test_long_generation_reports_progress_in_token_chunks(hf_models, monkeypatch, capsys):
+  """Decoding runs CHUNK tokens per compiled call; the bar counts tokens, and a stopped batch ends early."""
+  from jft import progress
+  from jft.models import generate as gen
+
+  monkeypatch.setattr(progress, "PLAIN_EVERY_S", 0.0)  # a line per chunk
+  model, params = jft.load_pretrained(hf_models("llama")[0])
+  steps = 2 * gen.CHUNK + 3  # three calls, the last one partial
+  prompt = [5, 17, 3, 9]
+  out = generate(model, params, [prompt], Sampling(max_new_tokens=steps), progress_desc="generating (tokens)")
+  assert out[0] == naive_greedy(model, params, prompt, steps)  # chunk boundaries change nothing
+  lines = [l for l in capsys.readouterr().err.splitlines() if l.startswith("generating (tokens)")]
+  total = 3 * gen.CHUNK
+  assert [l.split()[2] for l in lines] == [f"{gen.CHUNK}/{total}", f"{2 * gen.CHUNK}/{total}"]
+  # Stopping at the first new token: one call, no further lines.
+  out = generate(model, params, [prompt], Sampling(max_new_tokens=steps), stop_tokens=[out[0][0]],
+                 progress_desc="generating (tokens)")
+  assert len(out[0]) == 1
+  assert not [l for l in capsys.readouterr().err.splitlines() if l.startswith("generating")]
+  # No description: no progress at all (the GRPO step's own sampling).
+  generate(model, params, [prompt], Sampling(max_new_tokens=steps))
+  assert "generating" not in capsys.readouterr().err

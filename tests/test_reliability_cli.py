@@ -12,6 +12,7 @@ import time
 import pytest
 
 from jft import cli, lock
+from jft.checkpoint import CheckpointSaveError
 from jft.errors import CheckpointNotFoundError
 from jft.run import RunError
 from jft.train import TrainingError
@@ -71,6 +72,8 @@ def _json_error(tmp_path):
     (lambda _: RunError("runs/x: not a run folder (no config.json)"), 2, "runs/x: not a run folder"),
     (lambda _: CheckpointNotFoundError("runs/x/best: no checkpoint"), 2, "runs/x/best: no checkpoint"),
     (lambda _: TrainingError("non-finite loss (nan) at step 3"), 1, "non-finite loss (nan) at step 3"),
+    (lambda _: CheckpointSaveError("saving step 4 failed (No space left on device)"), 1,  # failed while running
+     "saving step 4 failed (No space left on device)"),
     (lambda _: FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), "data/x.jsonl"), 2,
      "data/x.jsonl: No such file or directory"),
     (lambda _: PermissionError(errno.EACCES, os.strerror(errno.EACCES), "runs/x/config.json"), 2,
@@ -228,6 +231,23 @@ def test_export_into_new_empty_and_overwritten_folders(tiny_run, tmp_path):
   assert _export(workdir, tmp_path / "empty", "--overwrite", fmt="peft") == 0
   assert "stray.txt" not in os.listdir(tmp_path / "empty") and "adapter_config.json" in os.listdir(tmp_path / "empty")
   assert sorted(os.listdir(tmp_path)) == ["a", "empty"]  # no .tmp-/.old- folder left
+
+
+def test_a_killed_exports_leftovers_are_cleaned_up_on_the_next_export(tiny_run, tmp_path, capsys):
+  """SIGKILL leaves `<out>.tmp-PID` (and maybe `<out>.old-PID`): the next export removes a dead process's
+  temporary folder, never a live one's, and keeps a moved-aside previous export that has no other copy."""
+  dead, live = _dead_pid(), os.getppid()
+  for name in (f"out.tmp-{dead}", f"out.tmp-{live}", f"other.old-{dead}"):
+    (tmp_path / name).mkdir()
+    (tmp_path / name / "half.safetensors").write_text("half")
+  assert _export(tiny_run[0], tmp_path / "out") == 0
+  err = capsys.readouterr().err
+  assert f"removing {tmp_path / f'out.tmp-{dead}'}: left by an interrupted export" in err
+  assert sorted(os.listdir(tmp_path)) == ["other.old-" + str(dead), "out", f"out.tmp-{live}"]
+  assert _export(tiny_run[0], tmp_path / "other") == 0  # `other` missing: its old copy is the only one
+  assert f"keeping {tmp_path / f'other.old-{dead}'}: the folder an interrupted export was replacing" in \
+      capsys.readouterr().err
+  assert (tmp_path / f"other.old-{dead}" / "half.safetensors").exists()
 
 
 @pytest.mark.parametrize("failure, code", [(OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)), 2),

@@ -2,8 +2,10 @@
 
 Prompts of different lengths are left-padded into one batch, prefilled in
 one call that writes the cache, then decoded one token per step inside a
-`lax.while_loop` that stops when every row has hit a stop token. The whole
-loop is one compiled function per (model, batch, padded length, settings).
+`lax.while_loop` that stops when every row has hit a stop token. The loop runs
+in chunks of CHUNK tokens (one compiled function per model, batch, padded
+length and settings, called again with the state it left), so long generations
+show progress.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jft import progress
 from jft.errors import JftError
 from jft.models import hooks
 from jft.models.transformer import Transformer, init_cache
@@ -72,7 +75,8 @@ def sample_token(logits, rng, s: Sampling):
   return _argmax(logits + jax.random.gumbel(rng, logits.shape, logits.dtype))  # = jax.random.categorical
 
 
-def _decode(model: Transformer, sampling: Sampling, params, ids, mask, stop_tokens, rng, pad_id):
+def _prefill(model: Transformer, sampling: Sampling, params, ids, mask):
+  """Write the prompt into a fresh cache -> the decoding state before the first new token."""
   b, p = ids.shape
   steps = sampling.max_new_tokens
   # Prompt-tuning vectors take the first cache slots; the prefill writes them with the prompt.
@@ -81,16 +85,23 @@ def _decode(model: Transformer, sampling: Sampling, params, ids, mask, stop_toke
   key_mask = jnp.concatenate([jnp.ones((b, n), mask.dtype), mask, jnp.zeros((b, steps), mask.dtype)], axis=1)
   logits, cache = model.apply({"params": params}, ids, attention_mask=key_mask, cache=cache, cache_index=0,
                               last_only=True)
-  p = n + p
+  out = jnp.full((b, steps), 0, jnp.int32)
+  return jnp.int32(0), cache, key_mask, logits[:, -1], out, jnp.zeros((b,), bool)
 
-  def cond(state):
-    step, _, _, _, _, done, _ = state
-    return (step < steps) & ~jnp.all(done)
 
-  def body(state):
-    step, cache, key_mask, last, out, done, rng = state
-    rng, sub = jax.random.split(rng)
-    tok = jnp.where(done, pad_id, sample_token(last, sub, sampling))
+def _continue(model: Transformer, sampling: Sampling, params, state, rng, stop_tokens, pad_id, until):
+  """Decode from `state` until step `until`, the token budget, or every row has stopped."""
+  steps = sampling.max_new_tokens
+  p = state[2].shape[1] - steps  # cache slots before the first new token (prefix + padded prompt)
+
+  def cond(s):
+    step, _, _, _, _, done, _ = s
+    return (step < jnp.minimum(until, steps)) & ~jnp.all(done)
+
+  def body(s):
+    step, cache, key_mask, last, out, done, rng = s
+    # One key per step, folded from the run's seed: chunking the loop cannot change the samples.
+    tok = jnp.where(done, pad_id, sample_token(last, jax.random.fold_in(rng, step), sampling))
     out = out.at[:, step].set(tok)
     done = done | jnp.isin(tok, stop_tokens)
     key_mask = key_mask.at[:, p + step].set(1)
@@ -98,23 +109,28 @@ def _decode(model: Transformer, sampling: Sampling, params, ids, mask, stop_toke
                                 cache=cache, cache_index=p + step, prepend_prompt=False)
     return step + 1, cache, key_mask, logits[:, -1], out, done, rng
 
-  out = jnp.full((b, steps), pad_id, jnp.int32)
-  state = (jnp.int32(0), cache, key_mask, logits[:, -1], out, jnp.zeros((b,), bool), rng)
-  step, *_, out, _, _ = jax.lax.while_loop(cond, body, state)
-  return out, step
+  *state, _ = jax.lax.while_loop(cond, body, (*state, rng))
+  return tuple(state)
 
 
 # On XLA:CPU the YNNPACK dot fusions run decoding's skinny products ([batch, d] x
 # [d, d']) about 3x slower than the default emitter: the whole loop 25% slower
 # at batch 16 (SmolLM2-135M, 2 cores). Training's large products are not
-# affected, so the option is set for this function alone.
+# affected, so the option is set for these functions alone.
 _CPU_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
+
+# Tokens decoded per compiled call: between calls the progress bar moves and a
+# batch whose rows have all stopped ends. The state stays on the device (donated).
+CHUNK = 8
 
 
 @functools.cache
 def _decoder(backend: str):
-  return jax.jit(_decode, static_argnames=("model", "sampling"),
-                 compiler_options=_CPU_OPTIONS if backend == "cpu" else None)
+  options = _CPU_OPTIONS if backend == "cpu" else None
+  prefill = jax.jit(_prefill, static_argnames=("model", "sampling"), compiler_options=options)
+  resume = jax.jit(_continue, static_argnames=("model", "sampling"), donate_argnames=("state",),
+                   compiler_options=options)
+  return prefill, resume
 
 
 def _check_prompts(model: Transformer, prompts, max_new_tokens: int):
@@ -141,8 +157,13 @@ def _bucket(n: int, multiple: int = 16) -> int:
 
 
 def generate(model: Transformer, params, prompts: Sequence[Sequence[int]], sampling: Sampling = Sampling(),
-             *, stop_tokens: Sequence[int] = (), seed: int = 0, pad_id: int = 0) -> list[list[int]]:
-  """Token-id prompts -> generated ids per prompt (stop token included, padding removed)."""
+             *, stop_tokens: Sequence[int] = (), seed: int = 0, pad_id: int = 0,
+             progress_desc: str | None = None) -> list[list[int]]:
+  """Token-id prompts -> generated ids per prompt (stop token included, padding removed).
+
+  `progress_desc` names a progress bar over the new tokens (process 0; silent for
+  quick batches, see `jft.progress.track`); None shows none (e.g. inside a training step).
+  """
   if not prompts or any(len(p) == 0 for p in prompts):
     raise GenerationError("generate needs at least one non-empty prompt")
   _check_prompts(model, prompts, sampling.max_new_tokens)
@@ -153,10 +174,17 @@ def generate(model: Transformer, params, prompts: Sequence[Sequence[int]], sampl
     ids[row, length - len(prompt):] = prompt
     mask[row, length - len(prompt):] = 1
   stops = jnp.asarray(list(stop_tokens) or [-1], jnp.int32)
-  decode = _decoder(jax.default_backend())
-  out, steps = decode(model, sampling, params, jnp.asarray(ids), jnp.asarray(mask), stops, jax.random.PRNGKey(seed),
-                      jnp.int32(pad_id))
-  out = np.asarray(out)[:, :int(steps)]
+  prefill, resume = _decoder(jax.default_backend())
+  state = prefill(model, sampling, params, jnp.asarray(ids), jnp.asarray(mask))
+  rng, pad = jax.random.PRNGKey(seed), jnp.int32(pad_id)
+  chunks = -(-sampling.max_new_tokens // CHUNK)
+  for until in progress.track(range(CHUNK, chunks * CHUNK + 1, CHUNK), chunks, progress_desc or "",
+                              enabled=False if progress_desc is None else None, per_item=CHUNK):
+    state = resume(model, sampling, params, state, rng, stops, pad, jnp.int32(until))
+    step, done = int(state[0]), bool(np.all(state[5]))
+    if done or step >= sampling.max_new_tokens:
+      break
+  out = np.asarray(state[4])[:, :int(state[0])]
   results = []
   stop_set = set(stop_tokens)
   for row in out.tolist():
@@ -182,9 +210,10 @@ def encode_prompts(tokenizer, prompts: Sequence[str], chat: bool = True) -> list
 
 
 def generate_text(model: Transformer, params, tokenizer, prompts: Sequence[str],
-                  sampling: Sampling = Sampling(), *, chat: bool = True, seed: int = 0) -> list[str]:
+                  sampling: Sampling = Sampling(), *, chat: bool = True, seed: int = 0,
+                  progress_desc: str | None = None) -> list[str]:
   ids = encode_prompts(tokenizer, prompts, chat)
   pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
   out = generate(model, params, ids, sampling, stop_tokens=stop_token_ids(model, tokenizer), seed=seed,
-                 pad_id=pad)
+                 pad_id=pad, progress_desc=progress_desc)
   return [tokenizer.decode(o, skip_special_tokens=True).strip() for o in out]

@@ -100,14 +100,16 @@ class GRPO(api.Objective):
 
   # -- rollout ---------------------------------------------------------------
 
-  def complete(self, forward: api.Forward, tokenizer, prompts, n: int, seed: int, temperature=None):
+  def complete(self, forward: api.Forward, tokenizer, prompts, n: int, seed: int, temperature=None,
+               progress_desc=None):
     """-> (prompt texts, completion texts, [N] prompt ids, [N] completion ids, truncated flags), n per prompt."""
     sampling = Sampling(max_new_tokens=self.max_new_tokens,
                         temperature=self.temperature if temperature is None else temperature, top_k=self.top_k)
     repeated = [list(map(int, p)) for p in prompts for _ in range(n)]
     stops = stop_token_ids(forward.model, tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    outs = generate(forward.model, forward.params, repeated, sampling, stop_tokens=stops, seed=seed, pad_id=pad)
+    outs = generate(forward.model, forward.params, repeated, sampling, stop_tokens=stops, seed=seed, pad_id=pad,
+                    progress_desc=progress_desc)
     stop_set = set(stops)
     truncated = [not (o and o[-1] in stop_set) for o in outs]
     texts = [tokenizer.decode(o, skip_special_tokens=True) for o in outs]
@@ -145,7 +147,7 @@ class GRPO(api.Objective):
 
   def _generations(self, forward, tokenizer, examples, d):
     prompts = [x for x, _ in self.rows(examples, tokenizer, d)]
-    return self.complete(forward, tokenizer, prompts, 1, seed=0)
+    return self.complete(forward, tokenizer, prompts, 1, seed=0, progress_desc="sampling (tokens)")
 
   def evaluate(self, config, forward, tokenizer, examples, mesh=None):
     prompt_texts, texts, prompt_ids, completion_ids, truncated = self._generations(

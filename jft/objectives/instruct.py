@@ -40,6 +40,7 @@ def greedy_samples(forward: api.Forward, tokenizer, examples, chat: bool, max_ne
   prompts = [tokenizer(ex["prompt"], add_special_tokens=not chat)["input_ids"] for ex in examples]
   out = generate(forward.model, forward.params, prompts, Sampling(max_new_tokens=max_new_tokens),
                  stop_tokens=stop_token_ids(forward.model, tokenizer),
-                 pad_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
+                 pad_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0,
+                 progress_desc="samples (tokens)")
   return [{"prompt": ex["prompt"], "reference": ex.get("response", ""),
            "generated": tokenizer.decode(o, skip_special_tokens=True).strip()} for ex, o in zip(examples, out)]
