@@ -20,6 +20,7 @@ from __future__ import annotations
 import glob
 import hashlib
 import json
+import logging
 import os
 import shutil
 import time
@@ -33,6 +34,18 @@ from jft import errors
 CHECKSUMS = "jft_checksums.json"
 
 
+class _OrbaxMetadataNoise(logging.Filter):
+  """Drop orbax's `ERROR Failed to (json parse|read) Metadata file` for a damaged step: `Checkpoints`
+  names that step and what is wrong with it in one line of its own, so the log line is noise."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return not (record.pathname.endswith(os.path.join("orbax", "checkpoint", "_src", "metadata", "checkpoint.py"))
+                and str(record.msg).startswith("Failed to"))
+
+
+logging.getLogger("absl").addFilter(_OrbaxMetadataNoise())
+
+
 class CheckpointSaveError(errors.RunFailure, OSError):
   """A save failed (disk full, read-only folder...); the steps saved before it are intact."""
 
@@ -43,6 +56,7 @@ class Checkpoints:
   def __init__(self, directory: str, keep: int | None = None):
     self.directory = os.path.abspath(directory)
     self.keep = keep
+    self._skipped: list[tuple[int, str]] = []  # (step, why) the last `restore` passed over
     # Retention is ours (`_prune`), so that nothing is deleted before a new step is complete.
     self._mngr = ocp.CheckpointManager(self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=None,
                                                                                             create=True),
@@ -123,6 +137,7 @@ class Checkpoints:
         f.write(reason + "\n")
     _sync(f"jft-set-aside-{step}")
     self._mngr.reload()
+    self._skipped = [(s, why) for s, why in self._skipped if s != step]
     return target
 
   def problem(self, step: int) -> str | None:
@@ -158,7 +173,7 @@ class Checkpoints:
     name through `report` and skipped (see `set_aside` to move it out of the way).
     """
     candidates = [step] if step is not None else self.steps()[::-1]
-    skipped = []
+    skipped = self._skipped = []
     for s in candidates:
       reason = self.problem(s)
       if reason is None:
@@ -180,16 +195,14 @@ class Checkpoints:
     return None
 
   def broken_after(self, step: int) -> list[tuple[int, str]]:
-    """Steps newer than `step` and why they are not usable (after `restore` fell back to `step`)."""
-    return [(s, self.problem(s) or "unreadable") for s in self.steps() if s > step]
+    """Steps newer than `step` and why they are not usable, as the last `restore` found them
+    (it fell back to `step`); checked again only for a step that restore did not look at."""
+    seen = dict(self._skipped)
+    return [(s, seen.get(s) or self.problem(s) or "unreadable") for s in self.steps() if s > step]
 
 
 def manager(workdir: str, keep: int | None) -> Checkpoints:
   return Checkpoints(os.path.join(workdir, "checkpoints"), keep)
-
-
-def save(mngr: Checkpoints, step: int, state: dict, meta: dict):
-  mngr.save(step, state, meta)
 
 
 def write_checksums(folder: str):
@@ -229,11 +242,6 @@ def _sync(name: str):
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils
     multihost_utils.sync_global_devices(name)
-
-
-def restore(mngr: Checkpoints, abstract_state: dict, step: int | None = None, upgrade=None, report=print):
-  """-> (step, state, meta) of `step` (default: the newest intact step), or None if there is no checkpoint."""
-  return mngr.restore(abstract_state, step, upgrade, report)
 
 
 def _restore(mngr: ocp.CheckpointManager, step: int, abstract_state: dict, upgrade=None):

@@ -45,12 +45,26 @@ def write_json(path: str, obj):
   os.replace(tmp, path)
 
 
-def read_config(workdir: str) -> ml_collections.ConfigDict:
+def read_config(workdir: str, report=None) -> ml_collections.ConfigDict:
+  """The run's config, in today's layout (`jft.schema.upgrade`, each change named through `report`,
+  default stderr) and validated like a new one: a bad field is one error naming the file."""
+  from jft import schema
+
   path = os.path.join(workdir, "config.json")
   if not os.path.isfile(path):
     raise RunError(f"{workdir}: not a run folder (no config.json)")
   with open(path) as f:
-    return ml_collections.ConfigDict(json.load(f))
+    saved = json.load(f)
+  if not isinstance(saved, dict):
+    raise RunError(f"{path}: not a run config (a JSON {type(saved).__name__}, expected an object)")
+  config, notes = schema.upgrade(saved)
+  report = report or (lambda line: print(line, file=sys.stderr))
+  for note in notes:
+    report(f"{path}: {note}")
+  found = schema.problems(config)
+  if found:
+    raise RunError(f"{path}: invalid run config: " + "; ".join(found))
+  return config
 
 
 def versions() -> dict:
@@ -190,14 +204,14 @@ def restore(workdir: str, which: str = "best", mesh=None, report=None) -> Restor
   restored, source = None, "best"
   if which == "best" and os.path.isdir(os.path.join(workdir, "best")):
     try:
-      restored = checkpoint.restore(best_manager(workdir), {"trainable": checkpoint.abstract(st.trainable)},
-                                    upgrade=method.upgrade_path, report=report)
+      restored = best_manager(workdir).restore({"trainable": checkpoint.abstract(st.trainable)},
+                                               upgrade=method.upgrade_path, report=report)
     except errors.CorruptCheckpointError as e:
       report(f"{e}; using the newest intact step instead")
   if restored is None:
     template = checkpoint.abstract({"trainable": st.trainable, "opt_state": st.opt_state})
-    restored = checkpoint.restore(checkpoint.manager(workdir, keep=None), template, upgrade=method.upgrade_path,
-                                  report=report)
+    restored = checkpoint.manager(workdir, keep=None).restore(template, upgrade=method.upgrade_path,
+                                                              report=report)
     source = "latest"
   if restored is None:
     raise RunError(f"{workdir}: no checkpoint to restore")

@@ -481,3 +481,46 @@ def validate_against_model(config, model_config):
     raise ConfigError(f"{why} = {longest} positions exceeds the context of model {config.model.name} "
                       f"({context} positions, its max_position_embeddings); set data.max_length to at most "
                       f"{context - (longest - config.data.max_length)}")
+
+
+# ---- Run folders written by an earlier jft --------------------------------------------------------
+
+def upgrade(saved: Mapping) -> tuple[Any, list[str]]:
+  """A run's saved `config.json` (a dict) -> (the config in today's layout, notes on what changed).
+
+  Runs outlive the code that wrote them: `eval`, `export` and `--resume` read
+  configs written before a field existed or moved. Fields that moved are
+  moved (`data.task` -> `objective.name`), fields added since take their
+  default, and fields this jft no longer reads are dropped; each is one note.
+  The result is then checked with `problems` like any config.
+  """
+  import copy
+
+  import ml_collections
+
+  from jft.config import default_config
+
+  saved = copy.deepcopy(dict(saved))
+  notes = []
+  if "objective" not in saved and isinstance(saved.get("data"), dict) and "task" in saved["data"]:
+    task = saved["data"].pop("task")
+    saved["objective"] = {"name": task, "hparams": {}}
+    notes.append(f"data.task={task!r} read as objective.name (the layout before objectives)")
+  merged = default_config().to_dict()
+  for hp in HPARAMS:  # saved hyperparameters replace the defaults whole (another method has other names)
+    section, _ = hp.split(".")
+    if isinstance(saved.get(section), dict) and isinstance(saved[section].get("hparams"), dict):
+      merged[section]["hparams"] = saved[section].pop("hparams")
+  kept = flat_keys(ml_collections.ConfigDict(saved))
+  for path, value in kept.items():
+    if path not in SCHEMA:
+      notes.append(f"{path}={_shown(value)} ignored (not a field of this jft)")
+      continue
+    node = merged
+    *parents, leaf = path.split(".")
+    for key in parents:
+      node = node[key]
+    node[leaf] = value
+  defaults = flat_keys(default_config())
+  notes += [f"{path} missing; using the default {_shown(defaults[path])}" for path in SCHEMA if path not in kept]
+  return ml_collections.ConfigDict(merged), notes

@@ -20,6 +20,7 @@ import jax
 import numpy as np
 
 from jft import checkpoint, data, errors, estimate, objectives, peft, progress, rules, run, schema, sharding, state
+from jft.config import _close
 from jft.errors import JftError
 from jft.step import make_train_step
 
@@ -211,8 +212,8 @@ def _train(config, workdir, resume, echo, dry_run, on_eval) -> dict:
       echo(f"removed {leftover} in {folder.directory}: a save interrupted by an earlier process")
   start, best = 0, None
   if resume:
-    restored = checkpoint.restore(mngr, checkpoint.abstract({"trainable": trainable, "opt_state": opt_state}),
-                                  upgrade=method.upgrade_path, report=echo)
+    restored = mngr.restore(checkpoint.abstract({"trainable": trainable, "opt_state": opt_state}),
+                            upgrade=method.upgrade_path, report=echo)
     if restored is None:
       echo(f"--resume: no checkpoint in {workdir}; starting from step 0")
     else:
@@ -227,8 +228,8 @@ def _train(config, workdir, resume, echo, dry_run, on_eval) -> dict:
 
   def save(step: int, position=None):
     with phases("checkpoints"):
-      checkpoint.save(mngr, step, {"trainable": trainable, "opt_state": opt_state},
-                      {"data": position or batches.state(), "best": best, "step": step})
+      mngr.save(step, {"trainable": trainable, "opt_state": opt_state},
+                {"data": position or batches.state(), "best": best, "step": step})
 
   # ---- Zero-shot evaluation --------------------------------------------------
   results = {"counts": {"trainable": counts.trainable, "total": counts.total, "percent": counts.percent}}
@@ -236,6 +237,8 @@ def _train(config, workdir, resume, echo, dry_run, on_eval) -> dict:
   if start == 0 and c.eval.zero_shot and zero_split:
     limit = d.max_eval_examples if c.eval.zero_shot_split == "eval" else d.max_test_examples
     zero = evaluate_on(run_params(trainable), examples_for(c, tokenizer, zero_split, limit or None), "zero-shot")
+    if _unknown_metric(c, zero):
+      raise TrainingError(f"{_unknown_metric(c, zero)}; nothing was trained")
     results["zero_shot"] = {"split": zero_split, **zero}
     log(0, "zero_shot", zero)
     echo("zero-shot " + _fmt(zero))
@@ -299,6 +302,10 @@ def _train(config, workdir, resume, echo, dry_run, on_eval) -> dict:
         ev = evaluate_on(run_params(trainable), eval_examples)
         log(done, "eval", ev)
         bar.write(f"step {done}: eval " + _fmt(ev))
+        if _unknown_metric(c, ev):
+          save(done)
+          raise TrainingError(f"{_unknown_metric(c, ev)}; nothing lost: checkpoint saved at step {done} in "
+                              f"{workdir} (fix eval.metric and continue with --resume)")
         best = _track_best(c, best, done, ev, best_mngr, trainable)
         if on_eval is not None and on_eval(done, ev):
           stop.update(signal="pruned", pruned=True)
@@ -322,6 +329,8 @@ def _train(config, workdir, resume, echo, dry_run, on_eval) -> dict:
     if eval_examples:
       ev = evaluate_on(run_params(trainable), eval_examples)
       log(c.train.steps, "eval", ev)
+      if _unknown_metric(c, ev):  # the run is complete: said, not raised
+        echo(f"warning: {_unknown_metric(c, ev)}; no best checkpoint was tracked")
       best = _track_best(c, best, c.train.steps, ev, best_mngr, trainable)
       results["validation"] = ev
       echo("validation " + _fmt(ev))
@@ -339,8 +348,7 @@ def _train(config, workdir, resume, echo, dry_run, on_eval) -> dict:
     test_examples = examples_for(c, tokenizer, d.test_split, d.max_test_examples or None)
     params = run_params(trainable)
     if best is not None and best["step"] != c.train.steps:
-      _, saved, _ = checkpoint.restore(best_mngr, {"trainable": checkpoint.abstract(trainable)},
-                                       upgrade=method.upgrade_path)
+      _, saved, _ = best_mngr.restore({"trainable": checkpoint.abstract(trainable)}, upgrade=method.upgrade_path)
       params = run_params(saved["trainable"])
     results["test"] = evaluate_on(params, test_examples, "test")
     log(c.train.steps, "test", results["test"])
@@ -394,6 +402,18 @@ def _any_process(flag: bool) -> bool:
   return bool(np.any(multihost_utils.process_allgather(np.int32(flag))))
 
 
+def _unknown_metric(c, ev: dict) -> str | None:
+  """Why eval.metric cannot pick the best checkpoint (it is not among the evaluation's metrics), or None.
+
+  Which metrics an evaluation reports depends on the objective and its settings
+  (a judge, exact match...), so the first evaluation checks it; a typo would
+  otherwise never track a best checkpoint, silently."""
+  if c.eval.metric in ev:
+    return None
+  return (f"eval.metric={c.eval.metric!r} is not a metric the {c.objective.name} evaluation reports"
+          f"{_close(c.eval.metric, ev)}; it reports {', '.join(sorted(ev))}")
+
+
 def _track_best(c, best, step, ev, mngr, trainable):
   metric = c.eval.metric
   if metric not in ev:
@@ -406,7 +426,7 @@ def _track_best(c, best, step, ev, mngr, trainable):
       if problem is None:
         return best  # the same params (resumes are exact), kept as saved
       mngr.set_aside(step, problem)
-    checkpoint.save(mngr, step, {"trainable": trainable}, best)
+    mngr.save(step, {"trainable": trainable}, best)
   return best
 
 

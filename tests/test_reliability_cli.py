@@ -233,6 +233,49 @@ def test_export_into_new_empty_and_overwritten_folders(tiny_run, tmp_path):
   assert sorted(os.listdir(tmp_path)) == ["a", "empty"]  # no .tmp-/.old- folder left
 
 
+def test_a_run_config_from_an_earlier_layout_is_upgraded_and_named(tiny_run, tmp_path):
+  """A config.json written before `objective` existed (data.task), without a field added since and with one
+  no longer read, is read in today's layout; each change is one line naming the file."""
+  from jft import run
+
+  saved = json.load(open(os.path.join(tiny_run[0], "config.json")))
+  name = saved.pop("objective")["name"]
+  saved["data"]["task"] = name
+  del saved["train"]["keep"]
+  saved["train"]["old_knob"] = 3
+  (tmp_path / "config.json").write_text(json.dumps(saved))
+  lines = []
+  config = run.read_config(str(tmp_path), report=lines.append)
+  assert config.objective.name == name and config.train.keep == 2 and "old_knob" not in config.train
+  where = f"{tmp_path / 'config.json'}: "
+  assert lines == [where + f"data.task={name!r} read as objective.name (the layout before objectives)",
+                   where + "train.old_knob=3 ignored (not a field of this jft)",
+                   where + "train.keep missing; using the default 2"]
+  # Today's layout reads back unchanged and silently.
+  again = run.read_config(tiny_run[0], report=lines.append)
+  assert len(lines) == 3 and json.loads(json.dumps(again.to_dict())) == json.load(
+      open(os.path.join(tiny_run[0], "config.json")))
+
+
+@pytest.mark.parametrize("command", ["eval", "export"])
+def test_a_run_config_with_a_bad_value_is_one_error_before_anything_loads(command, tiny_run, tmp_path, capsys):
+  import shutil
+
+  workdir = tmp_path / "run"
+  shutil.copytree(tiny_run[0], workdir)
+  saved = json.load(open(workdir / "config.json"))
+  saved["train"]["nan_policy"] = "skpi"
+  (workdir / "config.json").write_text(json.dumps(saved))
+  before = _snapshot(tmp_path)
+  argv = ["eval", "--workdir", str(workdir)] if command == "eval" else \
+      ["export", "--workdir", str(workdir), "--format", "peft", "--out", str(tmp_path / "out")]
+  assert cli.main(argv) == 2
+  err = capsys.readouterr().err
+  assert err.startswith(f"jft {command}: error: {workdir / 'config.json'}: invalid run config: train.nan_policy") \
+      and "did you mean skip" in err and err.count("\n") == 1, err
+  assert _snapshot(tmp_path) == before
+
+
 def test_a_killed_exports_leftovers_are_cleaned_up_on_the_next_export(tiny_run, tmp_path, capsys):
   """SIGKILL leaves `<out>.tmp-PID` (and maybe `<out>.old-PID`): the next export removes a dead process's
   temporary folder, never a live one's, and keeps a moved-aside previous export that has no other copy."""
@@ -409,6 +452,12 @@ BAD_INPUTS = [
     ("negative steps", TRAIN + ["--config.train.steps=-3"], {}, 2, r"train\.steps=-3"),
     ("nan_policy typo", TRAIN + ["--config.train.nan_policy=skp"], {}, 2, r"train\.nan_policy='skp'"),
     ("negative lr", TRAIN + ["--config.optim.lr=-0.001"], {}, 2, r"optim\.lr=-0\.001"),
+    ("eval.metric typo, zero-shot", TRAIN + ["--config.eval.zero_shot=true", "--config.eval.metric=acurracy"], {}, 1,
+     r"eval\.metric='acurracy' is not a metric the classification evaluation reports \(did you mean accuracy\?\)"
+     r".*nothing was trained"),
+    ("eval.metric typo, periodic", TRAIN + ["--config.train.steps=2", "--config.train.eval_every=1",
+                                            "--config.eval.metric=los"], {}, 1,
+     r"eval\.metric='los' is not a metric .*checkpoint saved at step 1"),
     ("unknown field", TRAIN + ["--config.train.stepz=3"], {}, 2, r"stepz.*did you mean.*steps"),
     ("unknown method", TRAIN + ["--config.method.name=lorra"], {}, 2, r"method\.name='lorra'.*did you mean"),
     ("rank 0", TRAIN + ["--config.method.hparams.rank=0"], {}, 2, r"rank"),

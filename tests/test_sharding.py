@@ -175,10 +175,10 @@ def test_checkpoints_restore_with_the_template_shardings(tmp_path):
   mngr = checkpoint.manager(str(tmp_path), keep=2)
   old = {"trainable": {"a": jnp.ones((2, 4))}, "opt_state": {"b": jnp.zeros(3)}, "step": jnp.int32(3),
          "rng": jax.random.PRNGKey(0)}
-  checkpoint.save(mngr, 3, old, {"data": {}})
+  mngr.save(3, old, {"data": {}})
   template = {"trainable": {"a": jax.ShapeDtypeStruct((2, 4), jnp.float32, sharding=target)},
               "opt_state": {"b": jax.ShapeDtypeStruct((3,), jnp.float32, sharding=sharding.replicated(m))}}
-  step, restored, meta = checkpoint.restore(checkpoint.manager(str(tmp_path), keep=2), template)
+  step, restored, meta = checkpoint.manager(str(tmp_path), keep=2).restore(template)
   assert step == 3 and set(restored) == {"trainable", "opt_state"} and meta == {"data": {}}
   assert restored["trainable"]["a"].sharding == target
   np.testing.assert_array_equal(restored["trainable"]["a"], np.ones((2, 4)))
