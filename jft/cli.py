@@ -211,7 +211,7 @@ def _generate(args) -> int:
   empty = [i for i, p in enumerate(args.prompt) if not p.strip()]
   if empty:
     raise GenerationError(f"prompt {empty[0]} is empty")
-  dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[args.dtype]
+  dtype = jnp.dtype(args.dtype)
   t0 = time.time()
   if args.workdir:
     from jft import run
@@ -297,7 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
   g.add_argument("--top-k", type=int, default=0)
   g.add_argument("--top-p", type=float, default=1.0)
   g.add_argument("--seed", type=int, default=0)
-  g.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+  g.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")  # jft.models.COMPUTE_DTYPES
   g.add_argument("--no-chat", action="store_true", help="do not apply the chat template")
   g.add_argument("--quantize", choices=("nf4", "fp4", "int4", "int8"),
                  help="quantize the transformer blocks' linear weights (double quantization on)")

@@ -182,7 +182,7 @@ def shapes(config) -> Shapes:
   from jft import run
   from jft.models import hf
 
-  dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[config.model.dtype]
+  dtype = jnp.dtype(config.model.dtype)
   mc = model_config(config.model.name)
   base = hf.abstract_params(mc, dtype)
   if config.quant.format:

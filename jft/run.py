@@ -114,7 +114,7 @@ def build_model(config, mesh=None):
   With a mesh of more than one device the model pins its activations to it
   (`sharding.activation_sharding`, by the config's axis rules).
   """
-  dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[config.model.dtype]
+  dtype = jnp.dtype(config.model.dtype)
   model, base = load_pretrained(config.model.name, dtype=dtype, remat=config.model.remat)
   if config.train.get("init_from"):
     base = merged_base(config.train.init_from, config.model.name, base)

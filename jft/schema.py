@@ -23,12 +23,12 @@ from typing import Any, Callable, Mapping, Optional
 
 from jft import align, objectives, peft, quant, sharding
 from jft.config import REQUIRED, ConfigError, _close, flat_keys
+from jft.models import COMPUTE_DTYPES
 from jft.models.transformer import REMAT_POLICIES
 from jft.objectives import reward as reward_objective
 from jft.peft import bottleneck
 
-# Compute dtypes the model runs in (run.build_model and estimate.shapes map these names to jnp dtypes).
-DTYPES = ("float32", "bfloat16")
+DTYPES = COMPUTE_DTYPES
 
 
 # ---- Rules ----------------------------------------------------------------------------------------

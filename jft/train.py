@@ -44,17 +44,19 @@ class _Log:
   """metrics.jsonl + TensorBoard, one call per event; process 0 only (the others log nothing).
 
   On resume, records after the restored step are dropped first, so steps
-  redone after an interruption appear once.
+  redone after an interruption appear once (and so is a line cut short by a
+  crash or a full disk). A failed write stops the run with the file named.
   """
 
   def __init__(self, workdir: str, resumed_step: int | None = None, enabled: bool = True):
     self.enabled = enabled
     if not enabled:
       return
-    path = os.path.join(workdir, "metrics.jsonl")
+    path = self.path = os.path.join(workdir, "metrics.jsonl")
     if resumed_step is not None and os.path.isfile(path):
       with open(path) as f:
-        kept = [line for line in f if line.strip() and _record_step(line) <= resumed_step]
+        steps = [(line, _record_step(line)) for line in f]
+      kept = [line for line, step in steps if step is not None and step <= resumed_step]
       with open(path + ".tmp", "w") as f:
         f.writelines(kept)
       os.replace(path + ".tmp", path)
@@ -69,8 +71,12 @@ class _Log:
     if not self.enabled:
       return
     record = {"step": step, "kind": kind, "time": time.time(), **metrics}
-    self.file.write(json.dumps(record) + "\n")
-    self.file.flush()
+    try:
+      self.file.write(json.dumps(record) + "\n")
+      self.file.flush()
+    except OSError as e:
+      raise TrainingError(f"writing {self.path} failed at step {step} ({e.strerror or e}); stopped. The "
+                          "checkpoints saved before are intact: free the space and continue with --resume") from e
     if self.tb is not None:
       for k, v in metrics.items():
         if isinstance(v, (int, float)):
@@ -84,11 +90,12 @@ class _Log:
       self.tb.close()
 
 
-def _record_step(line: str) -> int:
+def _record_step(line: str) -> int | None:
+  """The step of a metrics.jsonl line; None for a line that is not a whole record."""
   try:
     return int(json.loads(line)["step"])
   except (ValueError, KeyError, TypeError):
-    return 0
+    return None
 
 
 # Fields that say where arrays live, not what is computed: a run may resume on another mesh.

@@ -209,3 +209,50 @@ def test_kill_between_eval_and_save_with_intervals_that_do_not_divide(tiny_model
   restored = run.restore(workdir, "best", report=lines.append)
   assert restored.source == "latest" and restored.step == 8
   assert any(f"best/{best} is corrupt" in line for line in lines), lines
+
+
+def test_a_disk_that_fills_while_metrics_are_written_stops_the_run_and_resume_continues(tiny_model, tmp_path,
+                                                                                          monkeypatch, capsys):
+  """The metrics write hits ENOSPC after half a line: one error naming metrics.jsonl (exit 1), the saved
+  checkpoints intact; `--resume` drops the cut line and logs each step once."""
+  import errno
+
+  from jft import cli, train
+
+  class FillsUp:
+    def __init__(self, file, after):
+      self.file, self.left = file, after
+
+    def write(self, text):
+      self.left -= 1
+      if self.left < 0:
+        self.file.write(text[:len(text) // 2])
+        self.file.flush()
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+      return self.file.write(text)
+
+    def __getattr__(self, name):
+      return getattr(self.file, name)
+
+  init = train._Log.__init__
+
+  def full_after_five(self, *args, **kwargs):
+    init(self, *args, **kwargs)
+    if self.enabled:
+      self.file = FillsUp(self.file, after=5)
+
+  workdir = str(tmp_path / "run")
+  args = ["train", "--config", TINY, f"--config.model.name={tiny_model}", "--config.train.steps=6",
+          "--config.train.save_every=2", "--config.train.eval_every=0", "--config.train.log_every=1",
+          "--workdir", workdir]
+  monkeypatch.setattr(train._Log, "__init__", full_after_five)
+  assert cli.main(args) == 1
+  err = capsys.readouterr().err.strip().splitlines()[-1]
+  assert err.startswith(f"jft train: error: writing {workdir}/metrics.jsonl failed at step 5 (No space left on "
+                        "device); stopped."), err
+  assert checkpoint.manager(workdir, None).steps() == [2, 4]
+  assert not open(os.path.join(workdir, "metrics.jsonl")).read().endswith("\n")  # the cut line is there
+  monkeypatch.setattr(train._Log, "__init__", init)
+  assert cli.main(args + ["--resume"]) == 0
+  records = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+  assert [r["step"] for r in records if r["kind"] == "train"] == [1, 2, 3, 4, 5, 6]

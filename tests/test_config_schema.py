@@ -269,3 +269,14 @@ def test_cli_reports_a_broken_config_file_in_one_line(tmp_path, capsys):
   assert cli.main(["train", "--config", path, "--workdir", str(tmp_path / "r")]) == 2
   err = capsys.readouterr().err.strip()
   assert err == f"jft train: error: {path}:3: ZeroDivisionError: division by zero"
+
+
+def test_the_cli_offers_the_compute_dtypes_the_models_run_in():
+  """`jft generate --dtype` lists its choices without importing the models (a fast --help): the same names."""
+  from jft import cli
+  from jft.models import COMPUTE_DTYPES
+
+  parser = cli.build_parser()
+  generate = parser._subparsers._group_actions[0].choices["generate"]
+  dtype = next(a for a in generate._actions if a.dest == "dtype")
+  assert tuple(dtype.choices) == COMPUTE_DTYPES

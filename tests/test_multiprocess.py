@@ -6,6 +6,7 @@ writes logs. Both processes are SIGKILLed mid-run; the run resumes on two proces
 losses of an uninterrupted run, and the same checkpoint resumes on one process with another mesh.
 """
 
+import glob
 import json
 import os
 import shutil
@@ -20,6 +21,7 @@ import jax.numpy as jnp
 import pytest
 
 import jft
+import jft.checkpoint
 from jft.models.config import ModelConfig
 from jft.models.transformer import Transformer
 
@@ -95,6 +97,22 @@ def test_two_processes_train_like_one(model_folder, tmp_path):
   assert evals[0]["accuracy"] == evals[1]["accuracy"]
   layout = json.load(open(os.path.join(two, "shardings.json")))
   assert layout["mesh"]["processes"] == 2 and layout["mesh"]["shape"] == {"data": 2, "fsdp": 2, "tensor": 2}
+
+  # Checksums of each step are written once (process 0) after both processes' shards are in; a flipped
+  # byte in the newest step makes both processes resume from the step before, named, and set it aside.
+  mngr = jft.checkpoint.manager(two, None)
+  assert mngr.steps() == [2, 4, 6] and all(mngr.problem(s) is None for s in mngr.steps())
+  shard = sorted(glob.glob(os.path.join(two, "checkpoints", "6", "state", "ocdbt.process_*", "d", "*")))[-1]
+  with open(shard, "r+b") as f:
+    f.seek(os.path.getsize(shard) // 2)
+    byte = f.read(1)
+    f.seek(-1, 1)
+    f.write(bytes([byte[0] ^ 0xFF]))
+  (out, err), _ = finish(launch(model_folder, two, steps=6, resume=True))
+  assert "checkpoints/6 is corrupt" in out + err and "resumed from step 4" in out + err
+  assert len(glob.glob(os.path.join(two, "corrupt", "checkpoints-6-*", "WHY.txt"))) == 1
+  again = losses(two)
+  assert again == a  # steps 5 and 6 redone exactly
 
 
 @pytest.mark.slow
