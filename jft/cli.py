@@ -68,8 +68,8 @@ def _pairs(args) -> int:
 
   counts = preference_pairs(args.policy, args.reward, args.out, prompts=args.prompts, samples=args.samples,
                             max_new_tokens=args.max_new_tokens, split=args.split, seed=args.seed)
-  print(f"wrote {counts['pairs']} pairs from {counts['prompts']} prompts ({counts['ties']} all-equal groups "
-        f"skipped) to {args.out}")
+  print(f"wrote {counts['pairs']} pairs from {counts['prompts']} prompts ({counts['ties']} groups skipped: fewer "
+        f"than two different non-empty completions) to {args.out}")
   return 0
 
 

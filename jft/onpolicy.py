@@ -3,8 +3,10 @@
     jft pairs RUN --reward run:runs/reward --out pairs.jsonl [--prompts 400 --samples 4]
 
 For each prompt (the first words of a text of the run's data, as GRPO
-builds them) the policy of RUN samples `samples` completions; the highest-
-and lowest-rewarded become `chosen` and `rejected` (ties are skipped). Rows
+builds them) the policy of RUN samples `samples` completions; of those with
+any text, the highest- and lowest-rewarded become `chosen` and `rejected`
+(a group with fewer than two, or all rewards equal, is skipped: preference
+data refuses an empty completion). Rows
 are written in the common prompt/chosen/rejected layout (plus both rewards),
 which `configs/dpo.py` reads with `--config.data.path=pairs.jsonl`.
 """
@@ -38,11 +40,12 @@ def preference_pairs(workdir: str, reward: str, out: str, *, prompts: int = 400,
                                               sampler.group_size, seed=seed + start)
       scores = rewards.call(reward, texts_p, texts_c, f"prompts {start}..").reshape(-1, sampler.group_size)
       for g, group in enumerate(scores):
-        hi, lo = int(np.argmax(group)), int(np.argmin(group))
-        if group[hi] == group[lo]:
+        i = g * sampler.group_size
+        picked = pick_pair(group, texts_c[i:i + sampler.group_size])
+        if picked is None:
           ties += 1
           continue
-        i = g * sampler.group_size
+        hi, lo = picked
         # One leading space off: plain-text completions are tokenized with one (`jft.data.response_ids`).
         strip = lambda text: text[1:] if text.startswith(" ") else text
         f.write(json.dumps({"prompt": texts_p[i], "chosen": strip(texts_c[i + hi]), "rejected": strip(texts_c[i + lo]),
@@ -51,3 +54,14 @@ def preference_pairs(workdir: str, reward: str, out: str, *, prompts: int = 400,
       echo(f"{min(start + batch_prompts, len(rows))}/{len(rows)} prompts, {written} pairs")
   os.replace(tmp, out)
   return {"pairs": written, "ties": ties, "prompts": len(rows)}
+
+
+def pick_pair(scores, completions) -> tuple[int, int] | None:
+  """(chosen, rejected) indices of one prompt's group: the highest- and lowest-scored completion with any
+  text; None when fewer than two have text or their scores are all equal."""
+  usable = [k for k, text in enumerate(completions) if text.strip()]
+  if len(usable) < 2:
+    return None
+  hi = max(usable, key=lambda k: scores[k])
+  lo = min(usable, key=lambda k: scores[k])
+  return None if scores[hi] == scores[lo] else (hi, lo)

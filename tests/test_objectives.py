@@ -183,3 +183,14 @@ def test_init_from_an_sft_run_makes_its_merged_weights_the_base_and_the_referenc
   assert set(base) == set(rules.flatten(jft.load_pretrained(byte_model)[1]))
   for path, value in base.items():
     np.testing.assert_allclose(np.asarray(value), np.asarray(merged[path]), atol=1e-6, err_msg=path)
+
+
+def test_on_policy_pairs_never_pick_an_empty_completion():
+  """A completion that is only the stop token (empty text) is never chosen or rejected: preference data
+  refuses it, and a whole `jft pairs` file would be rejected for one such row."""
+  from jft.onpolicy import pick_pair
+
+  assert pick_pair([0.3, -2.0, 1.5, 0.1], ["a", "", "b", " c"]) == (2, 3)  # the empty one scored lowest
+  assert pick_pair([5.0, 1.0, 0.0], ["", "x", "y"]) == (1, 2)  # ... or highest
+  assert pick_pair([1.0, 2.0, 3.0], ["", "  ", "z"]) is None  # fewer than two with text
+  assert pick_pair([1.0, 1.0, 0.0], ["a", "b", ""]) is None  # the rest tie
