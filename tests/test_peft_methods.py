@@ -103,7 +103,7 @@ def test_train_only_trainable(name, base):
   loss = loss_fn(method.configure(model), method, ids, mask)
 
   # Gradients exist for exactly the trainable leaves ...
-  grads = jax.grad(loss)(trainable, frozen)
+  grads = jax.eval_shape(jax.grad(loss), trainable, frozen)  # the tree alone: traced, not run
   assert set(rules.flatten(grads)) == set(rules.flatten(trainable))
   # ... and frozen leaves are not differentiated at all: the backward pass of the
   # split loss has fewer matmuls than one that differentiates every leaf.
@@ -126,10 +126,10 @@ def test_train_only_trainable(name, base):
 
   # A few steps lower the loss, and the trained model differs from the base.
   trainable, state, first = train_a_few_steps(loss, trainable, frozen, tx, state)
-  assert float(loss(trainable, frozen)) < float(first)
+  assert float(jax.jit(loss)(trainable, frozen)) < float(first)
   trained = method.materialize(peft.combine(trainable, frozen))
-  out = method.configure(model).apply({"params": trained}, ids, attention_mask=mask)
-  ref = model.apply({"params": params}, ids, attention_mask=mask)
+  out = jax.jit(method.configure(model).apply)({"params": trained}, ids, attention_mask=mask)
+  ref = jax.jit(model.apply)({"params": params}, ids, attention_mask=mask)
   assert np.abs(np.asarray(out - ref)).max() > 1e-3
 
 
@@ -139,7 +139,7 @@ def test_identity_at_init(name, base):
   method = METHODS[name]
   adapted = method.init(jax.random.PRNGKey(0), params)
   out = method.configure(model).apply({"params": adapted}, ids, attention_mask=mask)
-  ref = model.apply({"params": params}, ids, attention_mask=mask)
+  ref = jax.jit(model.apply)({"params": params}, ids, attention_mask=mask)
   np.testing.assert_allclose(out, ref, atol=1e-5)
 
 
@@ -149,10 +149,10 @@ def test_identity_at_init(name, base):
 def test_merge_and_unmerge(method, base):
   model, params, ids, mask = base
   adapted = perturb(method, method.init(jax.random.PRNGKey(0), params))
-  out = model.apply({"params": adapted}, ids, attention_mask=mask)
+  out = jax.jit(model.apply)({"params": adapted}, ids, attention_mask=mask)
   merged, adapter = method.merge(adapted)
   assert set(rules.flatten(merged)) == set(rules.flatten(params))  # a plain base-shaped tree
-  np.testing.assert_allclose(model.apply({"params": merged}, ids, attention_mask=mask), out, atol=1e-5)
+  np.testing.assert_allclose(jax.jit(model.apply)({"params": merged}, ids, attention_mask=mask), out, atol=1e-5)
   restored = method.unmerge(merged, adapter)
   for p, v in rules.flatten(adapted).items():
     np.testing.assert_allclose(rules.flatten(restored)[p], v, atol=1e-5, err_msg=p)
@@ -162,8 +162,8 @@ def test_pissa_starts_at_the_base_with_principal_directions(base):
   model, params, ids, mask = base
   method = peft.LoRA(init_a="pissa", rank=4, alpha=8)
   adapted = method.init(jax.random.PRNGKey(0), params)
-  np.testing.assert_allclose(model.apply({"params": adapted}, ids, attention_mask=mask),
-                             model.apply({"params": params}, ids, attention_mask=mask), atol=1e-5)
+  np.testing.assert_allclose(jax.jit(model.apply)({"params": adapted}, ids, attention_mask=mask),
+                             jax.jit(model.apply)({"params": params}, ids, attention_mask=mask), atol=1e-5)
   q = adapted["layers"]["self_attn"]["q_proj"]
   delta = method.scale * q["lora"]["a"][0] @ q["lora"]["b"][0]
   s = np.linalg.svd(np.asarray(params["layers"]["self_attn"]["q_proj"]["kernel"][0]), compute_uv=False)
@@ -183,8 +183,9 @@ def test_reparameterisations_fold_for_inference(base):
     adapted = method.init(jax.random.PRNGKey(0), params)
     folded, inference_method = method.fold(adapted)
     assert not any(p.startswith(("prefix/encoder", "ptuning")) for p in rules.flatten(folded))
-    np.testing.assert_allclose(model.apply({"params": folded}, ids, attention_mask=mask),
-                               model.apply({"params": method.materialize(adapted)}, ids, attention_mask=mask))
+    run = jax.jit(model.apply)
+    np.testing.assert_allclose(run({"params": folded}, ids, attention_mask=mask),
+                               run({"params": method.materialize(adapted)}, ids, attention_mask=mask))
     assert inference_method.materialize(folded) is folded
 
 
@@ -267,8 +268,8 @@ def test_named_adapters_and_mixed_batch(base):
   assert multi.names(p) == ["one", "two"]
   with pytest.raises(peft.MethodError, match="already exists"):
     multi.add(p, "one", m1)
-  out1 = model.apply({"params": multi.activate(p, "one")}, ids, attention_mask=mask)
-  out2 = model.apply({"params": multi.activate(p, "two")}, ids, attention_mask=mask)
+  out1 = jax.jit(model.apply)({"params": multi.activate(p, "one")}, ids, attention_mask=mask)
+  out2 = jax.jit(model.apply)({"params": multi.activate(p, "two")}, ids, attention_mask=mask)
   assert np.abs(np.asarray(out1 - out2)).max() > 1e-3
   mixed = multi.mixed_apply(model, p, ["two", "one", "two"], ids, mask)
   real = np.asarray(mask, bool)

@@ -83,6 +83,7 @@ def _steps(folder):
     return [r["step"] for r in map(json.loads, f) if r["kind"] == "train"]
 
 
+@pytest.mark.slow  # 96 s: two sweep points, a SIGKILLed worker, a retry; the default suite stays under 15 min
 def test_sweep_survives_a_killed_worker_and_a_failing_point_then_resumes(tiny_model, tmp_path):
   """Point 0's worker is SIGKILLed after a checkpoint: the sweep retries it, and the retry resumes from the
   checkpoint. Point 1 cannot run (no example fits 2 tokens): retried once, then recorded with its error.
