@@ -16,8 +16,6 @@ from __future__ import annotations
 import json
 import os
 
-import numpy as np
-
 from jft import objectives, progress, rewards, run
 
 
