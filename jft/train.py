@@ -244,8 +244,8 @@ def _train(config, workdir, resume, echo, dry_run, on_eval) -> dict:
   if start == 0 and c.eval.zero_shot and zero_split:
     limit = d.max_eval_examples if c.eval.zero_shot_split == "eval" else d.max_test_examples
     zero = evaluate_on(run_params(trainable), examples_for(c, tokenizer, zero_split, limit or None), "zero-shot")
-    if _unknown_metric(c, zero):
-      raise TrainingError(f"{_unknown_metric(c, zero)}; nothing was trained")
+    if unknown := _unknown_metric(c, zero):
+      raise TrainingError(f"{unknown}; nothing was trained")
     results["zero_shot"] = {"split": zero_split, **zero}
     log(0, "zero_shot", zero)
     echo("zero-shot " + _fmt(zero))
@@ -309,9 +309,9 @@ def _train(config, workdir, resume, echo, dry_run, on_eval) -> dict:
         ev = evaluate_on(run_params(trainable), eval_examples)
         log(done, "eval", ev)
         bar.write(f"step {done}: eval " + _fmt(ev))
-        if _unknown_metric(c, ev):
+        if unknown := _unknown_metric(c, ev):
           save(done)
-          raise TrainingError(f"{_unknown_metric(c, ev)}; nothing lost: checkpoint saved at step {done} in "
+          raise TrainingError(f"{unknown}; nothing lost: checkpoint saved at step {done} in "
                               f"{workdir} (fix eval.metric and continue with --resume)")
         best = _track_best(c, best, done, ev, best_mngr, trainable)
         if on_eval is not None and on_eval(done, ev):
@@ -336,8 +336,8 @@ def _train(config, workdir, resume, echo, dry_run, on_eval) -> dict:
     if eval_examples:
       ev = evaluate_on(run_params(trainable), eval_examples)
       log(c.train.steps, "eval", ev)
-      if _unknown_metric(c, ev):  # the run is complete: said, not raised
-        echo(f"warning: {_unknown_metric(c, ev)}; no best checkpoint was tracked")
+      if unknown := _unknown_metric(c, ev):  # the run is complete: said, not raised
+        echo(f"warning: {unknown}; no best checkpoint was tracked")
       best = _track_best(c, best, c.train.steps, ev, best_mngr, trainable)
       results["validation"] = ev
       echo("validation " + _fmt(ev))

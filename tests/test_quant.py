@@ -185,6 +185,7 @@ def test_int4_and_rules(smol):
     quant.quantize(params, ((r"layers/input_layernorm/scale", "nf4"),), verbose=False)
 
 
+@pytest.mark.slow  # SmolLM2-scale compile of two steps (36 s); other SmolLM2 tests stay in the default suite
 def test_qlora_train_step_memory(smol):
   """From the compiled step: quantized weights <= 0.55 B/param, and the step's memory
   drops by at least 70% of the weight bytes quantization saved."""

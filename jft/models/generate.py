@@ -181,10 +181,10 @@ def generate(model: Transformer, params, prompts: Sequence[Sequence[int]], sampl
   for until in progress.track(range(CHUNK, chunks * CHUNK + 1, CHUNK), chunks, progress_desc or "",
                               enabled=False if progress_desc is None else None, per_item=CHUNK):
     state = resume(model, sampling, params, state, rng, stops, pad, jnp.int32(until))
-    step, done = int(state[0]), bool(np.all(state[5]))
-    if done or step >= sampling.max_new_tokens:
+    step, done = jax.device_get((state[0], state[5]))  # one transfer per chunk
+    if done.all() or step >= sampling.max_new_tokens:
       break
-  out = np.asarray(state[4])[:, :int(state[0])]
+  out = np.asarray(state[4])[:, :int(step)]
   results = []
   stop_set = set(stop_tokens)
   for row in out.tolist():
