@@ -413,7 +413,9 @@ class Report:
         "time; each side in its own process, jft and the peer "
         "alternating. Ratio = jft tokens/s / peer tokens/s (> 1: jft is faster). MFU = model FLOPs "
         "(6 N T full, 4 N T + 6 N_trainable T otherwise; N = every matmul weight) / step time / the best "
-        "JAX GEMM rate of this run in the cell's dtype. Peak RSS = the process's ru_maxrss.",
+        "JAX GEMM rate of this run in the cell's dtype. Peak RSS = the process's ru_maxrss. jft trains with "
+        "its default remat (`model.remat`, `dots`: matmul outputs kept, elementwise work recomputed); torch "
+        "keeps what autograd saves.",
         "",
         "## Training steps",
         "",

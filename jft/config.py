@@ -21,6 +21,7 @@ from typing import Any, Iterable
 import ml_collections
 
 from jft.errors import JftError
+from jft.models.transformer import DEFAULT_REMAT
 from jft.sharding import AXIS_RULES
 
 REQUIRED = "???"  # a string field that must be set before a run
@@ -216,7 +217,7 @@ def default_config() -> ml_collections.ConfigDict:
   """The fields of a run config, with defaults. Experiment files start here and edit."""
   c = ml_collections.ConfigDict()
   c.seed = 0
-  c.model = dict(name="smollm2-135m", dtype="float32", remat="none")
+  c.model = dict(name="smollm2-135m", dtype="float32", remat=DEFAULT_REMAT)
   c.method = dict(name="lora", hparams=dict(rank=8, alpha=16.0, targets=("q_proj", "v_proj")))
   c.quant = dict(format="", blocksize=64, double_quant=True)  # format "" = dense base
   # what a step minimises and evaluation reports (jft.objectives): lm, sft, classification, dpo, ...

@@ -288,10 +288,13 @@ def activation_bytes(s: Shapes) -> int:
   carries = c.num_layers * n * c.hidden_size * s.dtype_bytes
   if s.remat == "full":
     return carries
-  # dots / dots_no_batch: the q/k/v/o, MLP and score products are kept, elementwise results recomputed
+  # dots: the q/k/v, o_proj and gate/up products and attention's two (scores, probs @ v); norms,
+  # rotary, softmax and activations are recomputed, and down_proj's output only feeds the next carry.
+  # dots_no_batch recomputes attention's batched products too.
   q, kv, f = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim, c.intermediate_size
-  dots = n * (q + 2 * kv + c.hidden_size + 2 * f + c.hidden_size) * s.dtype_bytes
-  dots += 4 * s.batch * c.num_heads * attention_pairs(s) * 2
+  dots = n * (q + 2 * kv + c.hidden_size + 2 * f) * s.dtype_bytes
+  if s.remat == "dots":
+    dots += n * q * s.dtype_bytes + 4 * s.batch * c.num_heads * attention_pairs(s)
   return carries + c.num_layers * dots
 
 

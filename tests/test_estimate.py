@@ -15,7 +15,7 @@ from jft import estimate, quant, run, sharding, state
 from jft.cli import main
 from jft.config import default_config
 from jft.models import hf
-from jft.models.transformer import Transformer
+from jft.models.transformer import DEFAULT_REMAT, Transformer
 from jft.step import make_train_step
 
 # A: the tiny Llama of `tiny_model` (SmolLM2's 49k vocab on 2 x 32 layers: the output head dominates).
@@ -45,7 +45,7 @@ def folders(tmp_path_factory):
   return out
 
 
-def make_config(folder, shape, method, remat="none"):
+def make_config(folder, shape, method, remat=DEFAULT_REMAT):
   name, hparams, fmt = METHODS[method]
   c = default_config()
   c.model.update(name=folder, remat=remat)
@@ -90,12 +90,13 @@ _SLOW_PAIRS = {("A", "lora"), ("A", "ia3"), ("B", "full"), ("B", "qlora")}
     pytest.param(s, m, marks=[pytest.mark.slow] if (s, m) in _SLOW_PAIRS else [])
     for s in ("A", "B") for m in ("full", "lora", "qlora", "ia3")])
 def test_memory_within_15_percent_of_compiled_step(folders, shape, method):
-  _check_memory(folders, shape, method, "none")
+  _check_memory(folders, shape, method, DEFAULT_REMAT)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method,remat", [("prompt", "none"), ("full", "full"), ("lora", "full"),
-                                          ("qlora", "full"), ("prompt", "full")])
+@pytest.mark.parametrize("method,remat", [("prompt", "none"), ("full", "none"), ("lora", "none"), ("full", "full"),
+                                          ("lora", "full"), ("qlora", "full"), ("prompt", "full"),
+                                          ("lora", "dots_no_batch")])
 def test_memory_more_cases(folders, method, remat):
   _check_memory(folders, "B", method, remat)
 

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 
 from jft import errors, rules
 from jft.models import gguf_file, hf
-from jft.models.transformer import Transformer
+from jft.models.transformer import DEFAULT_REMAT, Transformer
 
 # Models shipped inside PyPI packages, so demos and tests need no hub.
 # name -> (package, file inside the package folder)
@@ -45,7 +45,7 @@ def resolve(name_or_path: str) -> str:
 QUANTIZED_FILE = "jft_quantized.safetensors"
 
 
-def load_pretrained(name_or_path: str, dtype=jnp.float32, param_dtype=None, remat: str = "none"):
+def load_pretrained(name_or_path: str, dtype=jnp.float32, param_dtype=None, remat: str = DEFAULT_REMAT):
   """-> (model, params). `dtype` is the compute dtype; params default to it too.
 
   A folder written by `save_quantized` loads with its quantized kernels as they are.
