@@ -71,8 +71,7 @@ REMAT_POLICIES = {
 # twice as much (each norm's and activation's intermediates, some in two shapes), and writing those
 # residuals costs more than recomputing them: on SmolLM2-135M at 8 x 128 the full fine-tuning step
 # needs 1,489 instead of 2,821 MiB of temporaries and is 10% faster (LoRA and QLoRA on all linears:
-# -31% memory, 4-11% faster; on the 58M model at 8 x 256 QLoRA pays 6% for recomputing the NF4
-# dequantization; benchmarks/README.md). Forward-only calls are unaffected.
+# -31% memory, 4-11% faster; benchmarks/README.md). Forward-only calls are unaffected.
 DEFAULT_REMAT = "dots"
 
 
