@@ -343,6 +343,11 @@ def spawn(kind: str, jft_path: str | None = None, **kw) -> dict:
   for k, v in kw.items():
     cmd += [f"--{k.replace('_', '-')}", str(v)]
   env = dict(os.environ, TOKENIZERS_PARALLELISM="false", TF_CPP_MIN_LOG_LEVEL="3")
+  tree = jft_path or os.path.dirname(HERE)
+  if kind in ("jft", "compile", "generate") and kw.get("side", "jft") == "jft" and \
+      os.path.exists(os.path.join(tree, "jft", "host_memory.py")):
+    from jft import host_memory
+    env = host_memory.environment(env)  # as that revision's `jft` command runs; the peer gains nothing from it
   if jft_path:
     env["PYTHONPATH"] = os.pathsep.join([os.path.abspath(jft_path), env.get("PYTHONPATH", "")])
   proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -415,7 +420,9 @@ class Report:
         "(6 N T full, 4 N T + 6 N_trainable T otherwise; N = every matmul weight) / step time / the best "
         "JAX GEMM rate of this run in the cell's dtype. Peak RSS = the process's ru_maxrss. jft trains with "
         "its default remat (`model.remat`, `dots`: matmul outputs kept, elementwise work recomputed); torch "
-        "keeps what autograd saves.",
+        "keeps what autograd saves. jft's processes run under the allocator settings the `jft` command sets "
+        "(`jft.host_memory`: XLA's per-step temporaries stay mapped); the peer's under the system's defaults, "
+        "which served it as fast in an A/B.",
         "",
         "## Training steps",
         "",
@@ -425,7 +432,8 @@ class Report:
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|---:|---:|" if a.baseline else ""),
     ]
     if a.baseline:
-      lines[3] += f" Baseline = jft imported from `{a.baseline}` (another revision), run the same way."
+      lines[3] += (f" Baseline = jft imported from `{a.baseline}` (another revision), run as its `jft` command "
+                   "would run it.")
     lines += self.rows
     lines += ["", "## GEMM rate (GFLOP/s, median of 5)", ""]
     for side, table in (("JAX", self.gemm), ("torch", self.peer_gemm)):
