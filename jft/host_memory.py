@@ -11,8 +11,9 @@ arenas they already have; measured: the faults stay and RSS grows), so the `jft`
 them and re-executes itself once. torch's step gains nothing from them (it frees many small
 buffers, which glibc already reuses), so the race's peer runs without them.
 
-Set `JFT_SYSTEM_MALLOC=1` to keep the system's defaults. Python API users can start their
-process with the settings: `eval "$(python -m jft.host_memory)"`.
+Set `JFT_SYSTEM_MALLOC=1` to keep the system's defaults. Python API users can start their process
+under the settings with `python -m jft.host_memory python my_script.py` (`make test` runs pytest so),
+or `eval "$(python -m jft.host_memory)"` in their shell.
 """
 
 from __future__ import annotations
@@ -73,6 +74,13 @@ def reexec(args: Sequence[str]) -> None:
   os.execve(sys.executable, [sys.executable, *args], env)
 
 
-if __name__ == "__main__":  # eval "$(python -m jft.host_memory)"
+def main(argv: Sequence[str]) -> None:
+  """`python -m jft.host_memory CMD ARGS...` runs CMD under the settings; with no CMD, prints them as exports."""
+  if argv:
+    os.execvpe(argv[0], list(argv), environment())
   for key, value in {**SETTINGS, APPLIED: "1"}.items():
     print(f"export {key}={value}")
+
+
+if __name__ == "__main__":
+  main(sys.argv[1:])

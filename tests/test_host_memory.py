@@ -13,14 +13,18 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NO_PLUGINS = lambda name: False
 
 # A jitted call whose 128 MiB intermediate is an XLA temporary; prints the minor page faults of a
-# later call, and the settings the process runs under.
+# later call, and the settings the process runs under. XLA frees a call's temporaries on its own
+# thread just after the result is ready; the pause lets that happen before the next call, as the
+# host's work between two training steps does (without it the next call may come first and take
+# a second block).
 PROBE = """
-import json, os, resource
+import json, os, resource, time
 import jax, jax.numpy as jnp
 x = jnp.ones((4096, 16)); w1 = jnp.ones((16, 8192)) / 16; w2 = jnp.ones((8192, 16)) / 8192
 f = jax.jit(lambda x, w1, w2: jnp.sin(x @ w1) @ w2)
 for _ in range(2):
   f(x, w1, w2).block_until_ready()
+  time.sleep(0.2)
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 f(x, w1, w2).block_until_ready()
 faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
@@ -84,3 +88,11 @@ def test_the_settings_stop_xla_temporaries_from_faulting_in_on_every_call():
   # glibc maps the 128 MiB temporary afresh on each call (32,768 pages) unless the settings keep it
   assert plain["faults"] > 16_000, plain
   assert tuned["faults"] < plain["faults"] / 20, (plain, tuned)
+
+
+def test_the_module_runs_a_command_under_the_settings():
+  environ = {k: v for k, v in os.environ.items() if k not in (*host_memory.SETTINGS, host_memory.APPLIED)}
+  out = subprocess.run([sys.executable, "-m", "jft.host_memory", sys.executable, "-c",
+                        "import os; print(os.environ['MALLOC_MMAP_MAX_'], os.environ['JFT_HOST_MEMORY'])"],
+                       env={**environ, "PYTHONPATH": ROOT}, capture_output=True, text=True, timeout=60)
+  assert out.stdout.split() == ["0", "1"], out.stderr
