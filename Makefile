@@ -29,12 +29,11 @@ generate: $(VENV)/.runtime
 	$(VENV)/bin/jft generate --model smollm2-135m --prompt "What is the capital of France?"
 
 # Two workers (pytest-xdist): most tests are single-threaded compiles, so both cores stay busy.
-# jft.host_memory: the allocator settings the `jft` command runs under (XLA's temporaries stay mapped).
 test: $(VENV)/.test
-	$(PY) -m jft.host_memory $(PY) -m pytest -q -n 2
+	$(PY) -m pytest -q -n 2
 
 test-slow: $(VENV)/.test
-	$(PY) -m jft.host_memory $(PY) -m pytest -q -n 2 -m slow
+	$(PY) -m pytest -q -n 2 -m slow
 
 clean:
 	rm -rf $(VENV)

@@ -410,7 +410,7 @@ def main(argv=None) -> int:
   """Run one subcommand. Bad input and the environment's failures (a missing or unreadable file, a full
   disk, a corrupt run file) end as one line `jft COMMAND: error: ...`, exit 2 (1: training failed);
   the traceback only with --debug or JFT_DEBUG=1. Anything else is a bug and keeps its traceback."""
-  if argv is None:  # the `jft` command itself: take XLA:CPU's allocator settings first (jft.host_memory)
+  if argv is None and set(sys.argv[1:2]) & host_memory.COMMANDS:  # the `jft` command, before JAX starts
     host_memory.reexec(["-m", "jft.cli", *sys.argv[1:]])
   parser = build_parser()
   args, rest = parser.parse_known_args(argv)

@@ -7,13 +7,16 @@ step on this 2-core machine, about 7% of the step. With one arena, no `mmap` and
 the freed block stays in the heap and the next step reuses it: no faults, the same peak RSS.
 
 glibc reads these settings only when the process starts (a later `mallopt` leaves threads on the
-arenas they already have; measured: the faults stay and RSS grows), so the `jft` command sets
-them and re-executes itself once. torch's step gains nothing from them (it frees many small
-buffers, which glibc already reuses), so the race's peer runs without them.
+arenas they already have; measured: the faults stay and RSS grows), so `jft train` and `jft sweep`
+set them and re-execute themselves once. They cost compile time: with one arena XLA's compiler
+threads share a lock, and compile-bound work (the test suite's files) ran 7-10% slower, so the
+commands that mostly compile (estimate, export, ...) and the tests keep the system's defaults.
+torch's step gains nothing from them (it frees many small buffers, which glibc already reuses),
+so the race's peer runs without them.
 
-Set `JFT_SYSTEM_MALLOC=1` to keep the system's defaults. Python API users can start their process
-under the settings with `python -m jft.host_memory python my_script.py` (`make test` runs pytest so),
-or `eval "$(python -m jft.host_memory)"` in their shell.
+Set `JFT_SYSTEM_MALLOC=1` to keep the system's defaults. Python API users can start a training
+process under the settings with `python -m jft.host_memory python my_script.py`, or
+`eval "$(python -m jft.host_memory)"` in their shell.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ SETTINGS = {
     "MALLOC_MMAP_MAX_": "0",  # large blocks from the heap, not from mmap (which munmap gives back per step)
     "MALLOC_TRIM_THRESHOLD_": str(2**40),  # never hand the heap's free top back to the kernel
 }
+COMMANDS = {"train", "sweep"}  # the `jft` commands that run a compiled step many times
 OPT_OUT = "JFT_SYSTEM_MALLOC"
 APPLIED = "JFT_HOST_MEMORY"  # set in the re-executed process: re-exec at most once
 ACCELERATOR_PLUGINS = ("jax_cuda12_plugin", "jax_cuda13_plugin", "jax_rocm60_plugin", "jax_rocm7_plugin",

@@ -51,7 +51,7 @@ def test_a_setting_the_user_gave_keeps_its_value():
   assert env["MALLOC_MMAP_MAX_"] == "0" and env["JFT_HOST_MEMORY"] == "1"
 
 
-def test_the_jft_command_reexecutes_itself_first(monkeypatch):
+def test_jft_train_reexecutes_itself_first(monkeypatch):
   seen = []
 
   def reexec(args):
@@ -59,11 +59,15 @@ def test_the_jft_command_reexecutes_itself_first(monkeypatch):
     raise SystemExit(0)
 
   monkeypatch.setattr(host_memory, "reexec", reexec)
-  monkeypatch.setattr(sys, "argv", ["jft", "estimate", "--json"])
+  monkeypatch.setattr(sys, "argv", ["jft", "train", "--config", "c.py"])
   with pytest.raises(SystemExit):
     cli.main()
-  assert seen == [["-m", "jft.cli", "estimate", "--json"]]
+  assert seen == [["-m", "jft.cli", "train", "--config", "c.py"]]
   seen.clear()
+  monkeypatch.setattr(sys, "argv", ["jft", "report"])  # not a training command: the system's defaults
+  with pytest.raises(SystemExit):  # argparse: report needs a run folder
+    cli.main()
+  assert seen == []
   with pytest.raises(SystemExit):  # a library call with its own argv is left alone (parse error: no command)
     cli.main([])
   assert seen == []
