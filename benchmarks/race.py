@@ -347,7 +347,7 @@ def spawn(kind: str, jft_path: str | None = None, **kw) -> dict:
   if kind in ("jft", "compile", "generate") and kw.get("side", "jft") == "jft" and \
       os.path.exists(os.path.join(tree, "jft", "host_memory.py")):
     from jft import host_memory
-    env = host_memory.environment(env)  # as that revision's `jft` command runs; the peer gains nothing from it
+    env = host_memory.environment(env)  # as that revision's `jft train` runs; the peer gains nothing from it
   if jft_path:
     env["PYTHONPATH"] = os.pathsep.join([os.path.abspath(jft_path), env.get("PYTHONPATH", "")])
   proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -420,9 +420,9 @@ class Report:
         "(6 N T full, 4 N T + 6 N_trainable T otherwise; N = every matmul weight) / step time / the best "
         "JAX GEMM rate of this run in the cell's dtype. Peak RSS = the process's ru_maxrss. jft trains with "
         "its default remat (`model.remat`, `dots`: matmul outputs kept, elementwise work recomputed); torch "
-        "keeps what autograd saves. jft's processes run under the allocator settings the `jft` command sets "
-        "(`jft.host_memory`: XLA's per-step temporaries stay mapped); the peer's under the system's defaults, "
-        "which served it as fast in an A/B.",
+        "keeps what autograd saves. jft's processes run under the glibc tunable `jft train` sets "
+        "(`jft.host_memory`: huge pages for XLA's per-step temporaries); the peer's under the system's defaults "
+        "(the tunable left its step unchanged in an A/B).",
         "",
         "## Training steps",
         "",
