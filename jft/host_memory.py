@@ -38,14 +38,17 @@ ACCELERATOR_PLUGINS = ("jax_cuda12_plugin", "jax_cuda13_plugin", "jax_rocm60_plu
                        "libtpu")
 
 
-def wanted(environ: Mapping[str, str] = os.environ, has_module=None, thp_mode=None) -> Optional[str]:
-  """None when the setting should be applied; else why not (for the tests and the curious)."""
+def wanted(environ: Mapping[str, str] = os.environ, has_module=None, thp_mode=None, host=None) -> Optional[str]:
+  """None when the setting should be applied; else why not (for the tests and the curious).
+
+  `has_module`, `thp_mode` and `host` (`(sys.platform, libc, libc version)`) default to this machine's.
+  """
   if environ.get(APPLIED):
     return "already applied"
   if environ.get(OPT_OUT, "0") not in ("", "0"):
     return f"{OPT_OUT} is set"
-  libc, version = platform.libc_ver()
-  if not sys.platform.startswith("linux") or libc != "glibc":
+  system, libc, version = host or (sys.platform, *platform.libc_ver())
+  if not system.startswith("linux") or libc != "glibc":
     return "not Linux with glibc"
   if tuple(int(v) for v in version.split(".")[:2] if v.isdigit()) < (2, 35):
     return f"glibc {version} has no hugetlb tunable (2.35+)"
@@ -96,9 +99,9 @@ def reexec(args: Sequence[str]) -> None:
 
 def main(argv: Sequence[str]) -> None:
   """`python -m jft.host_memory CMD ARGS...` runs CMD under the setting; with no CMD, prints it as exports."""
-  if argv:
-    os.execvpe(argv[0], list(argv), environment())
   env = environment()
+  if argv:
+    os.execvpe(argv[0], list(argv), env)
   for key in ("GLIBC_TUNABLES", APPLIED):
     print(f"export {key}={env[key]}")
 

@@ -174,6 +174,7 @@ def _jft(*args):
                           text=True, cwd=ROOT)
 
 
+@pytest.mark.slow  # two full `jft train` runs (60-100 s); the default suite keeps the SIGKILL-during-save cases
 def test_kill_between_eval_and_save_with_intervals_that_do_not_divide(tiny_model, tmp_path):
   """save_every=3, eval_every=4: killed after step 5 (best/4 saved, latest step 3), resumed to the end.
 
