@@ -1,8 +1,26 @@
 """Shared fixtures: tiny random Hugging Face checkpoints built with torch."""
 
 
+import os
+import shutil
+import tempfile
+
 import numpy as np
 import pytest
+
+# One persistent XLA compilation cache for the whole run: set here, before any JAX import, it is
+# inherited by the xdist workers and by the `jft` subprocesses the tests start, many of which
+# compile the same tiny train step. XLA keys each entry by the computation, the compile options
+# and the versions, so a hit is the executable a fresh compile would give (the default suite:
+# 15:47 -> 13:57 on 2 cores together with compiling each mesh case once).
+_OWN_XLA_CACHE = None
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  _OWN_XLA_CACHE = os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="jft-tests-xla-")
+
+
+def pytest_unconfigure(config):
+  if _OWN_XLA_CACHE:
+    shutil.rmtree(_OWN_XLA_CACHE, ignore_errors=True)
 
 TINY = dict(vocab_size=101, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)

@@ -77,11 +77,14 @@ def run_case(method_name: str, mesh_name: str, cache: dict) -> dict:
   _, _, (t_specs, f_specs), _ = state.specs(method, base, mesh)
   model = model.clone(settings=dataclasses.replace(model.settings, sharding=sharding.activation_sharding(mesh)))
   step = make_train_step(model, method, tx, shardings=st.step_shardings())
-  memory = estimate.compiled_step_memory(step, st, BATCH, LENGTH)
   trainable, opt_state, losses = st.trainable, st.opt_state, []
-  for i, batch in enumerate(batches()):
-    trainable, opt_state, metrics = step(trainable, opt_state, st.frozen, sharding.host_batch(mesh, batch),
-                                         np.asarray(jax.random.PRNGKey(i)))
+  data = [sharding.host_batch(mesh, batch) for batch in batches()]
+  keys = [np.asarray(jax.random.PRNGKey(i)) for i in range(STEPS)]
+  # Compiled once, for both the memory figures and the steps (a jit call would compile it again).
+  step = step.lower(trainable, opt_state, st.frozen, data[0], keys[0]).compile()
+  memory = estimate.memory_of(step)
+  for batch, key in zip(data, keys):
+    trainable, opt_state, metrics = step(trainable, opt_state, st.frozen, batch, key)
     losses.append(float(metrics["loss"]))
   expected_opt = jax.tree.map(lambda s: s.spec, st.shardings["opt_state"])
   return {"losses": losses, "memory": memory,
