@@ -251,8 +251,9 @@ def worker_gemm(args):
       if time.perf_counter() - start > 10:  # torch's bf16 without AVX-512 BF16: one product says enough
         out[f"{dtype} {m}x{k}x{n}"] = 2 * m * k * n / (time.perf_counter() - start) / 1e9
         continue
+      matmul(a, b)
       reps = []
-      for _ in range(5):
+      for _ in range(9):
         start = time.perf_counter()
         matmul(a, b)
         reps.append(time.perf_counter() - start)
@@ -344,7 +345,7 @@ def spawn(kind: str, jft_path: str | None = None, **kw) -> dict:
     cmd += [f"--{k.replace('_', '-')}", str(v)]
   env = dict(os.environ, TOKENIZERS_PARALLELISM="false", TF_CPP_MIN_LOG_LEVEL="3")
   tree = jft_path or os.path.dirname(HERE)
-  if kind in ("jft", "compile", "generate") and kw.get("side", "jft") == "jft" and \
+  if kind in ("jft", "compile", "generate", "gemm") and kw.get("side", "jft") == "jft" and \
       os.path.exists(os.path.join(tree, "jft", "host_memory.py")):
     from jft import host_memory
     env = host_memory.environment(env)  # as that revision's `jft train` runs; the peer gains nothing from it
@@ -414,9 +415,9 @@ class Report:
         f"Run {datetime.datetime.now().strftime('%Y-%m-%d %H:%M')} on {cpu_name()}, {os.cpu_count()} cores; "
         f"Python {platform.python_version()}; {versions()}.",
         f"Threads: torch.set_num_threads({a.threads}); XLA uses every core. Each cell: {a.warmup} warm-up + "
-        f"{a.steps} timed steps per side (fewer past {a.budget:.0f} s; `steps` says how many), median step "
-        "time; each side in its own process, jft and the peer "
-        "alternating. Ratio = jft tokens/s / peer tokens/s (> 1: jft is faster). MFU = model FLOPs "
+        f"{a.steps} timed steps per side and process (fewer past {a.budget:.0f} s; `steps` says how many "
+        f"in all), {a.rounds} process(es) per side in A B B A order, median step time over them; each side "
+        "in its own process, jft and the peer alternating. Ratio = jft tokens/s / peer tokens/s (> 1: jft is faster). MFU = model FLOPs "
         "(6 N T full, 4 N T + 6 N_trainable T otherwise; N = every matmul weight) / step time / the best "
         "JAX GEMM rate of this run in the cell's dtype. Peak RSS = the process's ru_maxrss. jft trains with "
         "its default remat (`model.remat`, `dots`: matmul outputs kept, elementwise work recomputed); torch "
@@ -435,7 +436,7 @@ class Report:
       lines[3] += (f" Baseline = jft imported from `{a.baseline}` (another revision), run as its `jft` command "
                    "would run it.")
     lines += self.rows
-    lines += ["", "## GEMM rate (GFLOP/s, median of 5)", ""]
+    lines += ["", "## GEMM rate (GFLOP/s, median of 9 after 2 warm-ups; jft's side under its tunable)", ""]
     for side, table in (("JAX", self.gemm), ("torch", self.peer_gemm)):
       for model, rates in table.items():
         lines.append(f"- {side}, {model} shapes: " + ", ".join(f"{k} {v:.0f}" for k, v in rates.items()))
@@ -510,13 +511,15 @@ def race(args):
         cell = CELLS[cell_name]
         sides = ["jft", "peer"] + (["baseline"] if args.baseline else [])
         sides = sides[i % len(sides):] + sides[:i % len(sides)]  # rotate who goes first
-        got = {}
-        for side in sides:
-          say(f"  {cell_name} {side} ...")
-          got[side] = spawn("jft" if side == "baseline" else side,
-                            jft_path=args.baseline if side == "baseline" else None, model=model,
-                            cell=cell_name, folder=folder, steps=args.steps, warmup=args.warmup,
-                            threads=args.threads, budget=args.budget)
+        runs = {side: [] for side in sides}
+        for r in range(args.rounds):  # A B B A ...: a machine that drifts within a cell moves every side alike
+          for side in sides if r % 2 == 0 else sides[::-1]:
+            say(f"  {cell_name} {side} ...")
+            runs[side].append(spawn("jft" if side == "baseline" else side,
+                                    jft_path=args.baseline if side == "baseline" else None, model=model,
+                                    cell=cell_name, folder=folder, steps=args.steps, warmup=args.warmup,
+                                    threads=args.threads, budget=args.budget))
+        got = {side: pooled(records) for side, records in runs.items()}
         report.rows.append(row(model, cell_name, cell, shape, tokens, got, report))
         say("  " + report.rows[-1])
         report.write()
@@ -543,6 +546,16 @@ def race(args):
     for w in worse:
       say("WORSE: " + w)
   say(f"wrote {args.out}")
+
+
+def pooled(records: list) -> dict:
+  """One side's processes of a cell (`--rounds`) as one record: every timed step, the highest RSS."""
+  failed = [r for r in records if "error" in r]
+  if failed:
+    return failed[0]
+  return {**records[0], "times": [t for r in records for t in r["times"]],
+          "rss_mib": max(r["rss_mib"] for r in records),
+          "compile_s": statistics.median(r["compile_s"] for r in records)}
 
 
 def row(model, cell_name, cell, shape, tokens, got, report) -> str:
@@ -572,6 +585,8 @@ def main():
   parser.add_argument("--cells", default="all", help="comma-separated names of CELLS, or all")
   parser.add_argument("--steps", type=int, default=5, help="timed steps per cell and side")
   parser.add_argument("--warmup", type=int, default=2)
+  parser.add_argument("--rounds", type=int, default=1,
+                      help="processes per side and cell, in A B B A order; their timed steps are pooled")
   parser.add_argument("--budget", type=float, default=150.0,
                       help="seconds of steps per side and cell before it stops early")
   parser.add_argument("--threads", type=int, default=os.cpu_count())

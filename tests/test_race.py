@@ -1,4 +1,5 @@
-"""benchmarks/race.py's `--compare`: every ratio that fell by more than 10% is named, nothing else."""
+"""benchmarks/race.py: `--compare` names every ratio that fell by more than 10%, nothing else;
+`--rounds` pools the processes of each side."""
 
 import importlib.util
 import os
@@ -33,3 +34,13 @@ def test_compare_flags_only_ratios_that_fell_by_more_than_ten_percent(tmp_path):
   worse = race.compare(race.parse_ratios(old), race.parse_ratios(new))
   assert len(worse) == 2, worse
   assert worse[0].startswith("small generate b1: ratio 1.30 -> 1.00") and worse[1].startswith("small lora-all")
+
+
+def test_rounds_pool_every_timed_step_and_the_highest_rss():
+  race = _race()
+  a = {"times": [2.0, 2.2], "rss_mib": 100.0, "compile_s": 3.0, "loss0": 10.5, "trainable": 7}
+  b = {"times": [2.4], "rss_mib": 120.0, "compile_s": 5.0, "loss0": 10.5, "trainable": 7}
+  got = race.pooled([a, b])
+  assert got["times"] == [2.0, 2.2, 2.4] and got["rss_mib"] == 120.0 and got["compile_s"] == 4.0
+  assert got["trainable"] == 7 and got["loss0"] == 10.5
+  assert race.pooled([a, {"error": "killed"}]) == {"error": "killed"}  # a failed process is reported, not hidden
