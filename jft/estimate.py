@@ -51,16 +51,23 @@ def memory_of(compiled) -> dict:
   return out
 
 
-def compiled_step_memory(step_fn, st, batch: int, length: int) -> dict:
-  """Per-device bytes of a jitted train step for a full batch x length batch, compiled for the
-  state `st` (a `jft.state.State`, built or only described); nothing is executed."""
+def compile_step(step_fn, st, batch: int, length: int):
+  """A jitted train step compiled ahead of time for the state `st` (a `jft.state.State`, built or
+  only described) and `{"input_ids", "attention_mask"}` batches of batch x length tokens, split
+  over the mesh; the result also runs on arrays of those shapes and shardings."""
   from jft import checkpoint, sharding
 
   tokens = jax.ShapeDtypeStruct((batch, length), jnp.int32, sharding=sharding.batch_sharding(st.mesh))
   lowered = step_fn.lower(checkpoint.abstract(st.trainable), checkpoint.abstract(st.opt_state),
                           checkpoint.abstract(st.frozen), {"input_ids": tokens, "attention_mask": tokens},
                           jax.ShapeDtypeStruct((2,), jnp.uint32))
-  return memory_of(lowered.compile())
+  return lowered.compile()
+
+
+def compiled_step_memory(step_fn, st, batch: int, length: int) -> dict:
+  """Per-device bytes of a jitted train step for a full batch x length batch (`compile_step`);
+  nothing is executed."""
+  return memory_of(compile_step(step_fn, st, batch, length))
 
 
 def sharded_step_memory(model, method, abstract_base, mesh, tx, batch: int, length: int,

@@ -22,6 +22,7 @@ def pytest_unconfigure(config):
   if _OWN_XLA_CACHE:
     shutil.rmtree(_OWN_XLA_CACHE, ignore_errors=True)
 
+
 TINY = dict(vocab_size=101, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
 

@@ -55,7 +55,7 @@ def batches():
     ids = rng.randint(0, CONFIG.vocab_size, (BATCH, LENGTH)).astype(np.int32)
     mask = np.ones((BATCH, LENGTH), np.int32)
     mask[1::2, -5:] = 0  # right padding on every other row
-    out.append({"input_ids": ids, "attention_mask": mask, "loss_mask": mask})
+    out.append({"input_ids": ids, "attention_mask": mask})  # the loss covers the real tokens
   return out
 
 
@@ -78,13 +78,13 @@ def run_case(method_name: str, mesh_name: str, cache: dict) -> dict:
   model = model.clone(settings=dataclasses.replace(model.settings, sharding=sharding.activation_sharding(mesh)))
   step = make_train_step(model, method, tx, shardings=st.step_shardings())
   trainable, opt_state, losses = st.trainable, st.opt_state, []
-  data = [sharding.host_batch(mesh, batch) for batch in batches()]
-  keys = [np.asarray(jax.random.PRNGKey(i)) for i in range(STEPS)]
-  # Compiled once, for both the memory figures and the steps (a jit call would compile it again).
-  step = step.lower(trainable, opt_state, st.frozen, data[0], keys[0]).compile()
+  # Compiled once, from the state's description, for both the memory figures and the steps
+  # (a jit call after `compiled_step_memory` would compile it again).
+  step = estimate.compile_step(step, st, BATCH, LENGTH)
   memory = estimate.memory_of(step)
-  for batch, key in zip(data, keys):
-    trainable, opt_state, metrics = step(trainable, opt_state, st.frozen, batch, key)
+  for i, batch in enumerate(batches()):
+    trainable, opt_state, metrics = step(trainable, opt_state, st.frozen, sharding.host_batch(mesh, batch),
+                                         np.asarray(jax.random.PRNGKey(i)))
     losses.append(float(metrics["loss"]))
   expected_opt = jax.tree.map(lambda s: s.spec, st.shardings["opt_state"])
   return {"losses": losses, "memory": memory,
