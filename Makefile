@@ -21,6 +21,11 @@ $(VENV)/.test: $(VENV)/.runtime
 	$(PIP) install -q -e ".[test]"
 	touch $@
 
+# LLaMA-Factory's demo files from its PyPI source archive (CC BY-NC; not committed): the test of
+# the real instruction and preference files reads them.
+data/llamafactory/SHA256SUMS: | $(VENV)/.runtime
+	$(PY) scripts/fetch_llamafactory_data.py
+
 # The main job: LoRA fine-tuning of SmolLM2-135M-Instruct on Rotten Tomatoes sentiment (embedded data).
 demo: $(VENV)/.runtime
 	$(VENV)/bin/jft train --config configs/sentiment.py:method=lora --workdir runs/quickstart-$$(date +%Y%m%d-%H%M%S)
@@ -31,10 +36,10 @@ generate: $(VENV)/.runtime
 # Two workers (pytest-xdist): most tests are single-threaded compiles, so both cores stay busy.
 # Run under the allocator setting `jft train` uses (jft/host_memory.py; a no-op where it does not
 # apply): the default suite took 12.4 instead of 14.3 minutes on 2 cores.
-test: $(VENV)/.test
+test: $(VENV)/.test data/llamafactory/SHA256SUMS
 	$(PY) -m jft.host_memory $(PY) -m pytest -q -n 2
 
-test-slow: $(VENV)/.test
+test-slow: $(VENV)/.test data/llamafactory/SHA256SUMS
 	$(PY) -m jft.host_memory $(PY) -m pytest -q -n 2 -m slow
 
 clean:

@@ -17,8 +17,8 @@ MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_`) reuses the block and removes the fau
 full fine-tuning's peak RSS from 3.6 to 6.5 GB (the heap fragments) and slowed compiles 7-10%.
 
 Set `JFT_SYSTEM_MALLOC=1` to keep the system's defaults. Python API users can start a training
-process under the setting with `python -m jft.host_memory python my_script.py`, or
-`eval "$(python -m jft.host_memory)"` in their shell.
+process under the setting with `python -m jft.host_memory python my_script.py` (`make test` runs
+pytest so), or `eval "$(python -m jft.host_memory)"` in their shell.
 """
 
 from __future__ import annotations

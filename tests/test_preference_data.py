@@ -281,9 +281,9 @@ def test_reward_pairs_from_sentiment_split(tok):
 CACHE = os.path.join(ROOT, "data", "llamafactory")
 
 
-@pytest.mark.skipif(not os.path.isdir(CACHE),
-                    reason="data/llamafactory/ is absent: run scripts/fetch_llamafactory_data.py (needs PyPI)")
 def test_llamafactory_files_parse(tok):
+  # `make test` fetches them first; a bare pytest run needs the script once.
+  assert os.path.isdir(CACHE), "data/llamafactory/ is absent: run scripts/fetch_llamafactory_data.py (needs PyPI)"
   alpaca = pd.load_json_rows(os.path.join(CACHE, "alpaca_en_demo.json"))
   assert len(alpaca) == 999
   assert len(pd.instruction_examples(alpaca, tok)) == 999
