@@ -35,7 +35,7 @@ generate: $(VENV)/.runtime
 
 # Two workers (pytest-xdist): most tests are single-threaded compiles, so both cores stay busy.
 # Run under the allocator setting `jft train` uses (jft/host_memory.py; a no-op where it does not
-# apply): the default suite took 12.4 instead of 14.3 minutes on 2 cores.
+# apply): the default suite took 11.8-12.4 instead of 14.3 minutes on 2 cores.
 test: $(VENV)/.test data/llamafactory/SHA256SUMS
 	$(PY) -m jft.host_memory $(PY) -m pytest -q -n 2
 
