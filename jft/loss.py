@@ -110,10 +110,18 @@ def _chunk(x, w, targets, weights, tied: bool, grads: bool, with_w_grad: bool):
 
 
 def _over_chunks(x, w, targets, weights, tied, grads, with_w_grad):
-  """-> (loss, gx [B, T, d] or None, gw or None), one scan over sequence chunks."""
+  """-> (loss, gx [B, T, d] or None, gw or None), one scan over sequence chunks.
+
+  Each row's loss-carrying positions go first (in order) and a chunk in which
+  no row carries loss is skipped, so the head costs what the loss mask asks
+  for: SFT's prompts, padding and all but a classification's label word take
+  no output-projection matmul.
+  """
   b, t, d = x.shape
   c = _chunk_length(b, t, w.shape[0 if tied else 1])
   pad = -t % c  # padded positions have weight 0
+  order = jnp.argsort(weights == 0, axis=1, stable=True)  # [B, T]: loss positions first
+  x, targets, weights = (_along_rows(a, order) for a in (x, targets, weights))
 
   def split(a):  # [B, t, ...] -> [chunks, B, c, ...]; chunks along the sequence keep a sharded batch whole
     a = jnp.pad(a, [(0, 0), (0, pad)] + [(0, 0)] * (a.ndim - 2))
@@ -121,14 +129,27 @@ def _over_chunks(x, w, targets, weights, tied, grads, with_w_grad):
 
   def body(gw, chunk):
     xs, ts, ws = chunk
-    total, gx, gw_c = _chunk(xs, w, ts, ws, tied, grads, with_w_grad)
-    return (gw + gw_c if gw_c is not None else gw), (total, gx)
+
+    def run(gw):
+      total, gx, gw_c = _chunk(xs, w, ts, ws, tied, grads, with_w_grad)
+      return (gw + gw_c if gw_c is not None else gw), (total, gx)
+
+    def skip(gw):
+      return gw, (jnp.zeros((), jnp.float32), jnp.zeros(xs.shape, jnp.float32) if grads else None)
+
+    return jax.lax.cond(jnp.any(ws != 0), run, skip, gw)
 
   gw0 = jnp.zeros(w.shape, jnp.float32) if grads and with_w_grad else None
   gw, (totals, gx) = jax.lax.scan(body, gw0, (split(x), split(targets), split(weights)))
   if gx is not None:
     gx = jnp.moveaxis(gx, 0, 1).reshape(b, t + pad, d)[:, :t].astype(x.dtype)
+    gx = _along_rows(gx, jnp.argsort(order, axis=1))  # back to the positions' own order
   return totals.sum(), gx, None if gw is None else gw.astype(w.dtype)
+
+
+def _along_rows(a, index):
+  """a[b, index[b, t], ...]: the positions of each row in `index`'s order."""
+  return jnp.take_along_axis(a, index.reshape(*index.shape, *(1,) * (a.ndim - 2)), axis=1)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))

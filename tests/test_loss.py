@@ -48,6 +48,42 @@ def test_fused_head_loss_equals_the_loss_from_logits(tied, trains_head, monkeypa
     assert not np.any(fw)  # a frozen head costs no weight gradient
 
 
+@pytest.mark.parametrize("tied", [False, True])
+def test_the_head_runs_only_where_the_loss_mask_asks(tied, monkeypatch):
+  """SFT prompts, padding and a classification label: positions that carry loss go first in every row and the
+  chunks left without any are skipped, with the value and gradients of the loss from logits."""
+  b, t, d, vocab, c = 3, 13, 8, 50, 3
+  monkeypatch.setattr(losses, "CHUNK_BYTES", 4 * b * vocab * c)
+  ran = []
+  chunk = losses._chunk
+
+  def counted(x, *args):
+    jax.debug.callback(lambda: ran.append(1))  # runs only when the chunk's branch does
+    return chunk(x, *args)
+
+  monkeypatch.setattr(losses, "_chunk", counted)
+  k = jax.random.split(jax.random.PRNGKey(3), 3)
+  x = jax.random.normal(k[0], (b, t, d))
+  w = jax.random.normal(k[1], (vocab, d) if tied else (d, vocab))
+  ids = jax.random.randint(k[2], (b, t), 0, vocab)
+  mask = np.zeros((b, t), np.int32)
+  mask[0, 6:11] = 1  # prompt, response, padding
+  mask[2, [4, 12]] = 1  # scattered label tokens; row 1 carries no loss
+  tree = lambda w: {"embed_tokens": {"embedding": w}} if tied else {"lm_head": {"kernel": w}}
+  head = losses.output_head(tree(w))
+  from_logits = lambda x, w: losses.next_token_loss(
+      jnp.einsum("btd,vd->btv" if tied else "btd,dv->btv", x, w), ids, mask)[0]
+  fused = lambda x, w: losses.head_loss(x, tree(w), head, ids, mask, True)[0]
+  want, (gx, gw) = jax.value_and_grad(from_logits, argnums=(0, 1))(x, w)
+  got, (fx, fw) = jax.jit(jax.value_and_grad(fused, argnums=(0, 1)))(x, w)
+  jax.effects_barrier()
+  np.testing.assert_allclose(got, want, rtol=1e-6)
+  np.testing.assert_allclose(fx, gx, atol=1e-6)
+  np.testing.assert_allclose(fw, gw, atol=1e-6)
+  # Shifted targets: row 0 predicts 5 tokens, row 2 one (position 12 predicts nothing), so 2 of 5 chunks run.
+  assert len(ran) == 2, ran
+
+
 @pytest.mark.parametrize("family", ["llama", pytest.param("qwen2", marks=pytest.mark.slow)])  # untied; tied (slow:
 # the tied head's value and gradients are also checked against the logits path in the first test)
 def test_training_loss_equals_transformers(family, hf_models, monkeypatch):
