@@ -73,12 +73,14 @@ class Cell:
   bf16: bool = False  # bf16 compute (jft: dtype; the peer: torch.autocast)
   bf16_storage: bool = False  # jft: bf16 frozen weights, fp32 compute (the peer: as `bf16`)
   virtual_tokens: int = 20
+  sft: bool = False  # loss on the response only: each row's first 30-70% is its prompt
 
 
 CELLS = {
     "full": Cell("full"),
     "lora-qv": Cell("lora", ("q_proj", "v_proj")),
     "lora-all": Cell("lora", ALL_LINEARS),
+    "sft-lora-all": Cell("lora", ALL_LINEARS, sft=True),
     "qlora-all": Cell("lora", ALL_LINEARS, quantized=True),
     "lora-all-bf16": Cell("lora", ALL_LINEARS, bf16=True),
     "lora-all-bf16-storage": Cell("lora", ALL_LINEARS, bf16_storage=True),
@@ -101,6 +103,16 @@ def token_batch(shape: Shape, seed: int = 0):
   import numpy as np
   rng = np.random.default_rng(seed)
   return rng.integers(3, shape.vocab, (shape.batch, shape.length)).astype(np.int64)
+
+
+def response_mask(shape: Shape, cell: Cell):
+  """1 where a position carries loss: every token, or with `cell.sft` the response after a 30-70% prompt."""
+  import numpy as np
+  positions = np.arange(shape.length)[None]
+  if not cell.sft:
+    return np.ones((shape.batch, shape.length), np.int64)
+  starts = np.random.default_rng(1).integers(int(0.3 * shape.length), int(0.7 * shape.length), (shape.batch, 1))
+  return (positions >= starts).astype(np.int64)
 
 
 def worker_setup(args):
@@ -163,7 +175,8 @@ def worker_jft(args):
   tx = optax.adamw(LR)
   opt_state = tx.init(trainable)
   ids = jnp.asarray(token_batch(shape), jnp.int32)
-  batch = {"input_ids": ids, "attention_mask": jnp.ones_like(ids)}
+  batch = {"input_ids": ids, "attention_mask": jnp.ones_like(ids),
+           "loss_mask": jnp.asarray(response_mask(shape, cell), jnp.int32)}
   start = time.perf_counter()
   step = make_train_step(model, method, tx).lower(
       trainable, opt_state, frozen, batch, jax.random.PRNGKey(0)).compile()
@@ -210,11 +223,12 @@ def worker_peer(args):
   opt = torch.optim.AdamW(trainable, lr=LR)
   ids = torch.as_tensor(token_batch(shape))
   mask = torch.ones_like(ids)
+  labels = torch.where(torch.as_tensor(response_mask(shape, cell)) == 1, ids, -100)  # -100: no loss
   losses = []
 
   def run(i):
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cell.bf16 or cell.bf16_storage):
-      loss = model(input_ids=ids, attention_mask=mask, labels=ids).loss
+      loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
     loss.backward()
     opt.step()
     opt.zero_grad(set_to_none=True)

@@ -9,6 +9,9 @@ in the forward pass, so the backward pass only scales what is saved. The
 logits, their softmax and their gradient (three vocab-sized buffers, the
 largest activations of a small model's step) shrink to one chunk each, and
 no matmul is repeated: the FLOPs are those of the unfused loss.
+`head_logps` is the same for the per-token log-probabilities of preference
+objectives (a frozen head: each token's saved gradient is scaled by its own
+cotangent). Both run the head only where the mask asks (`_over_chunks`).
 """
 
 from __future__ import annotations
@@ -79,6 +82,22 @@ def head_loss(hidden, params, head: Head, input_ids, loss_mask, trainable_head: 
   return total, weights.sum()
 
 
+def head_logps(hidden, params, head: Head, input_ids, completion_mask):
+  """[B, T] `jft.align.logps_of_logits(hidden @ head, ...)` without the full logits; the head is frozen.
+
+  A token's log-probability has the gradient `(onehot - softmax) @ W^T` with
+  respect to its hidden state, formed in the forward pass and scaled in the
+  backward by the token's cotangent (DPO's per-row coefficient, GRPO's
+  per-token ratio). The head's own gradient would need those cotangents
+  before they exist, so a trained head takes the logits path instead.
+  """
+  w = jax.lax.stop_gradient(rules.flatten(params)[head.path])
+  targets, weights = shifted_targets(input_ids, completion_mask)
+  next_logps = _fused_logps(hidden, w, targets, (weights != 0).astype(jnp.float32), head.tied)
+  logps = jnp.concatenate([jnp.zeros_like(next_logps[:, :1]), next_logps[:, :-1]], axis=1)  # t scores token t
+  return jnp.where(completion_mask != 0, logps, 0.0)
+
+
 def _chunk_length(b: int, t: int, vocab: int) -> int:
   """Sequence positions per chunk: about CHUNK_BYTES of float32 logits; a divisor of t when one is close."""
   want = min(t, max(1, CHUNK_BYTES // (4 * b * vocab)))
@@ -87,18 +106,18 @@ def _chunk_length(b: int, t: int, vocab: int) -> int:
 
 
 def _chunk(x, w, targets, weights, tied: bool, grads: bool, with_w_grad: bool):
-  """One chunk: weighted CE sum and, with `grads`, its gradient w.r.t. x (and w) for a cotangent of 1."""
+  """One chunk: weighted CE per position [B, c] and, with `grads`, the gradient of their sum w.r.t. x (and w)."""
   dt = x.dtype
   wt = w.astype(dt)
   dims = (((x.ndim - 1,), (1 if tied else 0,)), ((), ()))
   logits = jax.lax.dot_general(x, wt, dims, preferred_element_type=jnp.float32)
   logz = jax.nn.logsumexp(logits, axis=-1)
   picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-  total = ((logz - picked) * weights).sum()
+  nll = (logz - picked) * weights
   if not grads:
-    return total, None, None
+    return nll, None, None
   onehot = jax.nn.one_hot(targets, logits.shape[-1], dtype=jnp.float32)
-  g = ((jnp.exp(logits - logz[..., None]) - onehot) * weights[..., None]).astype(dt)  # d total / d logits
+  g = ((jnp.exp(logits - logz[..., None]) - onehot) * weights[..., None]).astype(dt)  # d sum(nll) / d logits
   gx = jax.lax.dot_general(g, wt, (((g.ndim - 1,), (0 if tied else 1,)), ((), ())),
                            preferred_element_type=jnp.float32)
   gw = None
@@ -106,11 +125,11 @@ def _chunk(x, w, targets, weights, tied: bool, grads: bool, with_w_grad: bool):
     gf, xf = g.reshape(-1, g.shape[-1]), x.reshape(-1, x.shape[-1])  # one contracted token axis
     gw = jnp.dot(gf.T, xf, preferred_element_type=jnp.float32) if tied else \
         jnp.dot(xf.T, gf, preferred_element_type=jnp.float32)
-  return total, gx, gw
+  return nll, gx, gw
 
 
 def _over_chunks(x, w, targets, weights, tied, grads, with_w_grad):
-  """-> (loss, gx [B, T, d] or None, gw or None), one scan over sequence chunks.
+  """-> (weighted CE [B, T], gx [B, T, d] or None, gw or None), one scan over sequence chunks.
 
   Each row's loss-carrying positions go first (in order) and a chunk in which
   no row carries loss is skipped, so the head costs what the loss mask asks
@@ -131,20 +150,20 @@ def _over_chunks(x, w, targets, weights, tied, grads, with_w_grad):
     xs, ts, ws = chunk
 
     def run(gw):
-      total, gx, gw_c = _chunk(xs, w, ts, ws, tied, grads, with_w_grad)
-      return (gw + gw_c if gw_c is not None else gw), (total, gx)
+      nll, gx, gw_c = _chunk(xs, w, ts, ws, tied, grads, with_w_grad)
+      return (gw + gw_c if gw_c is not None else gw), (nll, gx)
 
     def skip(gw):
-      return gw, (jnp.zeros((), jnp.float32), jnp.zeros(xs.shape, jnp.float32) if grads else None)
+      return gw, (jnp.zeros(ws.shape, jnp.float32), jnp.zeros(xs.shape, jnp.float32) if grads else None)
 
     return jax.lax.cond(jnp.any(ws != 0), run, skip, gw)
 
   gw0 = jnp.zeros(w.shape, jnp.float32) if grads and with_w_grad else None
-  gw, (totals, gx) = jax.lax.scan(body, gw0, (split(x), split(targets), split(weights)))
-  if gx is not None:
-    gx = jnp.moveaxis(gx, 0, 1).reshape(b, t + pad, d)[:, :t].astype(x.dtype)
-    gx = _along_rows(gx, jnp.argsort(order, axis=1))  # back to the positions' own order
-  return totals.sum(), gx, None if gw is None else gw.astype(w.dtype)
+  gw, (nll, gx) = jax.lax.scan(body, gw0, (split(x), split(targets), split(weights)))
+  back = jnp.argsort(order, axis=1)  # each position's own place again
+  unsplit = lambda a: _along_rows(jnp.moveaxis(a, 0, 1).reshape(b, t + pad, *a.shape[3:])[:, :t], back)
+  gx = None if gx is None else unsplit(gx).astype(x.dtype)
+  return unsplit(nll), gx, None if gw is None else gw.astype(w.dtype)
 
 
 def _along_rows(a, index):
@@ -154,20 +173,41 @@ def _along_rows(a, index):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
 def _fused(x, w, targets, weights, tied: bool, with_w_grad: bool):
-  return _over_chunks(x, w, targets, weights, tied, False, False)[0]  # no gradient asked: the loss alone
+  return _over_chunks(x, w, targets, weights, tied, False, False)[0].sum()  # no gradient asked: the loss alone
 
 
 def _fused_fwd(x, w, targets, weights, tied, with_w_grad):
-  total, gx, gw = _over_chunks(x, w, targets, weights, tied, True, with_w_grad)
-  return total, (gx, gw, targets, weights)
+  nll, gx, gw = _over_chunks(x, w, targets, weights, tied, True, with_w_grad)
+  return nll.sum(), (gx, gw, targets, weights)
+
+
+def _zero_cotangent(a):
+  return jnp.zeros(a.shape, jax.dtypes.float0) if jnp.issubdtype(a.dtype, jnp.integer) else jnp.zeros_like(a)
 
 
 def _fused_bwd(tied, with_w_grad, res, g):
   gx, gw, targets, weights = res
-  zero = lambda a: jnp.zeros(a.shape, jax.dtypes.float0) if jnp.issubdtype(a.dtype, jnp.integer) \
-      else jnp.zeros_like(a)
   scale = lambda a: a * g.astype(a.dtype)
-  return (scale(gx), None if gw is None else scale(gw), zero(targets), zero(weights))
+  return (scale(gx), None if gw is None else scale(gw), _zero_cotangent(targets), _zero_cotangent(weights))
 
 
 _fused.defvjp(_fused_fwd, _fused_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _fused_logps(x, w, targets, weights, tied: bool):
+  return -_over_chunks(x, w, targets, weights, tied, False, False)[0]  # [B, T]: log p of the next token
+
+
+def _fused_logps_fwd(x, w, targets, weights, tied):
+  nll, gx, _ = _over_chunks(x, w, targets, weights, tied, True, False)
+  return -nll, (gx, w, targets, weights)
+
+
+def _fused_logps_bwd(tied, res, g):
+  gx, w, targets, weights = res  # gx: d nll / d x per position, so d logp / d x = -gx
+  return ((-g[..., None] * gx).astype(gx.dtype), jnp.zeros_like(w), _zero_cotangent(targets),
+          _zero_cotangent(weights))
+
+
+_fused_logps.defvjp(_fused_logps_fwd, _fused_logps_bwd)

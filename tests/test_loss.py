@@ -84,6 +84,38 @@ def test_the_head_runs_only_where_the_loss_mask_asks(tied, monkeypatch):
   assert len(ran) == 2, ran
 
 
+@pytest.mark.parametrize("tied", [False, True])
+def test_fused_token_logps_equal_the_logits_path_and_skip_the_prompts(tied, monkeypatch):
+  """`head_logps` = `align.logps_of_logits` of the logits, and its input gradient under per-token cotangents
+  (what DPO and GRPO put on each token); chunks holding only prompt and padding never run."""
+  from jft import align
+
+  b, t, d, vocab, c = 3, 13, 8, 50, 3
+  monkeypatch.setattr(losses, "CHUNK_BYTES", 4 * b * vocab * c)
+  ran = []
+  chunk = losses._chunk
+  monkeypatch.setattr(losses, "_chunk", lambda *a: (jax.debug.callback(lambda: ran.append(1)), chunk(*a))[1])
+  k = jax.random.split(jax.random.PRNGKey(4), 4)
+  x = jax.random.normal(k[0], (b, t, d))
+  w = jax.random.normal(k[1], (vocab, d) if tied else (d, vocab))
+  ids = jax.random.randint(k[2], (b, t), 0, vocab)
+  completion = np.zeros((b, t), np.int32)
+  completion[0, 7:11] = completion[1, 9:13] = 1  # prompts, completions, padding; row 2 has no completion
+  cotangent = jax.random.normal(k[3], (b, t))
+  tree = lambda w: {"embed_tokens": {"embedding": w}} if tied else {"lm_head": {"kernel": w}}
+  head = losses.output_head(tree(w))
+  from_logits = lambda x: align.logps_of_logits(
+      jnp.einsum("btd,vd->btv" if tied else "btd,dv->btv", x, w), ids, completion)
+  want, pullback = jax.vjp(from_logits, x)
+  got, fused_pullback = jax.jit(lambda x, g: (lambda out, f: (out, f(g)))(
+      *jax.vjp(lambda x: losses.head_logps(x, tree(w), head, ids, completion), x)))(x, cotangent)
+  jax.effects_barrier()
+  np.testing.assert_allclose(got, want, atol=1e-5)
+  assert np.all(np.asarray(got)[completion == 0] == 0) and np.all(np.asarray(got)[completion == 1] < 0)
+  np.testing.assert_allclose(fused_pullback[0], pullback(cotangent)[0], atol=1e-5)
+  assert len(ran) == 2, ran  # 4 scored positions per row (the shift moves them left), in chunks of 3
+
+
 @pytest.mark.parametrize("family", ["llama", pytest.param("qwen2", marks=pytest.mark.slow)])  # untied; tied (slow:
 # the tied head's value and gradients are also checked against the logits path in the first test)
 def test_training_loss_equals_transformers(family, hf_models, monkeypatch):

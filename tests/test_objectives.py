@@ -70,6 +70,52 @@ def test_each_objective_lowers_its_loss(byte_model, tmp_path, name, hparams):
     assert {"rewards/chosen", "rewards/margins", "rewards/accuracies", "logps/chosen"} <= set(metrics)
 
 
+@pytest.mark.parametrize("name", ["dpo", "orpo", "kto", "grpo"])
+def test_log_probs_through_the_fused_head_give_the_logits_paths_loss_and_gradients(byte_model, tmp_path, name,
+                                                                                   monkeypatch):
+  """Policy and reference log-probs come from `loss.head_logps` (no `[B, T, vocab]` logits; the head runs only
+  in chunks holding completion tokens): the same loss and LoRA gradients as from the model's logits."""
+  from jft import loss as losses
+  from jft.step import make_loss_fn
+
+  model, params = jft.load_pretrained(byte_model)
+  if name == "grpo":
+    objective = objectives.build("grpo", group_size=2)
+    rng = np.random.default_rng(0)
+    ids = rng.integers(3, 258, (4, 40))
+    ends = np.array([[40], [31], [26], [36]])
+    positions = np.arange(40)[None]
+    batch = {"input_ids": ids, "attention_mask": (positions < ends).astype(np.int32),
+             "loss_mask": ((positions >= 12) & (positions < ends)).astype(np.int32),
+             "advantages": np.array([1.0, -1.0, 0.5, -0.5], np.float32)}
+  else:
+    tokenizer = jft.load_tokenizer(byte_model)
+    c = cfg.build(f"{TINY}:objective={name}", [("model.name", byte_model),
+                                               ("data.path", pairs_file(tmp_path / "p.jsonl"))])
+    objective = objectives.build(name, **c.objective.hparams.to_dict())
+    rows = objective.rows(objective.examples(c.data, tokenizer, "train", 4), tokenizer, c.data)[:4]
+    batch = objective.collate(rows, -(-max(map(objective.row_length, rows)) // 16) * 16, tokenizer.pad_token_id)
+  method = objective.method(peft.LoRA(**LORA))
+  trainable, frozen, _, _ = state(model, params, method)
+  noise = jax.random.split(jax.random.PRNGKey(1), len(jax.tree.leaves(trainable)))  # the policy leaves the reference
+  trainable = jax.tree.unflatten(jax.tree.structure(trainable), [
+      a + 0.05 * jax.random.normal(k, a.shape) for a, k in zip(jax.tree.leaves(trainable), noise)])
+  monkeypatch.setattr(losses, "CHUNK_BYTES", 4 * 8 * 258 * 4)  # chunks of 2-4 positions
+  fused_calls = []
+  head_logps = losses.head_logps
+  monkeypatch.setattr(losses, "head_logps", lambda *a: fused_calls.append(1) or head_logps(*a))
+  loss_and_grads = lambda: jax.value_and_grad(make_loss_fn(model, method, objective), has_aux=True)(
+      trainable, frozen, batch, jax.random.PRNGKey(0))
+  (fused, _), fused_grads = loss_and_grads()
+  assert len(fused_calls) >= (2 if objective.uses_reference else 1)
+  monkeypatch.setattr(losses, "output_head", lambda params: None)  # every log-prob from the logits
+  (plain, _), plain_grads = loss_and_grads()
+  np.testing.assert_allclose(float(fused), float(plain), rtol=1e-5)
+  assert max(float(jnp.abs(g).max()) for g in jax.tree.leaves(plain_grads)) > 1e-4
+  for path, g in rules.flatten(plain_grads).items():
+    np.testing.assert_allclose(rules.flatten(fused_grads)[path], g, atol=1e-5, err_msg=path)
+
+
 def test_reference_is_the_base_view_of_the_same_tree_no_copy():
   """The reference params are the frozen tree's own arrays; the compiled DPO step takes nothing but the
   state and the batch as arguments, and its scratch memory is an SFT step's on the same sequences (a

@@ -29,7 +29,7 @@ import numpy as np
 from jft import align, data, progress, rewards
 from jft.models.generate import Sampling, generate, stop_token_ids
 from jft.objectives import api
-from jft.objectives.preference import reference_logps
+from jft.objectives.preference import policy_logps, reference_logps
 
 
 @functools.partial(jax.jit, static_argnames=("model",))
@@ -135,7 +135,7 @@ class GRPO(api.Objective):
 
   def loss(self, forward, batch):
     ids, mask, completion = batch["input_ids"], batch["attention_mask"], batch["loss_mask"]
-    logps = align.logps_of_logits(forward.apply(ids, mask), ids, completion)
+    logps = policy_logps(forward, ids, mask, completion)
     old = batch["old_logps"] if "old_logps" in batch else jax.lax.stop_gradient(logps)
     ref = reference_logps(forward, ids, mask, completion) if self.beta else None
     loss, metrics = align.grpo_loss(logps, old, ref, batch["advantages"], completion, epsilon=self.epsilon,

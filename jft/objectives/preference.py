@@ -18,7 +18,7 @@ from typing import ClassVar
 import jax
 import jax.numpy as jnp
 
-from jft import align, preference_data as pd
+from jft import align, loss as losses, preference_data as pd
 from jft.objectives import api
 
 
@@ -33,13 +33,28 @@ def _split_pairs(x):
 
 
 def policy_logps(forward: api.Forward, ids, mask, completion):
-  """[B, T] completion-token log-probs under the policy (dropout as in training)."""
-  return align.logps_of_logits(forward.apply(ids, mask), ids, completion)
+  """[B, T] completion-token log-probs under the policy (dropout as in training).
+
+  With a plain, frozen output projection the head runs fused with the
+  log-softmax and only at completion tokens (`jft.loss.head_logps`): no
+  `[B, T, vocab]` logits, no head matmul over the prompts.
+  """
+  head = losses.output_head(forward.params)
+  if head is None or head.path in forward.trained:
+    return align.logps_of_logits(forward.apply(ids, mask), ids, completion)
+  hidden = forward.apply(ids, mask, return_hidden=True)
+  return losses.head_logps(hidden, forward.params, head, ids, completion)
 
 
 def reference_logps(forward: api.Forward, ids, mask, completion):
   """[B, T] completion-token log-probs under the reference: the base view, deterministic, no gradient."""
-  return jax.lax.stop_gradient(align.logps_of_logits(forward.apply_reference(ids, mask), ids, completion))
+  head = losses.output_head(forward.reference)
+  if head is None:
+    logps = align.logps_of_logits(forward.apply_reference(ids, mask), ids, completion)
+  else:
+    hidden = forward.apply_reference(ids, mask, return_hidden=True)
+    logps = losses.head_logps(hidden, forward.reference, head, ids, completion)
+  return jax.lax.stop_gradient(logps)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,13 +115,13 @@ class ORPO(_Pairs):
 
   def loss(self, forward, batch):
     ids, mask, completion = _pairs_flat(batch)
-    logits = forward.apply(ids, mask)
+    # One pass: TRL's NLL term needs the chosen rows' prompt and completion, the odds ratio both completions.
+    everything = (jnp.asarray(mask) != 0).at[:, 0].set(False)
+    logps = policy_logps(forward, ids, mask, everything.at[1::2].set(completion[1::2] != 0))
     lengths = completion.sum(-1)
     (chosen, rejected), (n_chosen, n_rejected) = map(
-        _split_pairs, (align.logps_of_logits(logits, ids, completion).sum(-1), lengths))
-    # TRL's NLL term: the chosen sequences' mean token loss over prompt and completion.
-    everything = mask.at[:, 0].set(0)[0::2]
-    nll = -align.logps_of_logits(logits[0::2], ids[0::2], everything).sum() / jnp.maximum(everything.sum(), 1)
+        _split_pairs, (jnp.where(completion != 0, logps, 0.0).sum(-1), lengths))
+    nll = -logps[0::2].sum() / jnp.maximum(everything[0::2].sum(), 1)
     return align.orpo_loss(chosen, rejected, n_chosen, n_rejected, nll, beta=self.beta)
 
 
