@@ -17,15 +17,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jft import data, progress, sharding
+from jft import data, loss as losses, progress, sharding
 from jft.models.generate import Sampling, generate
-from jft.loss import next_token_loss
+
+
+def _runner(model, params):
+  return lambda ids, mask, **kw: model.apply({"params": params}, ids, attention_mask=mask, **kw)
 
 
 @functools.partial(jax.jit, static_argnames=("model",))
 def _loss_sums(model, params, batch):
-  logits = model.apply({"params": params}, batch["input_ids"], attention_mask=batch["attention_mask"])
-  loss, n = next_token_loss(logits, batch["input_ids"], batch["loss_mask"])
+  """Through the fused head where the model allows: no [B, T, vocab] logits, the head only at loss positions."""
+  loss, n = losses.model_loss(_runner(model, params), params, batch["input_ids"], batch["attention_mask"],
+                              batch["loss_mask"])
   return loss * n, n
 
 
@@ -58,9 +62,15 @@ def loss_and_perplexity(model, params, rows, batch_size: int = 16, mesh=None) ->
 
 @functools.partial(jax.jit, static_argnames=("model",))
 def _classification_sums(model, params, batch, label_ids):
-  logits = model.apply({"params": params}, batch["input_ids"], attention_mask=batch["attention_mask"])
-  loss, n = next_token_loss(logits, batch["input_ids"], batch["loss_mask"])
-  at_answer = jnp.take_along_axis(logits, batch["answer"][:, None, None], axis=1)[:, 0]
+  ids, mask, answer = batch["input_ids"], batch["loss_mask"], batch["answer"][:, None, None]
+  head = losses.output_head(params)
+  out = _runner(model, params)(ids, batch["attention_mask"], return_hidden=head is not None)
+  if head is None:
+    loss, n = losses.next_token_loss(out, ids, mask)
+    at_answer = jnp.take_along_axis(out, answer, axis=1)[:, 0]
+  else:  # the head runs at the response tokens and the answer position only
+    loss, n = losses.head_loss(out, params, head, ids, mask, False)
+    at_answer = losses.project(jnp.take_along_axis(out, answer, axis=1)[:, 0], params, head)
   hit = (jnp.argmax(at_answer[:, label_ids], axis=-1) == batch["gold"]) & (batch["valid"] != 0)
   return loss * n, n, hit.sum()
 

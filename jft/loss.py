@@ -69,6 +69,25 @@ def output_head(params) -> Optional[Head]:
   return Head("embed_tokens/embedding", tied=True)
 
 
+def model_loss(apply, params, input_ids, attention_mask, loss_mask, trained=frozenset()):
+  """(mean next-token loss over `loss_mask`, tokens) of a model run by `apply(ids, mask, return_hidden=...)`.
+
+  Through the fused head when the output projection is plain (`output_head`),
+  else from the logits. `trained`: paths of trainable leaves (is the head one?).
+  """
+  head = output_head(params)
+  out = apply(input_ids, attention_mask, return_hidden=head is not None)
+  if head is None:
+    return next_token_loss(out, input_ids, loss_mask)
+  return head_loss(out, params, head, input_ids, loss_mask, head.path in trained)
+
+
+def project(x, params, head: Head):
+  """Logits `x @ head` of a few positions (`x [..., d]`), e.g. where a classifier reads its label word."""
+  w = rules.flatten(params)[head.path].astype(x.dtype)
+  return jnp.dot(x, w.T if head.tied else w, preferred_element_type=jnp.float32)
+
+
 def head_loss(hidden, params, head: Head, input_ids, loss_mask, trainable_head: bool):
   """(loss, tokens) of `next_token_loss(hidden @ head, ...)` without the full logits.
 

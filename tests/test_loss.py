@@ -178,3 +178,32 @@ def test_a_changed_output_layer_falls_back_to_logits():
   assert losses.output_head({"lm_head": {"kernel": w}}) == losses.Head("lm_head/kernel", tied=False)
   assert losses.output_head({"lm_head": {"kernel": w, "lora": {"a": w[:, :2]}}}) is None
   assert losses.output_head({"lm_head": {"kernel": quant.quantize_array(w)}}) is None
+
+
+def test_evaluation_through_the_fused_head_equals_the_logits_path(monkeypatch):
+  """Loss/perplexity and label-word accuracy run the head only at response tokens and the answer position,
+  with the numbers of the full logits."""
+  from jft import evaluate
+
+  config = jft.ModelConfig(family="llama", vocab_size=300, hidden_size=32, intermediate_size=48, num_layers=2,
+                           num_heads=2, num_kv_heads=2, head_dim=16, max_position_embeddings=64)
+  model = jft.Transformer(config)
+  params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 4), jnp.int32))["params"]
+  rng = np.random.default_rng(0)
+  rows = []
+  for i in range(7):  # prompts of 5-30 tokens, a one-token label word (ids 7 or 9) then one more token
+    prompt = list(rng.integers(10, 300, 5 + 4 * i))
+    rows.append((prompt + [7 + 2 * (i % 2), 3], [0] * len(prompt) + [1, 1]))
+  labels, label_ids = [i % 2 for i in range(7)], [7, 9]
+  monkeypatch.setattr(losses, "CHUNK_BYTES", 4 * 4 * 300 * 4)  # chunks of 4 positions
+  fused = (evaluate.loss_and_perplexity(model, params, rows, batch_size=4),
+           evaluate.classification(model, params, rows, labels, label_ids, batch_size=4))
+  _unfused(monkeypatch)
+  jax.clear_caches()  # the jitted evaluation functions would keep their fused traces
+  plain = (evaluate.loss_and_perplexity(model, params, rows, batch_size=4),
+           evaluate.classification(model, params, rows, labels, label_ids, batch_size=4))
+  for got, want in zip(fused, plain):
+    assert set(got) == set(want)
+    for key in want:
+      assert got[key] == pytest.approx(want[key], rel=1e-5), key
+  assert 0 < plain[1]["accuracy"] < 1  # a random model: some answers right and some wrong, so both count

@@ -21,13 +21,8 @@ from jft.objectives import api
 def next_token_loss(forward: api.Forward, batch: dict):
   """(mean next-token loss over `loss_mask`, metrics) of a padded or packed batch."""
   mask = batch.get("loss_mask", batch["attention_mask"])
-  head = losses.output_head(forward.params)
-  out = forward.apply(batch["input_ids"], batch["attention_mask"], return_hidden=head is not None)
-  if head is None:
-    loss, tokens = losses.next_token_loss(out, batch["input_ids"], mask)
-  else:
-    loss, tokens = losses.head_loss(out, forward.params, head, batch["input_ids"], mask,
-                                    head.path in forward.trained)
+  loss, tokens = losses.model_loss(forward.apply, forward.params, batch["input_ids"], batch["attention_mask"], mask,
+                                   forward.trained)
   return loss, {"loss_tokens": tokens}
 
 
