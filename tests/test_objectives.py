@@ -70,7 +70,7 @@ def test_each_objective_lowers_its_loss(byte_model, tmp_path, name, hparams):
     assert {"rewards/chosen", "rewards/margins", "rewards/accuracies", "logps/chosen"} <= set(metrics)
 
 
-@pytest.mark.parametrize("name", ["dpo", "orpo", "kto", "grpo"])
+@pytest.mark.parametrize("name", ["dpo", "orpo", pytest.param("kto", marks=pytest.mark.slow), "grpo"])  # kto: dpo's calls
 def test_log_probs_through_the_fused_head_give_the_logits_paths_loss_and_gradients(byte_model, tmp_path, name,
                                                                                    monkeypatch):
   """Policy and reference log-probs come from `loss.head_logps` (no `[B, T, vocab]` logits; the head runs only
@@ -104,8 +104,8 @@ def test_log_probs_through_the_fused_head_give_the_logits_paths_loss_and_gradien
   fused_calls = []
   head_logps = losses.head_logps
   monkeypatch.setattr(losses, "head_logps", lambda *a: fused_calls.append(1) or head_logps(*a))
-  loss_and_grads = lambda: jax.value_and_grad(make_loss_fn(model, method, objective), has_aux=True)(
-      trainable, frozen, batch, jax.random.PRNGKey(0))
+  loss_and_grads = lambda: jax.jit(jax.value_and_grad(make_loss_fn(model, method, objective), has_aux=True))(
+      trainable, frozen, batch, jax.random.PRNGKey(0))  # a new function each time: traced with the patch in place
   (fused, _), fused_grads = loss_and_grads()
   assert len(fused_calls) >= (2 if objective.uses_reference else 1)
   monkeypatch.setattr(losses, "output_head", lambda params: None)  # every log-prob from the logits
