@@ -17,7 +17,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from jft.loss import shifted_targets
+from jft.loss import logps_of_logits  # noqa: F401 (align.logps_of_logits: part of this API)
 
 PREFERENCE_LOSSES = ("sigmoid", "robust", "ipo", "hinge")
 GRPO_LOSSES = ("grpo", "bnpo", "dr_grpo")
@@ -30,22 +30,6 @@ def _f32(x):
 
 
 # -- log-probabilities -----------------------------------------------------------
-
-
-def logps_of_logits(logits, input_ids, completion_mask):
-  """[B, T] float32 from [B, T, V] logits: log p(token t | tokens < t) at t where completion_mask[t], else 0.
-
-  Position 0 has no context and gets 0. Targets shift left instead of the
-  logits (as `jft.loss.next_token_loss` does: slicing `[B, T, vocab]` would
-  copy the largest activation); only the `[B, T]` result shifts back right.
-  """
-  logits = logits.astype(jnp.float32)
-  targets, _ = shifted_targets(input_ids, completion_mask)
-  logz = jax.nn.logsumexp(logits, axis=-1)
-  picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-  next_logps = picked - logz  # position t scores token t + 1
-  logps = jnp.concatenate([jnp.zeros_like(next_logps[:, :1]), next_logps[:, :-1]], axis=1)
-  return jnp.where(completion_mask != 0, logps, 0.0)
 
 
 def token_logps(model, params, input_ids, attention_mask, completion_mask):

@@ -21,15 +21,11 @@ from jft import data, loss as losses, progress, sharding
 from jft.models.generate import Sampling, generate
 
 
-def _runner(model, params):
-  return lambda ids, mask, **kw: model.apply({"params": params}, ids, attention_mask=mask, **kw)
-
-
 @functools.partial(jax.jit, static_argnames=("model",))
 def _loss_sums(model, params, batch):
   """Through the fused head where the model allows: no [B, T, vocab] logits, the head only at loss positions."""
-  loss, n = losses.model_loss(_runner(model, params), params, batch["input_ids"], batch["attention_mask"],
-                              batch["loss_mask"])
+  apply = functools.partial(model.apply, {"params": params})
+  loss, n = losses.model_loss(apply, params, batch["input_ids"], batch["attention_mask"], batch["loss_mask"])
   return loss * n, n
 
 
@@ -64,7 +60,7 @@ def loss_and_perplexity(model, params, rows, batch_size: int = 16, mesh=None) ->
 def _classification_sums(model, params, batch, label_ids):
   ids, mask, answer = batch["input_ids"], batch["loss_mask"], batch["answer"][:, None, None]
   head = losses.output_head(params)
-  out = _runner(model, params)(ids, batch["attention_mask"], return_hidden=head is not None)
+  out = model.apply({"params": params}, ids, attention_mask=batch["attention_mask"], return_hidden=head is not None)
   if head is None:
     loss, n = losses.next_token_loss(out, ids, mask)
     at_answer = jnp.take_along_axis(out, answer, axis=1)[:, 0]

@@ -48,6 +48,22 @@ def next_token_loss(logits, input_ids, loss_mask):
   return ((logz - picked) * weights).sum() / n, weights.sum()
 
 
+def logps_of_logits(logits, input_ids, completion_mask):
+  """[B, T] float32 from [B, T, V] logits: log p(token t | tokens < t) at t where completion_mask[t], else 0.
+
+  Position 0 has no context and gets 0. Targets shift left instead of the
+  logits (as `next_token_loss` does: slicing `[B, T, vocab]` would
+  copy the largest activation); only the `[B, T]` result shifts back right.
+  """
+  logits = logits.astype(jnp.float32)
+  targets, _ = shifted_targets(input_ids, completion_mask)
+  logz = jax.nn.logsumexp(logits, axis=-1)
+  picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+  next_logps = picked - logz  # position t scores token t + 1
+  logps = jnp.concatenate([jnp.zeros_like(next_logps[:, :1]), next_logps[:, :-1]], axis=1)
+  return jnp.where(completion_mask != 0, logps, 0.0)
+
+
 class Head(NamedTuple):
   """The output projection as the fused loss reads it: `logits = x @ w` (`x @ w.T` when tied)."""
   path: str
@@ -80,6 +96,19 @@ def model_loss(apply, params, input_ids, attention_mask, loss_mask, trained=froz
   if head is None:
     return next_token_loss(out, input_ids, loss_mask)
   return head_loss(out, params, head, input_ids, loss_mask, head.path in trained)
+
+
+def model_logps(apply, params, input_ids, attention_mask, completion_mask, trained=frozenset()):
+  """[B, T] completion-token log-probs (`jft.align.logps_of_logits`) of a model run by `apply`.
+
+  Through `head_logps` when the output projection is plain and not in
+  `trained`, else from the logits.
+  """
+  head = output_head(params)
+  if head is None or head.path in trained:
+    return logps_of_logits(apply(input_ids, attention_mask), input_ids, completion_mask)
+  hidden = apply(input_ids, attention_mask, return_hidden=True)
+  return head_logps(hidden, params, head, input_ids, completion_mask)
 
 
 def project(x, params, head: Head):

@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jft import align, data, progress, rewards
+from jft import align, data, loss as losses, progress, rewards
 from jft.models.generate import Sampling, generate, stop_token_ids
 from jft.objectives import api
 from jft.objectives.preference import policy_logps, reference_logps
@@ -35,9 +35,8 @@ from jft.objectives.preference import policy_logps, reference_logps
 @functools.partial(jax.jit, static_argnames=("model",))
 def _sequence_kl(model, params, reference, ids, mask, completion):
   """[B] sum over completion tokens of log pi - log ref (sampled from pi: an estimate of KL(pi || ref))."""
-  logps = align.logps_of_logits(model.apply({"params": params}, ids, attention_mask=mask), ids, completion)
-  ref = align.logps_of_logits(model.apply({"params": reference}, ids, attention_mask=mask), ids, completion)
-  return (logps - ref).sum(-1)
+  logps = lambda p: losses.model_logps(functools.partial(model.apply, {"params": p}), p, ids, mask, completion)
+  return (logps(params) - logps(reference)).sum(-1)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -39,22 +39,12 @@ def policy_logps(forward: api.Forward, ids, mask, completion):
   log-softmax and only at completion tokens (`jft.loss.head_logps`): no
   `[B, T, vocab]` logits, no head matmul over the prompts.
   """
-  head = losses.output_head(forward.params)
-  if head is None or head.path in forward.trained:
-    return align.logps_of_logits(forward.apply(ids, mask), ids, completion)
-  hidden = forward.apply(ids, mask, return_hidden=True)
-  return losses.head_logps(hidden, forward.params, head, ids, completion)
+  return losses.model_logps(forward.apply, forward.params, ids, mask, completion, forward.trained)
 
 
 def reference_logps(forward: api.Forward, ids, mask, completion):
   """[B, T] completion-token log-probs under the reference: the base view, deterministic, no gradient."""
-  head = losses.output_head(forward.reference)
-  if head is None:
-    logps = align.logps_of_logits(forward.apply_reference(ids, mask), ids, completion)
-  else:
-    hidden = forward.apply_reference(ids, mask, return_hidden=True)
-    logps = losses.head_logps(hidden, forward.reference, head, ids, completion)
-  return jax.lax.stop_gradient(logps)
+  return jax.lax.stop_gradient(losses.model_logps(forward.apply_reference, forward.reference, ids, mask, completion))
 
 
 @dataclasses.dataclass(frozen=True)
