@@ -181,8 +181,8 @@ def test_a_changed_output_layer_falls_back_to_logits():
 
 
 def test_evaluation_through_the_fused_head_equals_the_logits_path(monkeypatch):
-  """Loss/perplexity and label-word accuracy run the head only at response tokens and the answer position,
-  with the numbers of the full logits."""
+  """Label-word accuracy and the responses' loss run the head only at response tokens and the answer position,
+  with the numbers of the full logits (`loss_and_perplexity` takes the training loss's `model_loss`)."""
   from jft import evaluate
 
   config = jft.ModelConfig(family="llama", vocab_size=300, hidden_size=32, intermediate_size=48, num_layers=2,
@@ -196,14 +196,11 @@ def test_evaluation_through_the_fused_head_equals_the_logits_path(monkeypatch):
     rows.append((prompt + [7 + 2 * (i % 2), 3], [0] * len(prompt) + [1, 1]))
   labels, label_ids = [i % 2 for i in range(7)], [7, 9]
   monkeypatch.setattr(losses, "CHUNK_BYTES", 4 * 4 * 300 * 4)  # chunks of 4 positions
-  fused = (evaluate.loss_and_perplexity(model, params, rows, batch_size=4),
-           evaluate.classification(model, params, rows, labels, label_ids, batch_size=4))
+  fused = evaluate.classification(model, params, rows, labels, label_ids, batch_size=4)
   _unfused(monkeypatch)
-  jax.clear_caches()  # the jitted evaluation functions would keep their fused traces
-  plain = (evaluate.loss_and_perplexity(model, params, rows, batch_size=4),
-           evaluate.classification(model, params, rows, labels, label_ids, batch_size=4))
-  for got, want in zip(fused, plain):
-    assert set(got) == set(want)
-    for key in want:
-      assert got[key] == pytest.approx(want[key], rel=1e-5), key
-  assert 0 < plain[1]["accuracy"] < 1  # a random model: some answers right and some wrong, so both count
+  jax.clear_caches()  # the jitted evaluation function would keep its fused trace
+  plain = evaluate.classification(model, params, rows, labels, label_ids, batch_size=4)
+  assert set(fused) == set(plain) == {"loss", "perplexity", "accuracy"}
+  for key in plain:
+    assert fused[key] == pytest.approx(plain[key], rel=1e-5), key
+  assert 0 < plain["accuracy"] < 1  # a random model: some answers right and some wrong, so both count
