@@ -99,7 +99,7 @@ def model_loss(apply, params, input_ids, attention_mask, loss_mask, trained=froz
 
 
 def model_logps(apply, params, input_ids, attention_mask, completion_mask, trained=frozenset()):
-  """[B, T] completion-token log-probs (`jft.align.logps_of_logits`) of a model run by `apply`.
+  """[B, T] completion-token log-probs (`logps_of_logits`) of a model run by `apply`.
 
   Through `head_logps` when the output projection is plain and not in
   `trained`, else from the logits.
@@ -131,7 +131,7 @@ def head_loss(hidden, params, head: Head, input_ids, loss_mask, trainable_head: 
 
 
 def head_logps(hidden, params, head: Head, input_ids, completion_mask):
-  """[B, T] `jft.align.logps_of_logits(hidden @ head, ...)` without the full logits; the head is frozen.
+  """[B, T] `logps_of_logits(hidden @ head, ...)` without the full logits; the head is frozen.
 
   A token's log-probability has the gradient `(onehot - softmax) @ W^T` with
   respect to its hidden state, formed in the forward pass and scaled in the
