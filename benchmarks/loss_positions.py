@@ -85,11 +85,13 @@ def dpo_row(repeats):
            "attention_mask": jnp.ones((BATCH // 2, 2, LENGTH), jnp.int32),
            "loss_mask": jnp.asarray(np.broadcast_to(np.arange(LENGTH) >= starts, (BATCH // 2, 2, LENGTH)), jnp.int32)}
   steps, output_head = {}, losses.output_head
-  for label in ("logits", "fused"):  # the path is chosen while the step is traced
-    losses.output_head = output_head if label == "fused" else (lambda p: None)
-    step = make_train_step(model, method, tx, objective=objectives.build("dpo"), donate=False)
-    steps[label] = step.lower(trainable, tx.init(trainable), frozen, batch, jax.random.PRNGKey(0)).compile()
-  losses.output_head = output_head
+  try:
+    for label in ("logits", "fused"):  # the path is chosen while the step is traced
+      losses.output_head = output_head if label == "fused" else (lambda p: None)
+      step = make_train_step(model, method, tx, objective=objectives.build("dpo"), donate=False)
+      steps[label] = step.lower(trainable, tx.init(trainable), frozen, batch, jax.random.PRNGKey(0)).compile()
+  finally:
+    losses.output_head = output_head
   args = (trainable, tx.init(trainable), frozen, batch, jax.random.PRNGKey(0))
   np.testing.assert_allclose(float(steps["fused"](*args)[2]["loss"]), float(steps["logits"](*args)[2]["loss"]),
                              rtol=1e-5)

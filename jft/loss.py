@@ -226,17 +226,13 @@ def _fused(x, w, targets, weights, tied: bool, with_w_grad: bool):
 
 def _fused_fwd(x, w, targets, weights, tied, with_w_grad):
   nll, gx, gw = _over_chunks(x, w, targets, weights, tied, True, with_w_grad)
-  return nll.sum(), (gx, gw, targets, weights)
-
-
-def _zero_cotangent(a):
-  return jnp.zeros(a.shape, jax.dtypes.float0) if jnp.issubdtype(a.dtype, jnp.integer) else jnp.zeros_like(a)
+  return nll.sum(), (gx, gw)
 
 
 def _fused_bwd(tied, with_w_grad, res, g):
-  gx, gw, targets, weights = res
+  gx, gw = res
   scale = lambda a: a * g.astype(a.dtype)
-  return (scale(gx), None if gw is None else scale(gw), _zero_cotangent(targets), _zero_cotangent(weights))
+  return scale(gx), None if gw is None else scale(gw), None, None  # None: no gradient for targets, weights
 
 
 _fused.defvjp(_fused_fwd, _fused_bwd)
@@ -249,13 +245,11 @@ def _fused_logps(x, w, targets, weights, tied: bool):
 
 def _fused_logps_fwd(x, w, targets, weights, tied):
   nll, gx, _ = _over_chunks(x, w, targets, weights, tied, True, False)
-  return -nll, (gx, w, targets, weights)
+  return -nll, gx
 
 
-def _fused_logps_bwd(tied, res, g):
-  gx, w, targets, weights = res  # gx: d nll / d x per position, so d logp / d x = -gx
-  return ((-g[..., None] * gx).astype(gx.dtype), jnp.zeros_like(w), _zero_cotangent(targets),
-          _zero_cotangent(weights))
+def _fused_logps_bwd(tied, gx, g):  # gx: d nll / d x per position, so d logp / d x = -gx
+  return (-g[..., None] * gx).astype(gx.dtype), None, None, None  # the head is frozen (`head_logps`)
 
 
 _fused_logps.defvjp(_fused_logps_fwd, _fused_logps_bwd)

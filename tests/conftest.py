@@ -139,6 +139,24 @@ def byte_tokenizer():
 
 
 @pytest.fixture(scope="session")
+def shardable_model(tmp_path_factory):
+  """Folder of a random 2-layer Llama whose split dimensions divide by 2, with SmolLM2's tokenizer: runs of
+  `jft train` on meshes of simulated devices and on several processes."""
+  import jax
+  import jax.numpy as jnp
+
+  import jft
+
+  config = jft.ModelConfig(family="llama", vocab_size=49152, hidden_size=64, intermediate_size=128, num_layers=2,
+                           num_heads=4, num_kv_heads=2, head_dim=16, max_position_embeddings=256,
+                           tie_word_embeddings=True)
+  model = jft.Transformer(config)
+  params = model.init(jax.random.PRNGKey(0), jnp.ones((1, 4), jnp.int32))["params"]
+  folder = str(tmp_path_factory.mktemp("shardable_llama"))
+  return jft.save_pretrained(model, params, folder, tokenizer=jft.load_tokenizer("smollm2-135m"))
+
+
+@pytest.fixture(scope="session")
 def byte_model(tmp_path_factory):
   """Folder of a random 2-layer Llama over `byte_tokenizer`'s 258 tokens (saved beside it): fast runs of
   every objective, where sampling sees every token often (GRPO can find a rewarded one). Weights drawn

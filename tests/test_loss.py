@@ -48,20 +48,25 @@ def test_fused_head_loss_equals_the_loss_from_logits(tied, trains_head, monkeypa
     assert not np.any(fw)  # a frozen head costs no weight gradient
 
 
+def _count_chunks(monkeypatch) -> list:
+  """A list that grows by one each time a chunk of the fused head really runs (not when it is skipped)."""
+  ran, chunk = [], losses._chunk
+
+  def counted(*args):
+    jax.debug.callback(lambda: ran.append(1))  # inside the branch `lax.cond` takes, so only when it runs
+    return chunk(*args)
+
+  monkeypatch.setattr(losses, "_chunk", counted)
+  return ran
+
+
 @pytest.mark.parametrize("tied", [False, True])
 def test_the_head_runs_only_where_the_loss_mask_asks(tied, monkeypatch):
   """SFT prompts, padding and a classification label: positions that carry loss go first in every row and the
   chunks left without any are skipped, with the value and gradients of the loss from logits."""
   b, t, d, vocab, c = 3, 13, 8, 50, 3
   monkeypatch.setattr(losses, "CHUNK_BYTES", 4 * b * vocab * c)
-  ran = []
-  chunk = losses._chunk
-
-  def counted(x, *args):
-    jax.debug.callback(lambda: ran.append(1))  # runs only when the chunk's branch does
-    return chunk(x, *args)
-
-  monkeypatch.setattr(losses, "_chunk", counted)
+  ran = _count_chunks(monkeypatch)
   k = jax.random.split(jax.random.PRNGKey(3), 3)
   x = jax.random.normal(k[0], (b, t, d))
   w = jax.random.normal(k[1], (vocab, d) if tied else (d, vocab))
@@ -92,9 +97,7 @@ def test_fused_token_logps_equal_the_logits_path_and_skip_the_prompts(tied, monk
 
   b, t, d, vocab, c = 3, 13, 8, 50, 3
   monkeypatch.setattr(losses, "CHUNK_BYTES", 4 * b * vocab * c)
-  ran = []
-  chunk = losses._chunk
-  monkeypatch.setattr(losses, "_chunk", lambda *a: (jax.debug.callback(lambda: ran.append(1)), chunk(*a))[1])
+  ran = _count_chunks(monkeypatch)
   k = jax.random.split(jax.random.PRNGKey(4), 4)
   x = jax.random.normal(k[0], (b, t, d))
   w = jax.random.normal(k[1], (vocab, d) if tied else (d, vocab))

@@ -16,14 +16,9 @@ import subprocess
 import sys
 import time
 
-import jax
-import jax.numpy as jnp
 import pytest
 
-import jft
 import jft.checkpoint
-from jft.models.config import ModelConfig
-from jft.models.transformer import Transformer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, "configs", "tiny.py")
@@ -32,26 +27,14 @@ MESH_2x4 = ["--config.train.mesh.data=2", "--config.train.mesh.fsdp=2", "--confi
 MESH_1x4 = ["--config.train.mesh.data=1", "--config.train.mesh.fsdp=2", "--config.train.mesh.tensor=2"]
 
 
-@pytest.fixture(scope="module")
-def model_folder(tmp_path_factory):
-  """A random 2-layer Llama whose split dimensions divide by 2, with SmolLM2's tokenizer."""
-  config = ModelConfig(family="llama", vocab_size=49152, hidden_size=64, intermediate_size=128, num_layers=2,
-                       num_heads=4, num_kv_heads=2, head_dim=16, max_position_embeddings=256,
-                       tie_word_embeddings=True)
-  model = Transformer(config)
-  params = model.init(jax.random.PRNGKey(0), jnp.ones((1, 4), jnp.int32))["params"]
-  folder = str(tmp_path_factory.mktemp("shardable_llama"))
-  return jft.save_pretrained(model, params, folder, tokenizer=jft.load_tokenizer("smollm2-135m"))
-
-
 def free_port() -> int:
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))
     return s.getsockname()[1]
 
 
-def launch(model_folder, workdir, processes=2, mesh=MESH_2x4, resume=False, steps=STEPS):
-  args = ["train", "--config", TINY, f"--config.model.name={model_folder}", f"--config.train.steps={steps}",
+def launch(shardable_model, workdir, processes=2, mesh=MESH_2x4, resume=False, steps=STEPS):
+  args = ["train", "--config", TINY, f"--config.model.name={shardable_model}", f"--config.train.steps={steps}",
           "--config.train.save_every=2", "--config.train.eval_every=10", "--config.eval.zero_shot=false",
           *mesh, "--workdir", workdir] + (["--resume"] if resume else [])
   env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
@@ -81,12 +64,12 @@ def losses(workdir) -> dict:
   return {r["step"]: r["loss"] for r in train}
 
 
-def test_two_processes_train_like_one(model_folder, tmp_path):
+def test_two_processes_train_like_one(shardable_model, tmp_path):
   """Each process reads only its rows; losses and evaluation match one process on another mesh."""
   two, one = str(tmp_path / "two"), str(tmp_path / "one")
-  outs = finish(launch(model_folder, two, steps=6))
+  outs = finish(launch(shardable_model, two, steps=6))
   assert "run folder" in outs[0][0] and "run folder" not in outs[1][0]  # only process 0 reports
-  finish(launch(model_folder, one, processes=1, mesh=MESH_1x4, steps=6))
+  finish(launch(shardable_model, one, processes=1, mesh=MESH_1x4, steps=6))
   a, b = losses(two), losses(one)
   assert sorted(a) == sorted(b) == list(range(1, 7))
   for step in a:
@@ -104,9 +87,9 @@ def test_two_processes_train_like_one(model_folder, tmp_path):
 
 
 @pytest.mark.slow
-def test_two_processes_kill_resume_and_restore_on_another_mesh(model_folder, tmp_path):
+def test_two_processes_kill_resume_and_restore_on_another_mesh(shardable_model, tmp_path):
   reference = str(tmp_path / "reference")
-  outs = finish(launch(model_folder, reference))
+  outs = finish(launch(shardable_model, reference))
   expected = losses(reference)
   assert sorted(expected) == list(range(1, STEPS + 1))
   assert "run folder" in outs[0][0] and "run folder" not in outs[1][0]  # only process 0 reports
@@ -116,7 +99,7 @@ def test_two_processes_kill_resume_and_restore_on_another_mesh(model_folder, tmp
 
   # SIGKILL both processes after a checkpoint, mid-run.
   killed = str(tmp_path / "killed")
-  procs = launch(model_folder, killed)
+  procs = launch(shardable_model, killed)
   deadline = time.time() + 600
   while not os.path.isdir(os.path.join(killed, "checkpoints", "4")):
     assert all(p.poll() is None for p in procs) and time.time() < deadline, "ended before its step-4 checkpoint"
@@ -131,11 +114,11 @@ def test_two_processes_kill_resume_and_restore_on_another_mesh(model_folder, tmp
   shutil.copytree(killed, on_one)
 
   # Resume on two processes: the losses of the uninterrupted run, bit for bit.
-  finish(launch(model_folder, killed, resume=True))
+  finish(launch(shardable_model, killed, resume=True))
   assert losses(killed) == expected
 
   # The same checkpoint, restored by one process onto a (1, 2, 2) mesh of 4 devices.
-  (out, err), = finish(launch(model_folder, on_one, processes=1, mesh=MESH_1x4, resume=True))
+  (out, err), = finish(launch(shardable_model, on_one, processes=1, mesh=MESH_1x4, resume=True))
   resumed_at = int((out + err).split("resumed from step ")[1].split()[0])
   got = losses(on_one)
   assert resumed_at >= 4 and sorted(got) == list(range(1, STEPS + 1))
@@ -153,7 +136,7 @@ def test_two_processes_kill_resume_and_restore_on_another_mesh(model_folder, tmp
     byte = f.read(1)
     f.seek(-1, 1)
     f.write(bytes([byte[0] ^ 0xFF]))
-  (out, err), _ = finish(launch(model_folder, reference, resume=True))
+  (out, err), _ = finish(launch(shardable_model, reference, resume=True))
   before = mngr.steps()[-2] if len(mngr.steps()) > 1 else None
   assert f"checkpoints/{newest} is corrupt" in out + err and f"resumed from step {before}" in out + err
   assert len(glob.glob(os.path.join(reference, "corrupt", f"checkpoints-{newest}-*", "WHY.txt"))) == 1

@@ -6,6 +6,8 @@ objectives run through the real step on a tiny byte-level Llama (`byte_model`).
 
 import json
 import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -245,28 +247,17 @@ def test_on_policy_pairs_never_pick_an_empty_completion():
 
 
 @pytest.mark.slow
-def test_dpo_on_a_mesh_equals_one_device(tmp_path):
+def test_dpo_on_a_mesh_equals_one_device(shardable_model, tmp_path):
   """`jft train` with DPO (its log-probs through the fused head: rows sorted by loss position, chunks skipped) on
   a 2x2x2 mesh of simulated devices logs one device's losses."""
-  import subprocess
-  import sys
-
-  from jft.models.config import ModelConfig
-  from jft.models.transformer import Transformer
-
-  config = ModelConfig(family="llama", vocab_size=49152, hidden_size=64, intermediate_size=128, num_layers=2,
-                       num_heads=4, num_kv_heads=2, head_dim=16, max_position_embeddings=256, tie_word_embeddings=True)
-  model = Transformer(config)
-  params = model.init(jax.random.PRNGKey(0), jnp.ones((1, 4), jnp.int32))["params"]
-  folder = jft.save_pretrained(model, params, str(tmp_path / "model"), tokenizer=jft.load_tokenizer("smollm2-135m"))
   pairs = pairs_file(tmp_path / "p.jsonl", n=32)
   losses = {}
   for devices, mesh in ((1, []), (8, ["data=2", "fsdp=2", "tensor=2"])):
     workdir = str(tmp_path / f"run{devices}")
     env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", "JAX_PLATFORMS": "cpu"}
     run = subprocess.run([sys.executable, "-m", "jft.cli", "train", "--config", f"{TINY}:objective=dpo",
-                          f"--config.model.name={folder}", f"--config.data.path={pairs}", "--config.train.steps=4",
-                          "--config.train.batch_size=8", "--config.eval.zero_shot=false",
+                          f"--config.model.name={shardable_model}", f"--config.data.path={pairs}",
+                          "--config.train.steps=4", "--config.train.batch_size=8", "--config.eval.zero_shot=false",
                           "--config.train.eval_every=100", *[f"--config.train.mesh.{m}" for m in mesh],
                           "--workdir", workdir], env=env, capture_output=True, text=True, cwd=ROOT)
     assert run.returncode == 0, run.stderr[-3000:]
