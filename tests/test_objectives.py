@@ -72,9 +72,11 @@ def test_each_objective_lowers_its_loss(byte_model, tmp_path, name, hparams):
     assert {"rewards/chosen", "rewards/margins", "rewards/accuracies", "logps/chosen"} <= set(metrics)
 
 
-# orpo and kto (slow) make dpo's calls; each case equals the revision before the fused head too (checked by hand)
+# orpo, kto and grpo (slow) make dpo's calls (grpo's per-token cotangents: test_loss's fused token logps test);
+# each case equals the revision before the fused head too (checked by hand)
 @pytest.mark.parametrize("name", ["dpo", pytest.param("orpo", marks=pytest.mark.slow),
-                                  pytest.param("kto", marks=pytest.mark.slow), "grpo"])
+                                  pytest.param("kto", marks=pytest.mark.slow),
+                                  pytest.param("grpo", marks=pytest.mark.slow)])
 def test_log_probs_through_the_fused_head_give_the_logits_paths_loss_and_gradients(byte_model, tmp_path, name,
                                                                                    monkeypatch):
   """Policy and reference log-probs come from `loss.head_logps` (no `[B, T, vocab]` logits; the head runs only
