@@ -60,17 +60,21 @@ def _count_chunks(monkeypatch) -> list:
   return ran
 
 
+def _skipping_case(tied, monkeypatch, key):
+  """(chunk counter, x [3, 13, 8], head weight, ids) with the head in chunks of 3 positions."""
+  b, t, d, vocab, c = 3, 13, 8, 50, 3
+  monkeypatch.setattr(losses, "CHUNK_BYTES", 4 * b * vocab * c)
+  k = jax.random.split(key, 3)
+  w = jax.random.normal(k[1], (vocab, d) if tied else (d, vocab))
+  return _count_chunks(monkeypatch), jax.random.normal(k[0], (b, t, d)), w, jax.random.randint(k[2], (b, t), 0, vocab)
+
+
 @pytest.mark.parametrize("tied", [False, True])
 def test_the_head_runs_only_where_the_loss_mask_asks(tied, monkeypatch):
   """SFT prompts, padding and a classification label: positions that carry loss go first in every row and the
   chunks left without any are skipped, with the value and gradients of the loss from logits."""
-  b, t, d, vocab, c = 3, 13, 8, 50, 3
-  monkeypatch.setattr(losses, "CHUNK_BYTES", 4 * b * vocab * c)
-  ran = _count_chunks(monkeypatch)
-  k = jax.random.split(jax.random.PRNGKey(3), 3)
-  x = jax.random.normal(k[0], (b, t, d))
-  w = jax.random.normal(k[1], (vocab, d) if tied else (d, vocab))
-  ids = jax.random.randint(k[2], (b, t), 0, vocab)
+  b, t = 3, 13
+  ran, x, w, ids = _skipping_case(tied, monkeypatch, jax.random.PRNGKey(3))
   mask = np.zeros((b, t), np.int32)
   mask[0, 6:11] = 1  # prompt, response, padding
   mask[2, [4, 12]] = 1  # scattered label tokens; row 1 carries no loss
@@ -95,13 +99,9 @@ def test_fused_token_logps_equal_the_logits_path_and_skip_the_prompts(tied, monk
   (what DPO and GRPO put on each token); chunks holding only prompt and padding never run."""
   from jft import align
 
-  b, t, d, vocab, c = 3, 13, 8, 50, 3
-  monkeypatch.setattr(losses, "CHUNK_BYTES", 4 * b * vocab * c)
-  ran = _count_chunks(monkeypatch)
+  b, t = 3, 13
+  ran, x, w, ids = _skipping_case(tied, monkeypatch, jax.random.PRNGKey(4))
   k = jax.random.split(jax.random.PRNGKey(4), 4)
-  x = jax.random.normal(k[0], (b, t, d))
-  w = jax.random.normal(k[1], (vocab, d) if tied else (d, vocab))
-  ids = jax.random.randint(k[2], (b, t), 0, vocab)
   completion = np.zeros((b, t), np.int32)
   completion[0, 7:11] = completion[1, 9:13] = 1  # prompts, completions, padding; row 2 has no completion
   cotangent = jax.random.normal(k[3], (b, t))
