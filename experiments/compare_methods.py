@@ -22,6 +22,7 @@ import platform
 import shutil
 import statistics
 import sys
+import tempfile
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -47,13 +48,11 @@ def export_bytes(point: str, method) -> tuple[str, int]:
   from jft import cli
 
   fmt = "merged" if method.name == "full" else "peft" if method.peft_type else "trainable"
-  out = os.path.join(point, "compare-export")
-  shutil.rmtree(out, ignore_errors=True)
-  if cli.main(["export", "--workdir", point, "--format", fmt, "--out", out]) != 0:
-    raise RuntimeError(f"export of {point} failed")
-  size = folder_bytes(out)
-  shutil.rmtree(out)
-  return fmt, size
+  with tempfile.TemporaryDirectory(prefix="jft-compare-export-") as scratch:  # never inside the run folder
+    out = os.path.join(scratch, "export")
+    if cli.main(["export", "--workdir", point, "--format", fmt, "--out", out]) != 0:
+      raise RuntimeError(f"export of {point} failed")
+    return fmt, folder_bytes(out)
 
 
 def compiled_step_mib(point: str) -> float:

@@ -7,11 +7,14 @@ process calls `save` and `restore` with its shards (orbax coordinates them);
 restore templates carry the target shardings, so a checkpoint written on one
 mesh restores onto another.
 
-A step is *complete* when orbax has finalized it and its file checksums
-(`jft_checksums.json`) are written beside its items. `Checkpoints.restore`
-verifies them and skips, by name, a newest step that is incomplete or
-corrupt (an interrupted save, a truncated or flipped file) for the newest
-intact one; `save` deletes older steps only after the new one is complete, so
+A step is *complete* when orbax has finalized it (renamed its temporary
+folder to `N`) and *sealed* when its file checksums (`jft_checksums.json`) are
+written beside its items. `Checkpoints.restore` verifies the checksums and
+skips, by name, a newest step that is incomplete or corrupt (a truncated or
+flipped file) for the newest intact one. A finalized step without checksums
+(saved by an older jft, or a process killed between orbax's finalization and
+the checksums) is not thrown away: restoring it is its check, and a writer
+seals it then. `save` deletes older steps only after the new one is sealed, so
 a failed save never costs the last good checkpoint.
 """
 
@@ -145,12 +148,9 @@ class Checkpoints:
     folder = self.step_dir(step)
     path = os.path.join(folder, CHECKSUMS)
     if not os.path.isfile(path):
-      meta = _read_meta(folder)
-      if meta is None:
+      if _read_meta(folder) is None:
         return "incomplete (its metadata is missing or unreadable)"
-      if meta.get("checksummed"):
-        return "incomplete (the save was interrupted before its checksums were written)"
-      return None  # written before checksums existed: nothing to verify against
+      return None  # finalized but unsealed: `restore` reading it whole is the check (see `unsealed`)
     try:
       with open(path) as f:
         recorded = json.load(f)
@@ -166,11 +166,29 @@ class Checkpoints:
         return f"corrupt ({name} differs from what was saved: checksum mismatch)"
     return None
 
-  def restore(self, abstract_state: dict, step: int | None = None, upgrade=None, report=print):
+  def unsealed(self, step: int) -> str | None:
+    """Why a finalized `step` has no checksums (an older jft, or a save stopped just before
+    them), or None when it has them."""
+    if os.path.isfile(os.path.join(self.step_dir(step), CHECKSUMS)):
+      return None
+    meta = _read_meta(self.step_dir(step)) or {}
+    return ("the save stopped after orbax finalized it, before its checksums were written"
+            if meta.get("checksummed") else "saved by a jft that wrote no checksums")
+
+  def seal(self, step: int):
+    """Write the checksums of a finalized `step` that has none (process 0; all processes call)."""
+    if jax.process_index() == 0 and self.unsealed(step):
+      write_checksums(self.step_dir(step))
+    _sync(f"jft-seal-{step}")
+
+  def restore(self, abstract_state: dict, step: int | None = None, upgrade=None, report=print,
+              seal: bool = False):
     """-> (step, state, meta) of `step`, else of the newest intact step (None if there is none).
 
     Without `step`, a newer step that is incomplete or corrupt is reported by
     name through `report` and skipped (see `set_aside` to move it out of the way).
+    A step without checksums that restores cleanly is used, and with `seal`
+    (the run's writer, which holds its lock) its checksums are written then.
     """
     candidates = [step] if step is not None else self.steps()[::-1]
     skipped = self._skipped = []
@@ -180,6 +198,11 @@ class Checkpoints:
         try:
           step_, state, meta = _restore(self._mngr, s, abstract_state, upgrade)
           out = step_, state, {k: v for k, v in meta.items() if k != "checksummed"}  # as the caller saved it
+          if why := self.unsealed(s):
+            if seal:
+              self.seal(s)
+            report(f"checkpoint: step {s} had no {CHECKSUMS} ({why}); it restored cleanly"
+                   + (", checksums written now" if seal else ""))
           if skipped:
             report(f"checkpoint: using step {s} instead")
           return out

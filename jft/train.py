@@ -219,10 +219,15 @@ def _train(config, workdir, resume, echo, dry_run, on_eval) -> dict:
       echo(f"removed {leftover} in {folder.directory}: a save interrupted by an earlier process")
   start, best = 0, None
   if resume:
-    restored = mngr.restore(checkpoint.abstract({"trainable": trainable, "opt_state": opt_state}),
-                            upgrade=method.upgrade_path, report=echo)
+    restored = None
+    try:
+      restored = mngr.restore(checkpoint.abstract({"trainable": trainable, "opt_state": opt_state}),
+                              upgrade=method.upgrade_path, report=echo, seal=True)
+    except errors.CorruptCheckpointError:  # every step is broken: keep them aside, start again
+      moved = [mngr.set_aside(s, why) for s, why in mngr.broken_after(-1)]
+      echo(f"--resume: no intact checkpoint in {mngr.directory} (moved to {', '.join(moved)})")
     if restored is None:
-      echo(f"--resume: no checkpoint in {workdir}; starting from step 0")
+      echo(f"--resume: no checkpoint to continue from in {workdir}; starting from step 0")
     else:
       start, saved, meta = restored
       for broken, why in mngr.broken_after(start):  # out of the way of the steps about to be redone
@@ -431,6 +436,7 @@ def _track_best(c, best, step, ev, mngr, trainable):
     if step in mngr.steps():  # redone after a resume from an older step
       problem = mngr.problem(step)  # hashes the step's files: once
       if problem is None:
+        mngr.seal(step)  # a best step finalized just before a kill has no checksums yet
         return best  # the same params (resumes are exact), kept as saved
       mngr.set_aside(step, problem)
     mngr.save(step, {"trainable": trainable}, best)

@@ -73,6 +73,10 @@ def test_damaged_item_of_the_newest_step_falls_back_to_the_previous(tmp_path, it
   _damage(targets[0], how)
   lines = []
   step, state, meta = _restore(str(tmp_path), lines)
+  if item == checkpoint.CHECKSUMS and how == "deleted":  # a finalized step, unsealed: reading it is the check
+    assert step == 3 and lines == [f"checkpoint: step 3 had no {checkpoint.CHECKSUMS} (the save stopped after "
+                                   "orbax finalized it, before its checksums were written); it restored cleanly"]
+    return
   assert step == 2 and meta["data"] == {"pos": 2}
   np.testing.assert_array_equal(state["trainable"]["a"], _state(2)["trainable"]["a"])
   assert "checkpoints/3 is" in lines[0] and ("corrupt" in lines[0] or "incomplete" in lines[0]), lines
@@ -95,7 +99,30 @@ def test_a_step_written_before_checksums_existed_still_restores(tmp_path):
   meta = json.load(open(os.path.join(folder, "meta", "metadata")))
   del meta["checksummed"]
   json.dump(meta, open(os.path.join(folder, "meta", "metadata"), "w"))
-  assert _restore(str(tmp_path), [])[0] == 1
+  lines = []
+  assert _restore(str(tmp_path), lines)[0] == 1
+  assert lines == [f"checkpoint: step 1 had no {checkpoint.CHECKSUMS} (saved by a jft that wrote no checksums); "
+                   "it restored cleanly"]
+  assert not os.path.isfile(os.path.join(folder, checkpoint.CHECKSUMS))  # a reader writes nothing
+
+
+def test_a_finalized_step_without_checksums_is_restored_and_sealed_by_the_writer(tmp_path):
+  """A kill between orbax's finalization and the checksums: the step is whole, so the writer uses it
+  and seals it; a damaged one of the same kind is still refused by name."""
+  _saved(str(tmp_path), steps=(1, 2))
+  for step in (1, 2):
+    os.remove(os.path.join(tmp_path, "checkpoints", str(step), checkpoint.CHECKSUMS))
+  _damage(glob.glob(os.path.join(tmp_path, "checkpoints", "2", "state", "d", "*"))[0], "truncated")
+  lines = []
+  mngr = checkpoint.manager(str(tmp_path), None)
+  step, state, _ = mngr.restore(checkpoint.abstract(_state(0)), report=lines.append, seal=True)
+  assert step == 1 and lines[0].startswith("checkpoint: ") and "checkpoints/2 is unreadable" in lines[0], lines
+  assert lines[1] == (f"checkpoint: step 1 had no {checkpoint.CHECKSUMS} (the save stopped after orbax finalized "
+                      "it, before its checksums were written); it restored cleanly, checksums written now")
+  np.testing.assert_array_equal(state["trainable"]["a"], _state(1)["trainable"]["a"])
+  assert mngr.problem(1) is None and mngr.unsealed(1) is None  # sealed: later damage is caught by checksum
+  _damage(glob.glob(os.path.join(tmp_path, "checkpoints", "1", "state", "d", "*"))[0], "flipped")
+  assert mngr.problem(1).startswith("corrupt")
 
 
 @pytest.mark.parametrize("where", ["orbax", "checksums"])
@@ -121,8 +148,16 @@ def test_a_save_that_fails_keeps_the_previous_step(tmp_path, monkeypatch, where)
 
 
 SAVER = textwrap.dedent("""
-    import sys, jax.numpy as jnp
+    import sys, time, jax.numpy as jnp
     from jft import checkpoint
+    if sys.argv[2] == "before checksums":  # hold the process at the moment under test: step 3 finalized, unsealed
+      write = checkpoint.write_checksums
+      def stall(folder):
+        if folder.endswith("/3"):
+          print("stalled", flush=True)
+          time.sleep(600)
+        write(folder)
+      checkpoint.write_checksums = stall
     mngr = checkpoint.manager(sys.argv[1], 2)
     for step in range(1, 1000):
       state = {"trainable": {"a": jnp.full((4_000_000,), step, jnp.float32)}, "opt_state": {}}
@@ -135,7 +170,7 @@ SAVER = textwrap.dedent("""
 def test_sigkill_during_a_save_leaves_a_run_that_resumes(tmp_path, moment):
   """Kill a process that saves 16 MB steps back to back at a moment inside a save; reopen the folder."""
   folder = str(tmp_path)
-  proc = subprocess.Popen([sys.executable, "-c", SAVER, folder], stdout=subprocess.PIPE, text=True, cwd=ROOT)
+  proc = subprocess.Popen([sys.executable, "-c", SAVER, folder, moment], stdout=subprocess.PIPE, text=True, cwd=ROOT)
   ckpts = os.path.join(folder, "checkpoints")
   deadline = time.time() + 240
   try:
@@ -146,9 +181,8 @@ def test_sigkill_during_a_save_leaves_a_run_that_resumes(tmp_path, moment):
         steps = [int(n) for n in names if n.isdigit()]
         if moment == "items being written":
           hit = len(steps) >= 2 and any(".orbax-checkpoint-tmp" in n for n in names)
-        else:  # finalized by orbax, checksums not yet written
-          hit = any(not os.path.isfile(os.path.join(ckpts, str(s), checkpoint.CHECKSUMS))
-                    and os.path.isdir(os.path.join(ckpts, str(s), "meta")) for s in steps) and len(steps) >= 2
+        else:  # the saver says it stalls in step 3's checksums
+          hit = proc.stdout.readline().strip() == "stalled"
         if hit:
           break
       time.sleep(0.001)
@@ -157,12 +191,16 @@ def test_sigkill_during_a_save_leaves_a_run_that_resumes(tmp_path, moment):
     proc.wait()
   lines = []
   mngr = checkpoint.manager(folder, 2)
+  if moment == "before checksums":  # the moment was hit: step 3 finalized by orbax, no checksums
+    assert mngr.steps() == [1, 2, 3] and mngr.unsealed(3) and mngr.unsealed(2) is None
   left = mngr.remove_leftovers()
   assert left or moment == "before checksums"
   assert not [n for n in os.listdir(ckpts) if "tmp" in n]  # leftovers of the interrupted save are gone
   step, state, _ = mngr.restore(checkpoint.abstract({"trainable": {"a": jnp.zeros((4_000_000,))}, "opt_state": {}}),
-                                report=lines.append)
+                                report=lines.append, seal=True)
   assert float(state["trainable"]["a"][0]) == step and step >= 1
+  if moment == "before checksums":  # the finalized step is used, not thrown away
+    assert step == 3 and "checksums written now" in lines[-1] and mngr.problem(3) is None
   for broken, why in mngr.broken_after(step):
     mngr.set_aside(broken, why)
   mngr.save(step + 1, {"trainable": {"a": jnp.full((4_000_000,), step + 1.0)}, "opt_state": {}}, {"data": {}})
