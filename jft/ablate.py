@@ -20,14 +20,13 @@ from __future__ import annotations
 
 import csv
 import os
-import shutil
 import sys
 from typing import Callable, Optional, Sequence
 
 import jax
 import numpy as np
 
-from jft import peft, rules
+from jft import files, peft, rules
 from jft.errors import JftError
 
 KINDS = ("layers", "modules", "rank", "tokens")
@@ -263,16 +262,6 @@ def has_checkpoint(workdir: str, which: str) -> bool:
   return False
 
 
-def _target(workdir: str, out: str, overwrite: bool) -> str:
-  """The output folder, refused when it is or holds the run, or exists non-empty (without overwrite)."""
-  real, run_dir = os.path.realpath(out), os.path.realpath(workdir)
-  if real == run_dir or run_dir.startswith(real + os.sep):
-    raise AblateError(f"--out {out}: refusing to write over the run folder {workdir}")
-  if os.path.isfile(real) or (os.path.isdir(real) and os.listdir(real) and not overwrite):
-    raise AblateError(f"--out {out} exists and is not empty; pass --overwrite to replace it, or choose another --out")
-  return real
-
-
 def run_ablations(workdir: str, kinds: Sequence[str] = ("all",), split: Optional[str] = None,
                   limit: Optional[int] = None, out: Optional[str] = None, checkpoint: str = "best",
                   overwrite: bool = False, echo: Callable = print, notice: Optional[Callable] = None) -> list[dict]:
@@ -288,6 +277,7 @@ def run_ablations(workdir: str, kinds: Sequence[str] = ("all",), split: Optional
   from jft.train import evaluate_split, examples_for
 
   notice = notice or (lambda line: print(line, file=sys.stderr, flush=True))
+  out = files.check_output(out or os.path.join(workdir, "ablations"), overwrite=overwrite)
   config = run.read_config(workdir)
   method = peft.build(config.method.name, **config.method.hparams.to_dict())
   explicit = "all" not in kinds
@@ -306,7 +296,6 @@ def run_ablations(workdir: str, kinds: Sequence[str] = ("all",), split: Optional
       notice(f"jft ablate: {not_applicable(method, kind, reason)}; skipped")
   if not has_checkpoint(workdir, checkpoint):
     raise AblateError(f"{workdir}: no checkpoint to ablate (nothing saved in checkpoints/ or best/)")
-  out = _target(workdir, out or os.path.join(workdir, "ablations"), overwrite)
 
   r = run.restore(workdir, checkpoint)
   steps = []
@@ -380,20 +369,18 @@ def markdown(rows: list[dict], names: Sequence[str]) -> str:
 
 def write(out: str, rows: list[dict], names: Sequence[str], header: str, coverage: Optional[str]):
   """ablations.csv, ablations.md and one PNG per kind, written to a temporary folder and renamed into place."""
-  tmp = f"{out}.tmp-{os.getpid()}"
-  shutil.rmtree(tmp, ignore_errors=True)
-  os.makedirs(tmp)
-  with open(os.path.join(tmp, "ablations.csv"), "w", newline="") as f:
-    w = csv.writer(f)
-    w.writerow(COLUMNS)
-    for row in table(rows, names):
-      w.writerow(row[:3] + [repr(float(row[3])), repr(float(row[4]))] + row[5:])
-  with open(os.path.join(tmp, "ablations.md"), "w") as f:
-    f.write(f"# {header}\n\n{markdown(rows, names)}\n" + (f"\n{coverage}\n" if coverage else ""))
-  plot(tmp, rows, names[0])
-  if os.path.exists(out):
-    shutil.rmtree(out)
-  os.replace(tmp, out)
+  def write_into(folder):
+    os.makedirs(folder)
+    with open(os.path.join(folder, "ablations.csv"), "w", newline="") as f:
+      w = csv.writer(f)
+      w.writerow(COLUMNS)
+      for row in table(rows, names):
+        w.writerow(row[:3] + [repr(float(row[3])), repr(float(row[4]))] + row[5:])
+    with open(os.path.join(folder, "ablations.md"), "w") as f:
+      f.write(f"# {header}\n\n{markdown(rows, names)}\n" + (f"\n{coverage}\n" if coverage else ""))
+    plot(folder, rows, names[0])
+
+  files.write_folder(out, write_into)
 
 
 def plot(folder: str, rows: list[dict], metric: str):

@@ -20,11 +20,13 @@ a failed save never costs the last good checkpoint.
 
 from __future__ import annotations
 
+import errno
 import glob
 import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import time
 
@@ -37,16 +39,23 @@ from jft import errors
 CHECKSUMS = "jft_checksums.json"
 
 
-class _OrbaxMetadataNoise(logging.Filter):
-  """Drop orbax's `ERROR Failed to (json parse|read) Metadata file` for a damaged step: `Checkpoints`
-  names that step and what is wrong with it in one line of its own, so the log line is noise."""
+class _OrbaxNoise(logging.Filter):
+  """Drop orbax's ERROR lines (with their tracebacks) about what `Checkpoints` reports itself in one named
+  line: `Failed to (json parse|read) Metadata file` of a damaged step, and, while a save runs, the
+  background threads' errors of a save that failed (a full disk), which `save` raises as one error."""
+
+  saving = 0  # saves in progress (orbax logs from its own threads)
 
   def filter(self, record: logging.LogRecord) -> bool:
+    orbax = os.sep + "orbax" + os.sep in record.pathname
+    if orbax and self.saving and record.levelno >= logging.ERROR:
+      return False
     return not (record.pathname.endswith(os.path.join("orbax", "checkpoint", "_src", "metadata", "checkpoint.py"))
                 and str(record.msg).startswith("Failed to"))
 
 
-logging.getLogger("absl").addFilter(_OrbaxMetadataNoise())
+_noise = _OrbaxNoise()
+logging.getLogger("absl").addFilter(_noise)
 
 
 class CheckpointSaveError(errors.RunFailure, OSError):
@@ -56,9 +65,10 @@ class CheckpointSaveError(errors.RunFailure, OSError):
 class Checkpoints:
   """A folder of step checkpoints (items `state`, `meta`) that keeps the newest `keep` complete steps."""
 
-  def __init__(self, directory: str, keep: int | None = None):
+  def __init__(self, directory: str, keep: int | None = None, fallback: "Checkpoints | None" = None):
     self.directory = os.path.abspath(directory)
     self.keep = keep
+    self.fallback = fallback  # where the run's state is kept when this folder has none (best -> checkpoints)
     self._skipped: list[tuple[int, str]] = []  # (step, why) the last `restore` passed over
     # Retention is ours (`_prune`), so that nothing is deleted before a new step is complete.
     self._mngr = ocp.CheckpointManager(self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=None,
@@ -91,6 +101,7 @@ class Checkpoints:
 
   def save(self, step: int, state: dict, meta: dict):
     """Write `step` (all processes), then its checksums, then drop steps beyond `keep`."""
+    _noise.saving += 1
     try:
       self._mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                                     meta=ocp.args.JsonSave({**meta, "checksummed": True})),
@@ -100,14 +111,21 @@ class Checkpoints:
       if jax.process_index() == 0:
         write_checksums(self.step_dir(step))
       _sync(f"jft-checksums-{step}")
-    except OSError as e:
+    except (OSError, ValueError) as e:  # tensorstore reports a full disk as ValueError(RESOURCE_EXHAUSTED...)
       self._discard_partial(step)
-      kept = [s for s in self.steps() if s != step]
-      raise CheckpointSaveError(
-          f"saving step {step} to {self.directory} failed ({e.strerror or e}); "
-          + (f"the last complete checkpoint, step {kept[-1]}, is intact" if kept else "no earlier checkpoint")
-      ) from e
+      raise CheckpointSaveError(f"saving step {step} to {self.directory} failed ({_why(e)}); "
+                                + self._intact_besides(step)) from e
+    finally:
+      _noise.saving -= 1
     self._prune(step)
+
+  def _intact_besides(self, step: int) -> str:
+    """Which complete checkpoint a failed save of `step` left intact, for its error message."""
+    if kept := [s for s in self.steps() if s != step]:
+      return f"the last complete checkpoint, step {kept[-1]}, is intact"
+    if self.fallback is not None and (kept := self.fallback.steps()):
+      return f"the run's last complete checkpoint, step {kept[-1]} in {self.fallback.directory}, is intact"
+    return "no earlier checkpoint"
 
   def _discard_partial(self, step: int):
     """Remove what a failed save of `step` left (its temporary folder, or a step without checksums)."""
@@ -222,6 +240,18 @@ class Checkpoints:
     (it fell back to `step`); checked again only for a step that restore did not look at."""
     seen = dict(self._skipped)
     return [(s, seen.get(s) or self.problem(s) or "unreadable") for s in self.steps() if s > step]
+
+
+def _why(e: BaseException) -> str:
+  """A failed write's reason in a few words (tensorstore's messages run to several lines of paths)."""
+  if getattr(e, "strerror", None):
+    return e.strerror
+  text = (str(e).splitlines() or [type(e).__name__])[0]
+  if code := re.search(r"os_error_code='?(\d+)", text):  # tensorstore: "...: File too large [os_error_code='27']"
+    return os.strerror(int(code.group(1)))
+  if "RESOURCE_EXHAUSTED" in text:
+    return os.strerror(errno.ENOSPC)
+  return text[:200]
 
 
 def manager(workdir: str, keep: int | None) -> Checkpoints:

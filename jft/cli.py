@@ -38,7 +38,7 @@ def _train(args) -> int:
   results = train(config, args.workdir, resume=args.resume, dry_run=args.dry_run)
   if not sharding.is_primary():
     return 0
-  print(f"run folder: {os.path.abspath(args.workdir)}")
+  print(f"run folder: {os.path.abspath(results['workdir'])}")
   if args.dry_run:
     return 0
   zero = results.get("zero_shot", {})
@@ -68,7 +68,8 @@ def _pairs(args) -> int:
   from jft.onpolicy import preference_pairs
 
   counts = preference_pairs(args.policy, args.reward, args.out, prompts=args.prompts, samples=args.samples,
-                            max_new_tokens=args.max_new_tokens, split=args.split, seed=args.seed)
+                            max_new_tokens=args.max_new_tokens, split=args.split, seed=args.seed,
+                            overwrite=args.overwrite)
   print(f"wrote {counts['pairs']} pairs from {counts['prompts']} prompts ({counts['ties']} groups skipped: fewer "
         f"than two different non-empty completions) to {args.out}")
   return 0
@@ -94,14 +95,14 @@ def _eval(args) -> int:
 
 
 def _export(args) -> int:
-  from jft import quant, rules, run
+  from jft import files, quant, rules, run
   from jft.models.pretrained import save_pretrained
   from jft.peft import peft_format
 
   if args.format == "adapters":
     print("jft export: --format adapters is deprecated; use --format trainable", file=sys.stderr)
     args.format = "trainable"
-  out = _export_target(args)
+  out = files.check_output(args.out, overwrite=args.overwrite, protected=(args.workdir,))
   config, model, method, params, tokenizer = run.restore_params(args.workdir, args.checkpoint)
 
   def write(folder):
@@ -119,84 +120,11 @@ def _export(args) -> int:
       os.makedirs(folder, exist_ok=True)
       save_file({p: np.asarray(v) for p, v in rules.flatten(trainable).items()},
                 os.path.join(folder, "trainable.safetensors"))
-      run.write_json(os.path.join(folder, "method.json"), method.hparams())
+      files.write_json(os.path.join(folder, "method.json"), method.hparams())
 
-  _write_whole(out, write)
+  files.write_folder(out, write)
   print(f"exported {args.format} to {args.out}")
   return 0
-
-
-def _write_whole(out: str, write):
-  """`write(folder)` into `<out>.tmp-<pid>`, then swap it in for `out`: a failed or interrupted export
-  leaves `out` as it was, and an old `out` is removed only once the new one is complete."""
-  import shutil
-
-  tmp, old = f"{out}.tmp-{os.getpid()}", f"{out}.old-{os.getpid()}"
-  os.makedirs(os.path.dirname(out), exist_ok=True)
-  _remove_stale_exports(out)
-  shutil.rmtree(tmp, ignore_errors=True)
-  try:
-    write(tmp)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
-  if os.path.isdir(out):  # empty, or --overwrite: moved aside, not deleted, until the new one is in place
-    os.rename(out, old)
-  try:
-    os.rename(tmp, out)
-  except BaseException:
-    if os.path.isdir(old):
-      os.rename(old, out)
-    raise
-  shutil.rmtree(old, ignore_errors=True)
-
-
-def _remove_stale_exports(out: str):
-  """Remove what a killed export (SIGKILL, power loss) of `out` left beside it: `<out>.tmp-PID` of a
-  process that is gone. Its `<out>.old-PID` (the previous export, moved aside) goes only if `out` exists;
-  without `out` it is the only copy, so it is kept and named."""
-  import re
-  import shutil
-
-  from jft import lock
-
-  parent, name = os.path.split(out)
-  for entry in sorted(os.listdir(parent)):
-    m = re.fullmatch(re.escape(name) + r"\.(tmp|old)-(\d+)", entry)
-    if not m or lock.pid_running(int(m.group(2))):
-      continue
-    path = os.path.join(parent, entry)
-    if m.group(1) == "tmp" or os.path.isdir(out):
-      print(f"removing {path}: left by an interrupted export (process {m.group(2)} is gone)", file=sys.stderr)
-      shutil.rmtree(path, ignore_errors=True)
-    else:
-      print(f"keeping {path}: the folder an interrupted export was replacing (move it back to {out} "
-            "to keep it)", file=sys.stderr)
-
-
-def _export_target(args) -> str:
-  """The real path of --out, refused when it is, holds or lies inside the run folder or its base model, is a
-  file, or is a non-empty folder without --overwrite."""
-  from jft import run
-
-  out = os.path.realpath(args.out)
-  protected = [os.path.realpath(args.workdir)]
-  base_json = os.path.join(args.workdir, "base.json")
-  if os.path.isfile(base_json):
-    try:
-      with open(base_json) as f:
-        protected.append(os.path.realpath(json.load(f)["path"]))
-    except (ValueError, KeyError, TypeError) as e:
-      raise run.RunError(f"{base_json}: unreadable ({type(e).__name__}: {e}); cannot tell where the base model "
-                         "is, so nothing is exported") from e
-  for path in protected:
-    if out == path or path.startswith(out + os.sep) or out.startswith(path + os.sep):
-      raise run.RunError(f"--out {args.out}: refusing to write over or into {path} (the run or its base model)")
-  if os.path.exists(out) and not os.path.isdir(out):
-    raise run.RunError(f"--out {args.out} exists and is not a folder")
-  if os.path.isdir(out) and os.listdir(out) and not args.overwrite:
-    raise run.RunError(f"--out {args.out} exists and is not empty; pass --overwrite to replace it")
-  return out
 
 
 def _generate(args) -> int:
@@ -351,6 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--max-new-tokens", type=int, default=24)
   p.add_argument("--split", default="train")
   p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
   p.set_defaults(run=_pairs)
 
   r = sub.add_parser("report", help="rebuild the table and plots of a sweep folder, or a run's curves")

@@ -33,7 +33,7 @@ def _verify_checksum(folder: str, file: str):
   sums = os.path.join(folder, "SHA256SUMS")
   if not os.path.isfile(sums):
     return
-  expected = dict(reversed(line.split()) for line in open(sums) if line.strip())
+  expected = dict(reversed(line.split()) for line in read_text(sums).splitlines() if line.strip())
   if file in expected:
     with open(os.path.join(folder, file), "rb") as f:
       digest = hashlib.sha256(f.read()).hexdigest()
@@ -76,30 +76,45 @@ def load_split(source: Any, split: str = "train"):
 
 
 def _check_rows_file(path: str, ext: str):
-  """An empty file, or a JSONL line that is not a JSON object, as an error naming the file and line.
-
-  (datasets reports these without the file, the line, or at all: `StopIteration`.)
-  """
+  """An empty file, bytes that are not UTF-8, or a JSONL line that is not a JSON object, as an error
+  naming the file and line (datasets reports these without the file, the line, or at all: `StopIteration`)."""
   if ext == ".parquet":
     return
-  with open(path, encoding="utf-8", errors="replace") as f:
-    if ext != ".jsonl":
-      if not f.read(1 << 16).strip():
-        raise DataError(f"{path}: the file is empty (no rows)")
-      return
-    rows = 0
-    for number, line in enumerate(f, 1):
-      if not line.strip():
-        continue
-      try:
-        row = json.loads(line)
-      except ValueError as e:
-        raise DataError(f"{path}:{number}: line {number} is not valid JSON ({e})") from None
-      if not isinstance(row, dict):
-        raise DataError(f"{path}:{number}: line {number} is a JSON {type(row).__name__}, not an object of fields")
-      rows += 1
-  if not rows:
+  text = read_text(path)
+  if not (jsonl_rows(path, text) if ext == ".jsonl" else text.strip()):
     raise DataError(f"{path}: the file is empty (no rows)")
+
+
+def read_text(path: str) -> str:
+  """A data file's text; bytes that are not UTF-8 are an error naming the file, line and byte offset."""
+  try:
+    with open(path, "rb") as f:
+      raw = f.read()
+  except OSError as e:
+    raise DataError(f"{path}: cannot read ({e.strerror or e})") from None
+  try:
+    return raw.decode("utf-8")
+  except UnicodeDecodeError as e:
+    line = raw.count(b"\n", 0, e.start) + 1
+    raise DataError(f"{path}:{line}: not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start}, line {line}); "
+                    "save the file as UTF-8") from None
+
+
+def jsonl_rows(path: str, text: str | None = None) -> list[dict]:
+  """The rows of a JSONL file (one JSON object a line; blank lines skipped), each bad line named."""
+  rows = []
+  for number, line in enumerate((read_text(path) if text is None else text).splitlines(), 1):
+    if not line.strip():
+      continue
+    try:
+      row = json.loads(line)
+    except ValueError as e:
+      raise DataError(f"{path}:{number}: not valid JSON ({getattr(e, 'msg', e)} at column "
+                      f"{getattr(e, 'colno', '?')})") from None
+    if not isinstance(row, dict):
+      raise DataError(f"{path}:{number}: line {number} is a JSON {type(row).__name__}, not an object of fields")
+    rows.append(row)
+  return rows
 
 
 def check_token_ids(rows, vocab_size: int, where: str):
@@ -133,6 +148,20 @@ def field(row: dict, name: str, where: str):
   return row[name]
 
 
+def text_of(row: dict, name: str, where: str, index: int, default: str | None = None) -> str:
+  """row[name] as text: a string (a number is read as its digits). Anything else, an object or a list,
+  is an error naming the row and field: formatting it would train on its Python repr."""
+  value = row.get(name) if default is not None else field(row, name, where)
+  if value is None and default is not None:
+    return default
+  if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+    kind = {dict: "an object", list: "a list", bool: "true/false", type(None): "null"}.get(type(value),
+                                                                                             type(value).__name__)
+    raise DataError(f"{where}: row {index}: field {name!r} is {kind} ({json.dumps(value, default=str)[:60]}), "
+                    "expected text")
+  return str(value)
+
+
 def render_prompt(tokenizer, text: str, template: str, chat: bool, system: str = "") -> str:
   """The prompt string: `template` with {text}, wrapped in the chat template if asked and available
   (with `system` as the system message; empty keeps the template's default)."""
@@ -150,11 +179,11 @@ def classification_examples(dataset, tokenizer, *, text_field: str, label_field:
   for i, row in enumerate(dataset):
     if limit is not None and i >= limit:
       break
-    label = str(field(row, label_field, "classification data"))
+    label = text_of(row, label_field, "classification data", i)
     if label not in labels:
       raise DataError(f"row {i}: label {label!r} is not one of the configured labels {list(labels)}")
-    out.append({"prompt": render_prompt(tokenizer, field(row, text_field, "classification data"), template, chat,
-                                        system),
+    out.append({"prompt": render_prompt(tokenizer, text_of(row, text_field, "classification data", i), template,
+                                        chat, system),
                 "response": label, "label": labels.index(label)})
   return out
 
@@ -165,8 +194,9 @@ def sft_examples(dataset, tokenizer, *, prompt_field: str, response_field: str, 
   for i, row in enumerate(dataset):
     if limit is not None and i >= limit:
       break
-    out.append({"prompt": render_prompt(tokenizer, field(row, prompt_field, "SFT data"), template, chat, system),
-                "response": str(field(row, response_field, "SFT data"))})
+    out.append({"prompt": render_prompt(tokenizer, text_of(row, prompt_field, "SFT data", i), template, chat,
+                                        system),
+                "response": text_of(row, response_field, "SFT data", i)})
   return out
 
 

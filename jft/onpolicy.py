@@ -14,24 +14,25 @@ which `configs/dpo.py` reads with `--config.data.path=pairs.jsonl`.
 from __future__ import annotations
 
 import json
-import os
 
-from jft import objectives, progress, rewards, run
+from jft import files, objectives, progress, rewards, run
 
 
 def preference_pairs(workdir: str, reward: str, out: str, *, prompts: int = 400, samples: int = 4,
                      prompt_words: int = 4, max_new_tokens: int = 24, temperature: float = 1.0, split: str = "train",
-                     batch_prompts: int = 8, seed: int = 0, echo=print) -> dict:
-  """Write `out` (JSONL); -> counts. The prompts' texts come from RUN's `data.path` split `split`."""
+                     batch_prompts: int = 8, seed: int = 0, overwrite: bool = False, echo=print) -> dict:
+  """Write `out` (JSONL, whole or not at all); -> counts. The prompts' texts come from RUN's `data.path`
+  split `split`. `out` is checked first (`files.check_output`): never a run's file, and an existing file
+  only with `overwrite`."""
+  out = files.check_output(out, overwrite=overwrite, folder=False, protected=(workdir,))
   r = run.restore(workdir, "best")
   sampler = objectives.build("grpo", reward=reward, group_size=max(samples, 2), max_new_tokens=max_new_tokens,
                              temperature=temperature, prompt_words=prompt_words)
   examples = sampler.examples(r.config.data, r.tokenizer, split, prompts)
   rows = [ids for ids, _ in sampler.rows(examples, r.tokenizer, r.config.data)]
   forward = objectives.Forward(r.model, r.model, r.params())
-  tmp = out + ".tmp"
   written = ties = 0
-  with open(tmp, "w") as f:
+  with files.write_file(out) as f:
     for start in progress.track(range(0, len(rows), batch_prompts), -(-len(rows) // batch_prompts),
                                 "sampling pairs (batches)"):
       texts_p, texts_c, *_ = sampler.complete(forward, r.tokenizer, rows[start:start + batch_prompts],
@@ -50,7 +51,6 @@ def preference_pairs(workdir: str, reward: str, out: str, *, prompts: int = 400,
                             "chosen_reward": float(group[hi]), "rejected_reward": float(group[lo])}) + "\n")
         written += 1
       echo(f"{min(start + batch_prompts, len(rows))}/{len(rows)} prompts, {written} pairs")
-  os.replace(tmp, out)
   return {"pairs": written, "ties": ties, "prompts": len(rows)}
 
 

@@ -27,7 +27,7 @@ from typing import NamedTuple, Optional, Sequence
 
 import numpy as np
 
-from jft.data import DataError, render_prompt, response_ids
+from jft.data import DataError, jsonl_rows, read_text, render_prompt, response_ids, text_of
 
 ALPACA_PROMPT = ("Below is an instruction that describes a task. "
                  "Write a response that appropriately completes the request.\n\n"
@@ -50,26 +50,13 @@ def load_json_rows(path: str) -> list[dict]:
     raise DataError(f"{path}: no such file")
   ext = os.path.splitext(path)[1]
   if ext == ".jsonl":
-    rows = []
-    with open(path, encoding="utf-8") as f:
-      for n, line in enumerate(f, start=1):
-        if not line.strip():
-          continue
-        try:
-          row = json.loads(line)
-        except json.JSONDecodeError as e:
-          raise DataError(f"{path}:{n}: not valid JSON ({e.msg} at column {e.colno})") from None
-        if not isinstance(row, dict):
-          raise DataError(f"{path}:{n}: expected a JSON object, got {type(row).__name__}")
-        rows.append(row)
-    return rows
+    return jsonl_rows(path)
   if ext != ".json":
     raise DataError(f"{path}: expected a .json or .jsonl file")
-  with open(path, encoding="utf-8") as f:
-    try:
-      rows = json.load(f)
-    except json.JSONDecodeError as e:
-      raise DataError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})") from None
+  try:
+    rows = json.loads(read_text(path))
+  except json.JSONDecodeError as e:
+    raise DataError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})") from None
   if not isinstance(rows, list):
     raise DataError(f"{path}: expected a JSON list of rows, got {type(rows).__name__}")
   for i, row in enumerate(rows):
@@ -108,7 +95,8 @@ def instruction_examples(rows, tokenizer, *, template: str = "alpaca", limit: Op
     missing = [k for k in ("instruction", "output") if k not in row]
     if missing:
       raise DataError(f"{where}: row {i} has no {' or '.join(map(repr, missing))}; fields: {sorted(row)}")
-    instruction, inp, output = str(row["instruction"]), str(row.get("input") or ""), str(row["output"])
+    instruction, inp, output = (text_of(row, "instruction", where, i), text_of(row, "input", where, i, ""),
+                                text_of(row, "output", where, i))
     if not output.strip():
       raise DataError(f"{where}: row {i} has an empty output")
     if template == "alpaca":
@@ -137,7 +125,7 @@ def _messages(turns, i: int, where: str) -> list[dict]:
       raise DataError(f"{where}: row {i}: a message needs role/content or from/value; got {turn!r:.80}")
     if role not in ("system", "user", "assistant"):
       raise DataError(f"{where}: row {i}: unsupported role {role!r} (have system, user/human, assistant/gpt)")
-    out.append({"role": role, "content": str(content)})
+    out.append({"role": role, "content": text_of({"content": content}, "content", where, i)})
   if out[-1]["role"] != "user":
     raise DataError(f"{where}: row {i}: the conversation must end with a user message, "
                     f"not {out[-1]['role']!r}")

@@ -7,12 +7,11 @@ while a sweep is still running.
 
 from __future__ import annotations
 
-import contextlib
 import csv
-import json
 import os
 import re
 
+from jft import files
 from jft.errors import JftError
 
 
@@ -29,25 +28,12 @@ def pyplot():
 
 
 def read_metrics(workdir: str) -> list[dict]:
-  path = os.path.join(workdir, "metrics.jsonl")
-  if not os.path.isfile(path):
-    return []
-  out = []
-  with open(path) as f:
-    for line in f:
-      try:
-        out.append(json.loads(line))
-      except json.JSONDecodeError:  # a line cut by a kill: skip it
-        continue
-  return out
+  return files.read_records(os.path.join(workdir, "metrics.jsonl"))  # a damaged line is left out, named
 
 
 def read_results(workdir: str) -> dict:
   path = os.path.join(workdir, "results.json")
-  if not os.path.isfile(path):
-    return {}
-  with open(path) as f:
-    return json.load(f)
+  return files.read_json(path, "run's results") if os.path.isfile(path) else {}
 
 
 def plot_run(workdir: str) -> str | None:
@@ -122,15 +108,14 @@ def sweep_report(sweep_dir: str) -> list[dict]:
   path = os.path.join(sweep_dir, sweep.SWEEP_FILE)
   if not os.path.isfile(path):
     raise ReportError(f"{sweep_dir}: not a sweep folder (no {sweep.SWEEP_FILE})")
-  with open(path) as f:
-    info = json.load(f)
+  info = files.read_json(path, "sweep record", sweep.SWEEP_FIELDS)
   metric = info["metric"]
   points = sweep.load_points(sweep_dir)
   rows = [point_row(folder, record, metric) for folder, record in points]
   columns = ["point", "status"] + [k for k in info["keys"] if any(k in r for r in rows)]
   for row in rows:
     columns += [k for k in row if k not in columns]
-  with _atomic(os.path.join(sweep_dir, "results.csv"), newline="") as f:
+  with files.write_file(os.path.join(sweep_dir, "results.csv"), newline="") as f:
     writer = csv.DictWriter(f, fieldnames=columns or ["point"])
     writer.writeheader()
     writer.writerows(rows)
@@ -149,24 +134,14 @@ def sweep_report(sweep_dir: str) -> list[dict]:
   lines += ["| " + " | ".join(shown) + " |", "|" + "---|" * len(shown)]
   lines += ["| " + " | ".join(_text(r.get(c)).replace("|", "/") for c in shown) + " |" for r in rows]
   lines += [""] + [f"![{os.path.splitext(name)[0]}]({name})" for name in figures]
-  with _atomic(os.path.join(sweep_dir, "results.md")) as f:
+  with files.write_file(os.path.join(sweep_dir, "results.md")) as f:
     f.write("\n".join(lines) + "\n")
   return rows
 
 
-@contextlib.contextmanager
-def _atomic(path: str, **kwargs):
-  """Write `path` whole or not at all (the workers of a sweep on many machines all rewrite the report)."""
-  tmp = f"{path}.tmp-{os.getpid()}"
-  with open(tmp, "w", **kwargs) as f:
-    yield f
-  os.replace(tmp, path)
-
-
 def _save(fig, path: str):
-  tmp = f"{path}.tmp-{os.getpid()}.png"
-  fig.savefig(tmp, dpi=110)
-  os.replace(tmp, path)
+  with files.write_file(path, "wb") as f:
+    fig.savefig(f, format="png", dpi=110)
 
 
 def _numeric(values) -> bool:

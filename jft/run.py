@@ -18,7 +18,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import importlib.metadata
-import json
 import os
 import platform
 import subprocess
@@ -28,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from jft import checkpoint, errors, objectives, peft, quant, rules, sharding
+from jft import checkpoint, errors, files, objectives, peft, quant, rules, sharding
 from jft.errors import JftError
 from jft.models import load_pretrained, load_tokenizer
 from jft.models.pretrained import resolve
@@ -38,11 +37,7 @@ class RunError(JftError, RuntimeError):
   pass
 
 
-def write_json(path: str, obj):
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(obj, f, indent=2, default=str)
-  os.replace(tmp, path)
+write_json = files.write_json  # the run folder's JSON files, written atomically
 
 
 def read_config(workdir: str, report=None) -> ml_collections.ConfigDict:
@@ -53,10 +48,7 @@ def read_config(workdir: str, report=None) -> ml_collections.ConfigDict:
   path = os.path.join(workdir, "config.json")
   if not os.path.isfile(path):
     raise RunError(f"{workdir}: not a run folder (no config.json)")
-  with open(path) as f:
-    saved = json.load(f)
-  if not isinstance(saved, dict):
-    raise RunError(f"{path}: not a run config (a JSON {type(saved).__name__}, expected an object)")
+  saved = files.read_json(path, "run config")
   config, notes = schema.upgrade(saved)
   report = report or (lambda line: print(line, file=sys.stderr))
   for note in notes:
@@ -101,8 +93,7 @@ def check_base(workdir: str, identity: dict):
   path = os.path.join(workdir, "base.json")
   if not os.path.isfile(path):
     return
-  with open(path) as f:
-    recorded = json.load(f)
+  recorded = files.read_json(path, "base model record", {"path": str, "sha256": str})
   if recorded["sha256"] != identity["sha256"]:
     raise RunError(f"{workdir} was trained on base {recorded['path']} (sha256 {recorded['sha256'][:12]}...), "
                    f"but {identity['path']} has sha256 {identity['sha256'][:12]}...; refusing to mix them")
@@ -155,7 +146,8 @@ def make_tx(config, trainable, method=None):
 
 
 def best_manager(workdir: str) -> checkpoint.Checkpoints:
-  return checkpoint.Checkpoints(os.path.join(workdir, "best"), keep=1)
+  """`WORKDIR/best`: the best step only; a failed save of it names the run's intact step in `checkpoints/`."""
+  return checkpoint.Checkpoints(os.path.join(workdir, "best"), keep=1, fallback=checkpoint.manager(workdir, None))
 
 
 @dataclasses.dataclass

@@ -46,10 +46,15 @@ from typing import Any, Sequence
 import numpy as np
 
 from jft import config as cfg
+from jft import files
 from jft.errors import JftError
 
 ARG = "arg:"  # prefix of a key that sets the config file's argument, not a field
 SWEEP_FILE, POINT_FILE = "sweep.json", "point.json"
+# What jft reads back from them (`files.read_json` names the file and a missing or mistyped field).
+SWEEP_FIELDS = {"config": str, "overrides": list, "search": str, "metric": str, "direction": str, "keys": list,
+                "log_keys": list}
+POINT_FIELDS = {"index": int, "name": str, "values": dict, "status": str, "config": str, "overrides": list}
 MAX_FAILURES = 2  # a failed point is retried once, then recorded with its error
 
 
@@ -246,18 +251,11 @@ def point_name(index: int, values: dict) -> str:
 
 def read_point(folder: str) -> dict | None:
   path = os.path.join(folder, POINT_FILE)
-  if not os.path.isfile(path):
-    return None
-  with open(path) as f:
-    return json.load(f)
+  return files.read_json(path, "sweep point", POINT_FIELDS) if os.path.isfile(path) else None
 
 
 def write_point(folder: str, record: dict):
-  os.makedirs(folder, exist_ok=True)
-  tmp = os.path.join(folder, POINT_FILE + f".tmp-{os.getpid()}")
-  with open(tmp, "w") as f:
-    json.dump(record, f, indent=2, default=str)
-  os.replace(tmp, os.path.join(folder, POINT_FILE))
+  files.write_json(os.path.join(folder, POINT_FILE), record)
 
 
 def load_points(sweep_dir: str) -> list[tuple[str, dict]]:
@@ -338,6 +336,7 @@ class Sweep:
   spaces: Any = None  # default: the config file's sweep(arg); a script may pass its own
 
   def __post_init__(self):
+    files.check_output(self.workdir, overwrite=True, flag="--workdir")  # a rerun resumes; never a run's folder
     self.overrides = [tuple(o) for o in self.overrides]
     if self.spaces is None:
       self.spaces = load_space(self.spec)
@@ -375,18 +374,13 @@ class Sweep:
     path = os.path.join(self.workdir, SWEEP_FILE)
     mine = json.loads(json.dumps(self.record(), default=str))
     if os.path.isfile(path):
-      with open(path) as f:
-        theirs = json.load(f)
+      theirs = files.read_json(path, "sweep record")
       if theirs != mine:
         diff = sorted(k for k in mine if theirs.get(k) != mine[k])
         raise SweepError(f"{self.workdir} holds another sweep (its {', '.join(diff)} differ); "
                          "rerun the same command to resume it, or choose a new --workdir")
       return
-    os.makedirs(self.workdir, exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"  # array tasks may start together: each writes its own, same content
-    with open(tmp, "w") as f:
-      json.dump(mine, f, indent=2)
-    os.replace(tmp, path)
+    files.write_json(path, mine)  # array tasks may start together: each writes its own temporary, same content
 
   def _folder(self, index: int) -> str | None:
     """The existing folder of point `index`, if any."""

@@ -19,7 +19,8 @@ import time
 import jax
 import numpy as np
 
-from jft import checkpoint, data, errors, estimate, objectives, peft, progress, rules, run, schema, sharding, state
+from jft import (checkpoint, data, errors, estimate, files, objectives, peft, progress, rules, run, schema, sharding,
+                 state)
 from jft.config import _close
 from jft.errors import JftError
 from jft.step import make_train_step
@@ -48,18 +49,23 @@ class _Log:
   crash or a full disk). A failed write stops the run with the file named.
   """
 
-  def __init__(self, workdir: str, resumed_step: int | None = None, enabled: bool = True):
+  def __init__(self, workdir: str, resumed_step: int | None = None, enabled: bool = True, echo=print):
     self.enabled = enabled
     if not enabled:
       return
     path = self.path = os.path.join(workdir, "metrics.jsonl")
     if resumed_step is not None and os.path.isfile(path):
-      with open(path) as f:
-        steps = [(line, _record_step(line)) for line in f]
-      kept = [line for line, step in steps if step is not None and step <= resumed_step]
-      with open(path + ".tmp", "w") as f:
-        f.writelines(kept)
-      os.replace(path + ".tmp", path)
+      with open(path, "rb") as f:
+        lines = [(raw, files.parse_record(raw)) for raw in f if raw.strip()]
+      damaged = [raw for raw, record in lines if record is None]
+      if damaged[:-1] or (damaged and damaged[-1].endswith(b"\n")):  # more than a last line cut short
+        aside = os.path.join(workdir, "corrupt", "metrics.jsonl.damaged")
+        os.makedirs(os.path.dirname(aside), exist_ok=True)
+        with open(aside, "ab") as f:
+          f.writelines(raw if raw.endswith(b"\n") else raw + b"\n" for raw in damaged)
+        echo(f"warning: {path}: {len(damaged)} damaged line(s) set aside in {aside}")
+      with files.write_file(path, "wb") as f:
+        f.writelines(raw for raw, record in lines if record is not None and record["step"] <= resumed_step)
     self.file = open(path, "a")
     try:
       from tensorboardX import SummaryWriter
@@ -90,14 +96,6 @@ class _Log:
       self.tb.close()
 
 
-def _record_step(line: str) -> int | None:
-  """The step of a metrics.jsonl line; None for a line that is not a whole record."""
-  try:
-    return int(json.loads(line)["step"])
-  except (ValueError, KeyError, TypeError):
-    return None
-
-
 # Fields that say where arrays live, not what is computed: a run may resume on another mesh.
 LAYOUT_FIELDS = ("mesh", "axis_rules", "sharding_overrides")
 
@@ -112,7 +110,8 @@ def train(config, workdir: str, resume: bool = False, echo=print, dry_run: bool 
   """Fine-tune as `config` says; every process of a multi-process run calls this.
 
   `dry_run` builds and places the state, compiles the step and writes
-  `shardings.json` (with the compiled step's memory analysis), then stops.
+  `shardings.json` (with the compiled step's memory analysis), then stops;
+  into a folder that holds a run it writes only under `WORKDIR/dry-run/`.
   `on_eval(step, metrics)` is called after every periodic evaluation; when it
   returns True the run stops there, checkpointed, marked `pruned` (a sweep's
   pruner uses this). Process 0 holds `WORKDIR/.lock` throughout (`jft.lock`):
@@ -120,8 +119,12 @@ def train(config, workdir: str, resume: bool = False, echo=print, dry_run: bool 
   """
   from jft.lock import workdir_lock
 
+  if dry_run and os.path.isfile(os.path.join(workdir, "config.json")):  # never rewrite a run's own files
+    workdir = os.path.join(workdir, "dry-run")
+    if sharding.is_primary():
+      echo(f"dry run: {os.path.dirname(workdir)} holds a run; writing under {workdir}")
   with workdir_lock(workdir, enabled=sharding.is_primary()):
-    return _train(config, workdir, resume, echo, dry_run, on_eval)
+    return {**_train(config, workdir, resume, echo, dry_run, on_eval), "workdir": workdir}
 
 
 def _train(config, workdir, resume, echo, dry_run, on_eval) -> dict:
@@ -236,7 +239,7 @@ def _train(config, workdir, resume, echo, dry_run, on_eval) -> dict:
       batches.restore(meta["data"])
       best = meta.get("best")
       echo(f"resumed from step {start}")
-  log = _Log(workdir, resumed_step=start if resume else None, enabled=primary)
+  log = _Log(workdir, resumed_step=start if resume else None, enabled=primary, echo=echo)
 
   def save(step: int, position=None):
     with phases("checkpoints"):
@@ -352,7 +355,7 @@ def _train(config, workdir, resume, echo, dry_run, on_eval) -> dict:
       after = objective.samples(c, objectives.Forward(eval_model, eval_model, run_params(trainable), reference),
                                 tokenizer, eval_examples) if eval_examples else []
     if after and primary:
-      saved = json.load(open(samples_path)) if os.path.isfile(samples_path) else {}
+      saved = files.read_json(samples_path, "run's samples") if os.path.isfile(samples_path) else {}
       run.write_json(samples_path, {**saved, "after": after})
 
   # ---- Test evaluation (the best checkpoint) ---------------------------------
@@ -451,8 +454,7 @@ def _samples_section(path: str) -> list[str]:
   """Held-out prompts with the reference and the model's output before and after training."""
   if not os.path.isfile(path):
     return []
-  with open(path) as f:
-    saved = json.load(f)
+  saved = files.read_json(path, "run's samples")
   before, after = saved.get("before", []), saved.get("after", [])
   lines = ["", "## Held-out samples, before and after training"]
   quote = lambda text: "\n".join("> " + line for line in (text.strip() or "(empty)").splitlines())

@@ -295,3 +295,28 @@ def test_a_disk_that_fills_while_metrics_are_written_stops_the_run_and_resume_co
   assert cli.main(args + ["--resume"]) == 0
   records = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
   assert [r["step"] for r in records if r["kind"] == "train"] == [1, 2, 3, 4, 5]
+
+
+BEST_SAVER = textwrap.dedent("""
+    import resource, signal, sys, jax, jax.numpy as jnp
+    from jft import checkpoint, run
+    workdir = sys.argv[1]
+    checkpoint.manager(workdir, None).save(2, {"trainable": {"a": jnp.zeros((10,))}}, {"data": {}})
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))  # no file may grow past 100 kB: the disk is full
+    try:
+      run.best_manager(workdir).save(4, {"trainable": {"a": jax.random.normal(jax.random.PRNGKey(0), (200_000,))}}, {})
+    except checkpoint.CheckpointSaveError as e:
+      print(e)
+""")
+
+
+def test_a_full_disk_while_the_best_step_is_saved_names_the_runs_intact_step(tmp_path):
+  """Tensorstore's write fails in orbax's background threads: one line naming the run's intact step
+  (not "no earlier checkpoint"), none of orbax's tracebacks, nothing left in best/."""
+  out = subprocess.run([sys.executable, "-c", BEST_SAVER, str(tmp_path)], capture_output=True, text=True, cwd=ROOT,
+                       timeout=300)
+  assert out.stdout.strip() == (f"saving step 4 to {tmp_path}/best failed (File too large); the run's last complete "
+                                f"checkpoint, step 2 in {tmp_path}/checkpoints, is intact"), out.stdout + out.stderr
+  assert "Traceback" not in out.stderr and "ERROR" not in out.stderr, out.stderr
+  assert os.listdir(tmp_path / "best") == [] and checkpoint.manager(str(tmp_path), None).steps() == [2]

@@ -94,7 +94,8 @@ def test_an_unreadable_run_file_is_named(tmp_path, capsys):
   (tmp_path / "config.json").write_text('{"model": ')
   assert cli.main(["eval", "--workdir", str(tmp_path)]) == 2
   err = capsys.readouterr().err
-  assert err == f"jft eval: error: {tmp_path / 'config.json'}: not valid JSON (Expecting value: line 1 column 11)\n"
+  assert err == (f"jft eval: error: {tmp_path / 'config.json'}: not valid JSON (Expecting value: line 1 column 11); "
+                 "not a run config\n")
 
 
 def test_interrupted_and_unexpected_errors(monkeypatch, capsys):
@@ -140,7 +141,7 @@ def test_every_subcommand_accepts_debug():
 def test_data_errors_name_the_file_and_line(text, tmp_path):
   from jft import data
   (tmp_path / "train.jsonl").write_text(text)
-  with pytest.raises(data.DataError, match=r"train\.jsonl.*(line 2|empty)"):
+  with pytest.raises(data.DataError, match=r"train\.jsonl(:2: not valid JSON|: the file is empty)"):
     data.load_split(str(tmp_path), "train")
 
 
@@ -285,10 +286,10 @@ def test_a_killed_exports_leftovers_are_cleaned_up_on_the_next_export(tiny_run, 
     (tmp_path / name / "half.safetensors").write_text("half")
   assert _export(tiny_run[0], tmp_path / "out") == 0
   err = capsys.readouterr().err
-  assert f"removing {tmp_path / f'out.tmp-{dead}'}: left by an interrupted export" in err
+  assert f"removing {tmp_path / f'out.tmp-{dead}'}: left by an interrupted write" in err
   assert sorted(os.listdir(tmp_path)) == ["other.old-" + str(dead), "out", f"out.tmp-{live}"]
   assert _export(tiny_run[0], tmp_path / "other") == 0  # `other` missing: its old copy is the only one
-  assert f"keeping {tmp_path / f'other.old-{dead}'}: the folder an interrupted export was replacing" in \
+  assert f"keeping {tmp_path / f'other.old-{dead}'}: the folder an interrupted write was replacing" in \
       capsys.readouterr().err
   assert (tmp_path / f"other.old-{dead}" / "half.safetensors").exists()
 
@@ -425,6 +426,12 @@ def test_long_passes_report_progress_without_a_terminal(monkeypatch, capsys):
 # ---------------------------------------------------------------------------- bad inputs and faults, one table
 
 TRAIN = ["train", "--config", TINY, "--config.model.name={model}", "--workdir", "{tmp}/w", *ONE_STEP]
+DPO = ["train", "--config", TINY + ":objective=dpo", "--config.model.name={model}", "--workdir", "{tmp}/w", *ONE_STEP]
+INSTRUCT = ["train", "--config", TINY + ":objective=instruct", "--config.model.name={model}", "--workdir", "{tmp}/w",
+            *ONE_STEP]
+SFT = ["train", "--config", TINY + ":objective=sft", "--config.model.name={model}", "--workdir", "{tmp}/w", *ONE_STEP]
+SWEEP_RECORD = {"config": TINY, "overrides": [], "search": "grid", "trials": 0, "seed": 0, "metric": "accuracy",
+                "direction": "maximize", "keys": ["optim.lr"], "log_keys": [], "points": [{"optim.lr": 0.1}]}
 GENERATE = ["generate", "--model", "{model}", "--no-chat"]
 
 
@@ -434,6 +441,10 @@ def _files(tmp, files: dict, model: str):
 
   for name, text in files.items():
     os.makedirs(os.path.dirname(os.path.join(tmp, name)), exist_ok=True)
+    if isinstance(text, bytes):
+      with open(os.path.join(tmp, name), "wb") as f:
+        f.write(text)
+      continue
     if text.startswith("@model/"):
       shutil.copy(os.path.join(model, text[len("@model/"):]), os.path.join(tmp, name))
       continue
@@ -475,7 +486,8 @@ BAD_INPUTS = [
     ("empty train file", TRAIN + ["--config.data.path={tmp}/d"], {"d/train.jsonl": "", "d/eval.jsonl": ROWS}, 2,
      r"train\.jsonl: the file is empty"),
     ("malformed JSONL line", TRAIN + ["--config.data.path={tmp}/d"],
-     {"d/train.jsonl": ROWS + '{"text": "x", "label": \n', "d/eval.jsonl": ROWS}, 2, r"train\.jsonl:3: line 3"),
+     {"d/train.jsonl": ROWS + '{"text": "x", "label": \n', "d/eval.jsonl": ROWS}, 2,
+     r"train\.jsonl:3: not valid JSON \(Expecting value at column 24\)"),
     ("data folder missing", TRAIN + ["--config.data.path={tmp}/nothing/"], {}, 2, r"nothing"),
     ("label field missing", TRAIN + ["--config.data.path={tmp}/d"],
      {"d/train.jsonl": '{"text": "x"}\n', "d/eval.jsonl": ROWS}, 2, r"no field 'label'"),
@@ -503,6 +515,47 @@ BAD_INPUTS = [
     ("generate past the context", GENERATE + ["--prompt", "x" * 300, "--max-new-tokens", "4"], {}, 2,
      r"a prompt of 300 tokens leaves no room for new tokens in the model's context of 256 positions"),
     ("generate, model missing", ["generate", "--model", "{tmp}/no-model", "--prompt", "hi"], {}, 2, r"no-model"),
+    # Data files that are not UTF-8: file, line and byte offset.
+    ("non-UTF-8 sentiment JSONL", TRAIN + ["--config.data.path={tmp}/d"],
+     {"d/train.jsonl": ROWS.encode() + b'{"text": "caf\xe9", "label": "positive"}\n', "d/eval.jsonl": ROWS}, 2,
+     r"d/train\.jsonl:3: not UTF-8 text \(byte 0xe9 at offset 88, line 3\)"),
+    ("non-UTF-8 CSV", TRAIN + ["--config.data.path={tmp}/d"],
+     {"d/train.csv": b"text,label\ncaf\xe9,positive\n", "d/eval.jsonl": ROWS}, 2,
+     r"d/train\.csv:2: not UTF-8 text \(byte 0xe9 at offset 14, line 2\)"),
+    ("non-UTF-8 preference JSONL", DPO + ["--config.data.path={tmp}/p.jsonl"],
+     {"p.jsonl": b'{"prompt": "a", "chosen": "b", "rejected": "c"}\n{"prompt": "\xff"}\n'}, 2,
+     r"p\.jsonl:2: not UTF-8 text \(byte 0xff at offset 60, line 2\)"),
+    ("non-UTF-8 Alpaca JSON", INSTRUCT + ["--config.data.path={tmp}/a.json"],
+     {"a.json": b'[{"instruction": "x",\n  "output": "\xc3("}]'}, 2, r"a\.json:2: not UTF-8 text"),
+    # A field of the wrong type is named, never trained on as its Python repr.
+    ("instruction output is an object", INSTRUCT + ["--config.data.path={tmp}/a.json"],
+     {"a.json": json.dumps([{"instruction": f"say {i}", "output": {"text": "y"}} for i in range(8)])}, 2,
+     r"a\.json.*row \d+: field 'output' is an object \(\{\"text\": \"y\"\}\), expected text"),
+    ("SFT response is a list", SFT + ["--config.data.path={tmp}/d"],
+     {"d/train.jsonl": '{"prompt": "a", "response": ["b"]}\n', "d/eval.jsonl": '{"prompt": "a", "response": "b"}\n'},
+     2, r"SFT data: row 0: field 'response' is a list"),
+    # One guard for every output path: never a run's own files, an existing output only with --overwrite.
+    ("ablate into the run's checkpoints", ["ablate", "--workdir", "{run}", "--out", "{run}/checkpoints",
+                                           "--overwrite"], {}, 2,
+     r"--out .*/checkpoints: refusing to write over or into .*/checkpoints, a file of the run folder"),
+    ("ablate over the run", ["ablate", "--workdir", "{run}", "--out", "{run}", "--overwrite"], {}, 2,
+     r"refusing to write over the run folder"),
+    ("pairs over the run's metrics", ["pairs", "{run}", "--reward", "jft.rewards:vader", "--out",
+                                      "{run}/metrics.jsonl"], {}, 2,
+     r"--out .*metrics\.jsonl: refusing to write over or into .* \(a run folder or its base model\)"),
+    ("pairs over an existing file", ["pairs", "{run}", "--reward", "jft.rewards:vader", "--out", "{tmp}/p.jsonl"],
+     {"p.jsonl": "mine\n"}, 2, r"--out .*p\.jsonl exists; pass --overwrite"),
+    ("sweep into a run folder", ["sweep", "--config", TINY, "--config.model.name={model}", "--workdir", "{run}"], {},
+     2, r"--workdir .*: refusing to write over the run folder"),
+    # Run-folder files jft reads back: one loader per kind, naming the file and the field.
+    ("report, empty sweep.json", ["report", "{tmp}/s"], {"s/sweep.json": "{}"}, 2,
+     r"s/sweep\.json: not a sweep record \(no field 'config'\)"),
+    ("report, empty point.json", ["report", "{tmp}/s"], {"s/sweep.json": json.dumps(SWEEP_RECORD),
+                                                         "s/points/000-a/point.json": "{}"}, 2,
+     r"000-a/point\.json: not a sweep point \(no field 'index'\)"),
+    ("report, point.json not UTF-8", ["report", "{tmp}/s"], {"s/sweep.json": json.dumps(SWEEP_RECORD),
+                                                             "s/points/000-a/point.json": b'{"index": "\xff"}'}, 2,
+     r"000-a/point\.json: not a sweep point \(not UTF-8 text: byte 11\)"),
 ]
 
 
@@ -524,3 +577,47 @@ def test_bad_input_is_one_named_error_and_changes_nothing(case, argv, files, cod
   for key, snapshot in before.items():  # what existed is untouched (a failed train may have added files)
     after = _snapshot(watched[key])
     assert {p: after.get(p) for p in snapshot} == snapshot, f"{case}: {key} changed"
+
+
+# ---------------------------------------------------------------------------- run files jft wrote, damaged
+
+
+def test_damaged_metrics_lines_are_set_aside_not_a_reason_to_stop(tiny_run, tmp_path, capsys):
+  """A metrics.jsonl line that is not UTF-8, not JSON or has no `kind`: `jft report` leaves it out with a
+  warning, and `--resume` sets it aside in corrupt/ (a last line cut short is dropped as before)."""
+  import shutil
+
+  run_dir, model, _ = tiny_run
+  copy = str(tmp_path / "run")
+  shutil.copytree(run_dir, copy, ignore=shutil.ignore_patterns(".lock"))
+  metrics = os.path.join(copy, "metrics.jsonl")
+  good = open(metrics, "rb").read()
+  damaged = [b'{"step": 1, "loss": 2.0}\n', b'{"step": 1, "kind": "train", "note": "\xff"}\n', b"\x00\x01garbage\n"]
+  with open(metrics, "ab") as f:
+    f.writelines(damaged)
+  assert cli.main(["report", copy]) == 0
+  err = capsys.readouterr().err
+  assert f"warning: {metrics}: left out 3 damaged line(s) (line " in err, err
+  assert cli.main(["train", "--config", TINY, f"--config.model.name={model}", *ONE_STEP, "--workdir", copy,
+                   "--resume"]) == 0
+  out = capsys.readouterr()
+  assert f"warning: {metrics}: 3 damaged line(s) set aside in {copy}/corrupt/metrics.jsonl.damaged" in out.out
+  assert open(os.path.join(copy, "corrupt", "metrics.jsonl.damaged"), "rb").read() == b"".join(damaged)
+  assert open(metrics, "rb").read().startswith(good)  # the whole records are kept
+
+
+def test_a_dry_run_into_a_run_folder_writes_only_under_dry_run(tiny_run, tmp_path, capsys):
+  import shutil
+
+  run_dir, model, _ = tiny_run
+  copy = str(tmp_path / "run")
+  shutil.copytree(run_dir, copy, ignore=shutil.ignore_patterns(".lock"))
+  before = _snapshot(copy)
+  args = ["train", "--config", TINY, f"--config.model.name={model}", *ONE_STEP, "--workdir", copy]
+  assert cli.main(args + ["--config.optim.lr=0.5", "--dry-run"]) == 0
+  out = capsys.readouterr().out
+  assert f"dry run: {copy} holds a run; writing under {copy}/dry-run" in out and f"run folder: {copy}/dry-run" in out
+  after = _snapshot(copy)
+  assert {p: v for p, v in after.items() if not p.startswith("dry-run")} == before  # the run is untouched
+  assert "dry-run/shardings.json" in after
+  assert cli.main(args + ["--resume"]) == 0  # and its own resume is still accepted
