@@ -69,7 +69,12 @@ def load_split(source: Any, split: str = "train"):
       raise DataError(f"{path}: unsupported file type {ext!r}; use one of {sorted(EXTENSIONS)}")
     _check_rows_file(path, ext)
     kwargs = {"delimiter": "\t"} if ext == ".tsv" else {}
-    return datasets.load_dataset(EXTENSIONS[ext], data_files={split: path}, split=split, **kwargs)
+    try:
+      return datasets.load_dataset(EXTENSIONS[ext], data_files={split: path}, split=split, **kwargs)
+    except Exception as e:  # pyarrow/pandas/datasets raise many types (rows of mixed types, ragged CSV...)
+      cause = e.__cause__ or e
+      raise DataError(f"{path}: cannot be read as a table of rows ({type(cause).__name__}: "
+                      f"{(str(cause).splitlines() or [''])[0][:200]})") from e
   if os.path.sep in path or path.startswith("."):
     raise DataError(f"{path}: no such file or folder")
   return datasets.load_dataset(path, split=split)  # a hub dataset, where a hub is reachable
@@ -118,15 +123,19 @@ def jsonl_rows(path: str, text: str | None = None) -> list[dict]:
 
 
 def check_token_ids(rows, vocab_size: int, where: str):
-  """Every integer array in `rows` (ids, masks; any nesting) below the model's vocabulary size.
+  """Every integer array in `rows` (ids, masks; any nesting) inside the model's vocabulary, 0..vocab_size-1
+  (`jft.models.token_ids.first_bad_id`, the check of `jft.models.check_ids`).
 
   A tokenizer with tokens the embedding table lacks (added special tokens, another model's
-  tokenizer) would otherwise index past the table, which XLA clamps silently.
+  tokenizer) would otherwise index past the table, which gives NaN logits without an error.
   """
+  from jft.models.token_ids import first_bad_id
+
   def walk(x, index):
     if isinstance(x, np.ndarray):
-      if x.dtype.kind in "iu" and x.size and int(x.max()) >= vocab_size:
-        raise DataError(f"{where}: row {index} has token id {int(x.max())}, outside the model's vocabulary "
+      found = first_bad_id(x, vocab_size) if x.dtype.kind in "iu" else None
+      if found is not None:
+        raise DataError(f"{where}: row {index} has token id {found[1]}, outside the model's vocabulary "
                         f"(0..{vocab_size - 1}); does the tokenizer belong to this model?")
     elif isinstance(x, dict):
       for v in x.values():

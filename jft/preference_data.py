@@ -49,16 +49,21 @@ def load_json_rows(path: str) -> list[dict]:
   if not os.path.isfile(path):
     raise DataError(f"{path}: no such file")
   ext = os.path.splitext(path)[1]
-  if ext == ".jsonl":
-    return jsonl_rows(path)
-  if ext != ".json":
+  if ext not in (".json", ".jsonl"):
     raise DataError(f"{path}: expected a .json or .jsonl file")
+  text = read_text(path)
+  if not text.strip():
+    raise DataError(f"{path}: the file is empty (no rows)")
+  if ext == ".jsonl":
+    return jsonl_rows(path, text)
   try:
-    rows = json.loads(read_text(path))
+    rows = json.loads(text)
   except json.JSONDecodeError as e:
     raise DataError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})") from None
   if not isinstance(rows, list):
     raise DataError(f"{path}: expected a JSON list of rows, got {type(rows).__name__}")
+  if not rows:
+    raise DataError(f"{path}: the file is empty (no rows)")
   for i, row in enumerate(rows):
     if not isinstance(row, dict):
       raise DataError(f"{path}: row {i} is a {type(row).__name__}, not an object")

@@ -27,7 +27,11 @@ from jft.step import make_train_step
 
 
 class TrainingError(errors.RunFailure, RuntimeError):
-  pass
+  """Training failed while it ran (a diverged loss, a full disk): exit 1."""
+
+
+class TrainingRefused(JftError, ValueError):
+  """A run refused before any work (a folder that holds another run, a resume with another config): exit 2."""
 
 
 def examples_for(config, tokenizer, split: str, limit):
@@ -140,11 +144,11 @@ def _train(config, workdir, resume, echo, dry_run, on_eval) -> dict:
   has_checkpoints = os.path.isdir(os.path.join(workdir, "checkpoints")) and any(
       n.isdigit() for n in os.listdir(os.path.join(workdir, "checkpoints")))
   if has_checkpoints and not resume and not dry_run:
-    raise TrainingError(f"{workdir} already holds checkpoints: pass --resume to continue it, "
+    raise TrainingRefused(f"{workdir} already holds checkpoints: pass --resume to continue it, "
                         "or choose a new --workdir")
   if resume and os.path.isfile(os.path.join(workdir, "config.json")):
     if not _same_run(run.read_config(workdir).to_dict(), c.to_dict()):
-      raise TrainingError(f"{workdir}: --resume with a config that differs from the run's config.json "
+      raise TrainingRefused(f"{workdir}: --resume with a config that differs from the run's config.json "
                           f"(only train.{', train.'.join(LAYOUT_FIELDS)} may change)")
   if primary:
     run.write_json(os.path.join(workdir, "config.json"), c.to_dict())
@@ -166,13 +170,13 @@ def _train(config, workdir, resume, echo, dry_run, on_eval) -> dict:
   d = c.data
   objective = objectives.from_config(c)
   if d.pack and not objective.packable:
-    raise TrainingError(f"data.pack=True: objective {objective.name} keeps its rows apart (pairs, groups); "
+    raise TrainingRefused(f"data.pack=True: objective {objective.name} keeps its rows apart (pairs, groups); "
                         "set --config.data.pack=false")
   train_examples = examples_for(c, tokenizer, d.train_split, d.max_train_examples or None)
   eval_examples = examples_for(c, tokenizer, d.eval_split, d.max_eval_examples or None) if d.eval_split else []
   pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
   if objective.online and jax.process_count() > 1:
-    raise TrainingError(f"objective {objective.name} samples on one process; multi-process runs are not "
+    raise TrainingRefused(f"objective {objective.name} samples on one process; multi-process runs are not "
                         "supported for online objectives yet")
   train_rows = objective.rows(train_examples, tokenizer, d)
   data.check_token_ids(train_rows, model.config.vocab_size, f"{d.path} ({d.train_split} split)")
