@@ -1,6 +1,7 @@
 """What running the output head only where the loss mask asks buys, against the logits path.
 
     python benchmarks/loss_positions.py [--repeats 5]
+    python benchmarks/loss_positions.py --quick      # smoke run: tiny shapes, 1 repeat (seconds)
 
 On the race's 58M Llama shape (d 512, vocab 32k, 8 x 256 tokens), in one
 process with the two paths alternating:
@@ -11,6 +12,9 @@ process with the two paths alternating:
   the policy's and the reference's completion log-probs through
   `jft.loss.head_logps` against the model's logits.
 Prints a Markdown table of medians (seconds) and XLA's temporaries (MiB).
+`--quick` runs the same code (both paths, their agreement checked) on a
+2-layer d=32 model, 4 x 32 tokens, vocabulary 512, one timed call each: it
+checks that the benchmark runs, its times mean nothing.
 """
 
 import argparse
@@ -30,6 +34,8 @@ from jft.models.transformer import Transformer
 from jft.step import make_train_step
 
 BATCH, LENGTH, D, VOCAB = 8, 256, 512, 32000
+INTER, LAYERS, HEADS = 1376, 8, 8  # the DPO row's model: the race's 58M Llama
+QUICK = dict(BATCH=4, LENGTH=32, D=32, VOCAB=512, INTER=64, LAYERS=2, HEADS=4)  # --quick
 
 
 def masks(rng):
@@ -71,8 +77,8 @@ def head_rows(repeats):
 
 
 def dpo_row(repeats):
-  config = hf.config_from_hf(dict(model_type="llama", hidden_size=D, intermediate_size=1376, num_hidden_layers=8,
-                                  num_attention_heads=8, num_key_value_heads=8, vocab_size=VOCAB,
+  config = hf.config_from_hf(dict(model_type="llama", hidden_size=D, intermediate_size=INTER, num_hidden_layers=LAYERS,
+                                  num_attention_heads=HEADS, num_key_value_heads=HEADS, vocab_size=VOCAB,
                                   tie_word_embeddings=False, max_position_embeddings=2048, rms_norm_eps=1e-5))
   model = Transformer(config)
   method = peft.LoRA(rank=8, alpha=16.0, targets=(".*_proj",))
@@ -100,17 +106,22 @@ def dpo_row(repeats):
     for label in ("logits", "fused"):
       timed[label] = min(timed.get(label, np.inf), median_time(steps[label], args, repeats))
   mib = {label: memory_of(step)["temporaries"] / 2**20 for label, step in steps.items()}
-  return [f"| DPO step, LoRA all, 4 pairs x {LENGTH} | {timed['logits']:.2f} | {timed['fused']:.2f} "
+  return [f"| DPO step, LoRA all, {BATCH // 2} pairs x {LENGTH} | {timed['logits']:.2f} | {timed['fused']:.2f} "
           f"| {mib['logits']:,.0f} | {mib['fused']:,.0f} |"]
 
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--repeats", type=int, default=5, help="timed calls per median")
+  parser.add_argument("--repeats", type=int, default=None, help="timed calls per median (default 5; 1 with --quick)")
+  parser.add_argument("--quick", action="store_true",
+                      help="smoke run: the same code on tiny shapes (d 32, 4 x 32 tokens), 1 repeat")
   args = parser.parse_args()
+  if args.quick:
+    globals().update(QUICK)
+  repeats = args.repeats or (1 if args.quick else 5)
   print("| what | logits path s | fused s | logits temporaries MiB | fused temporaries MiB |")
   print("|---|---:|---:|---:|---:|")
-  for row in head_rows(args.repeats) + dpo_row(args.repeats):
+  for row in head_rows(repeats) + dpo_row(repeats):
     print(row, flush=True)
 
 

@@ -3,6 +3,7 @@
     python benchmarks/race.py                       # every cell, both models -> benchmarks/results.md
     python benchmarks/race.py --models small --cells lora-all,qlora-all --steps 5
     python benchmarks/race.py --compare benchmarks/results-previous.md
+    python benchmarks/race.py --quick               # smoke run: one tiny cell per side, report to stdout
 
 Each measurement runs in its own process (a fresh interpreter, so peak RSS is
 that side's alone), jft and the peer alternating cell by cell, on the same
@@ -10,7 +11,11 @@ weights (one random Llama checkpoint per model shape, written once with
 `save_pretrained`), the same token batch, AdamW and precision. Timings on a
 shared 2-core machine drift by 10-15% within minutes: only the ratios of one
 run mean anything, which is why both sides run in the same invocation.
-Not part of the test suite; the peer comes from the test extra.
+Not part of the test suite; the peer comes from the test extra. `--quick` runs
+every kind of measurement (GEMM rates, one training cell per side, compile time
+at two depths, decoding at batch 1) on a 2-layer d=64 Llama, 2 x 32 tokens, 1
+warm-up + 1 timed step, and prints the report instead of writing results.md
+(unless `--out`): it checks that the race runs, its numbers mean nothing.
 """
 
 from __future__ import annotations
@@ -43,6 +48,7 @@ class Shape:
   tied: bool
   batch: int
   length: int
+  square: int = 2048  # the square product of the GEMM-rate worker
 
   def hf_config(self, layers: int | None = None) -> dict:
     return dict(hidden_size=self.hidden, intermediate_size=self.inter, num_hidden_layers=layers or self.layers,
@@ -61,6 +67,8 @@ MODELS = {
     "small": Shape(512, 1376, 8, 8, 8, 32000, False, 8, 256),  # 58M, the reference's "small"
     "smollm2-135m": Shape(576, 1536, 30, 9, 3, 49152, True, 8, 128),
 }
+SHAPES = {**MODELS, "tiny": Shape(64, 128, 2, 4, 2, 512, False, 2, 32, square=128)}  # tiny: --quick, never by default
+QUICK = dict(models="tiny", cells="lora-all", steps=1, warmup=1)  # --quick's defaults (an explicit flag wins)
 
 ALL_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -120,7 +128,7 @@ def worker_setup(args):
   import torch
   import transformers
   torch.manual_seed(0)
-  shape = MODELS[args.model]
+  shape = SHAPES[args.model]
   model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**shape.hf_config()))
   model.save_pretrained(args.folder, safe_serialization=True)
   return {"params": sum(p.numel() for p in model.parameters())}
@@ -163,7 +171,7 @@ def worker_jft(args):
   from jft import peft, quant
   from jft.step import make_train_step
 
-  cell, shape = CELLS[args.cell], MODELS[args.model]
+  cell, shape = CELLS[args.cell], SHAPES[args.model]
   model, params = jft.load_pretrained(args.folder, param_dtype=jnp.bfloat16 if cell.bf16_storage else None)
   if cell.bf16:
     model = model.clone(dtype=jnp.bfloat16)  # fp32 storage and optimizer, bf16 compute
@@ -197,7 +205,7 @@ def worker_jft(args):
 def worker_peer(args):
   import torch
   import transformers
-  cell, shape = CELLS[args.cell], MODELS[args.model]
+  cell, shape = CELLS[args.cell], SHAPES[args.model]
   torch.set_num_threads(args.threads)
   kw = dict(dtype=torch.float32, attn_implementation="sdpa")
   if cell.quantized:
@@ -241,9 +249,9 @@ def worker_peer(args):
 
 def worker_gemm(args):
   """Matmul rate (GFLOP/s) on square and model-shaped products, fp32 and bf16: JAX's, or torch's with `--side peer`."""
-  shape = MODELS[args.model]
+  shape = SHAPES[args.model]
   tokens = shape.batch * shape.length
-  shapes = [(2048, 2048, 2048), (tokens, shape.hidden, shape.inter), (tokens, shape.inter, shape.hidden),
+  shapes = [(shape.square,) * 3, (tokens, shape.hidden, shape.inter), (tokens, shape.inter, shape.hidden),
             (tokens, shape.hidden, shape.vocab)]
   if args.side == "peer":
     import torch
@@ -284,7 +292,7 @@ def worker_compile(args):
   from jft.models import hf
   from jft.models.transformer import Transformer
   from jft.step import make_train_step
-  shape = MODELS[args.model]
+  shape = SHAPES[args.model]
   config = hf.config_from_hf({"model_type": "llama", **shape.hf_config(args.layers)})
   model = Transformer(config)
   method = jft_method(CELLS["lora-all"])
@@ -304,7 +312,7 @@ def worker_compile(args):
 def worker_generate(args):
   """Greedy decoding tokens/s, `--batch` prompts of 32 tokens, 64 new tokens each (no stop token)."""
   import numpy as np
-  shape = MODELS[args.model]
+  shape = SHAPES[args.model]
   prompts = np.random.default_rng(1).integers(3, shape.vocab, (args.batch, 32))
   new = 64
   if args.side == "jft":
@@ -506,14 +514,14 @@ def race(args):
   models = args.models.split(",")
   cells = list(CELLS) if args.cells == "all" else args.cells.split(",")
   for name in models + cells:
-    if name not in MODELS and name not in CELLS:
-      sys.exit(f"unknown model or cell {name!r}; models: {sorted(MODELS)}, cells: {sorted(CELLS)}")
+    if name not in SHAPES and name not in CELLS:
+      sys.exit(f"unknown model or cell {name!r}; models: {sorted(SHAPES)}, cells: {sorted(CELLS)}")
   previous = parse_ratios(args.compare) if args.compare else None  # read first: --out may overwrite it
   report = Report(args.out, args)
   say = lambda msg: print(msg, file=sys.stderr, flush=True)
   with tempfile.TemporaryDirectory() as tmp:
     for model in models:
-      shape = MODELS[model]
+      shape = SHAPES[model]
       folder = os.path.join(tmp, model)
       setup = spawn("setup", model=model, folder=folder)
       if "error" in setup:
@@ -539,12 +547,13 @@ def race(args):
         say("  " + report.rows[-1])
         report.write()
       if not args.skip_extras:
-        for layers in (shape.layers, 4 * shape.layers) if model == "small" else ():
+        for layers in (shape.layers, 4 * shape.layers) if model in ("small", "tiny") else ():
           r = spawn("compile", model=model, layers=layers)
           report.compile.append(f"| {model} | {layers} | {r.get('compile_s', float('nan')):.1f} |")
           report.write()
-        for batch in (1, 8):
-          got = {side: spawn("generate", model=model, folder=folder, side=side, batch=batch, steps=3,
+        for batch in (1,) if args.quick else (1, 8):
+          got = {side: spawn("generate", model=model, folder=folder, side=side, batch=batch,
+                             steps=1 if args.quick else 3,
                              threads=args.threads) for side in ("jft", "peer")}
           j, p = (got[s].get("tokens_per_s", float("nan")) for s in ("jft", "peer"))
           report.generate.append(f"| {model} | {batch} | {j:.1f} | {p:.1f} | {j / p:.2f} | "
@@ -560,7 +569,8 @@ def race(args):
     report.write()
     for w in worse:
       say("WORSE: " + w)
-  say(f"wrote {args.out}")
+  say("--quick: the report follows on stdout (pass --out to keep it)" if getattr(args, "printed", False) else
+      f"wrote {args.out}")
 
 
 def pooled(records: list) -> dict:
@@ -596,20 +606,23 @@ def row(model, cell_name, cell, shape, tokens, got, report) -> str:
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--models", default=",".join(MODELS))
-  parser.add_argument("--cells", default="all", help="comma-separated names of CELLS, or all")
-  parser.add_argument("--steps", type=int, default=5, help="timed steps per cell and side")
-  parser.add_argument("--warmup", type=int, default=2)
+  parser.add_argument("--models", help=f"comma-separated names of MODELS (default {','.join(MODELS)})")
+  parser.add_argument("--cells", help="comma-separated names of CELLS, or all (default)")
+  parser.add_argument("--steps", type=int, help="timed steps per cell and side (default 5)")
+  parser.add_argument("--warmup", type=int, help="default 2")
   parser.add_argument("--rounds", type=int, default=1,
                       help="processes per side and cell, in A B B A order; their timed steps are pooled")
   parser.add_argument("--budget", type=float, default=150.0,
                       help="seconds of steps per side and cell before it stops early")
   parser.add_argument("--threads", type=int, default=os.cpu_count())
-  parser.add_argument("--out", default=os.path.join(HERE, "results.md"))
+  parser.add_argument("--out", help="the report (default benchmarks/results.md; with --quick: printed only)")
   parser.add_argument("--compare", help="a previous results.md: flag every ratio that fell by more than 10%%")
   parser.add_argument("--skip-extras", action="store_true", help="only the training cells")
   parser.add_argument("--baseline", help="a jft source tree of another revision (e.g. a `git worktree`): a third "
                       "side, to measure what a change bought")
+  parser.add_argument("--quick", action="store_true",
+                      help="smoke run: the tiny model, one cell (lora-all), 1 warm-up + 1 timed step, decoding at "
+                           "batch 1; the report is printed, not written (unless --out)")
   # worker arguments
   parser.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
   for name in ("model", "cell", "folder", "side"):
@@ -619,8 +632,20 @@ def main():
   args = parser.parse_args()
   if args.worker:
     print(json.dumps(WORKERS[args.worker](args)), flush=True)
-  else:
+    return
+  defaults = QUICK if args.quick else dict(models=",".join(MODELS), cells="all", steps=5, warmup=2)
+  for name, value in defaults.items():
+    if getattr(args, name) is None:
+      setattr(args, name, value)
+  if args.out or not args.quick:
+    args.out = args.out or os.path.join(HERE, "results.md")
     race(args)
+    return
+  with tempfile.TemporaryDirectory() as tmp:  # --quick: nothing written that outlives the run
+    args.out, args.printed = os.path.join(tmp, "results.md"), True
+    race(args)
+    with open(args.out) as f:
+      print(f.read(), end="")
 
 
 if __name__ == "__main__":

@@ -90,13 +90,14 @@ def measure(point: str, new_tokens: int, base_cache: dict) -> dict:
   from jft import run
   from jft.peft.api import MethodError
 
-  config, model, method, params, tokenizer = run.restore_params(point)
+  r = run.restore(point)
+  config, model, method, params, tokenizer = r.config, r.model, r.method, r.params(), r.tokenizer
   fmt, size = export_bytes(point, method)
   prompt = tokenizer(config.data.template.format(text="A warm, funny and moving film."))["input_ids"]
   out = {"export_format": fmt, "export_bytes": size, "compiled_step_mib": compiled_step_mib(point),
          "decode_unmerged_ms": decode_ms_per_token(model, params, prompt, new_tokens)}
   try:
-    merged, _ = method.merge(params)
+    merged, _ = method.merge(r.tree())  # the method's own tree (VeRA's shared pair), not the model's view
     out["decode_merged_ms"] = decode_ms_per_token(model, merged, prompt, new_tokens)
   except MethodError:  # prefix / prompt tuning: virtual tokens cannot be folded into weights
     out["decode_merged_ms"] = None

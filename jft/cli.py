@@ -19,17 +19,27 @@ def _config(args):
   return cfg.build(args.config, cfg.parse_overrides(args.overrides))
 
 
+def _check_join(args):
+  """The multi-process flags, checked before the config (and its model) is read."""
+  from jft import sharding
+  sharding.check_distributed_flags(args.coordinator, args.num_processes, args.process_id, args.distributed,
+                                   args.distributed_timeout)
+
+
 def _join(args):
   """Join a multi-process run (explicit flags, or the scheduler's environment with --distributed)."""
-  if args.coordinator or args.distributed:
+  if args.coordinator is not None or args.distributed:
     from jft import sharding
-    sharding.initialize_distributed(args.coordinator, args.num_processes, args.process_id)
+    timeout = args.distributed_timeout
+    sharding.initialize_distributed(args.coordinator, args.num_processes, args.process_id,
+                                    timeout=sharding.DEFAULT_DISTRIBUTED_TIMEOUT if timeout is None else timeout)
 
 
 def _train(args) -> int:
   from jft import sharding
   from jft.train import train
 
+  _check_join(args)
   config = _config(args)  # every config error surfaces here, before any compute
   if args.init_from:
     from jft import config as cfg
@@ -103,13 +113,17 @@ def _export(args) -> int:
     print("jft export: --format adapters is deprecated; use --format trainable", file=sys.stderr)
     args.format = "trainable"
   out = files.check_output(args.out, overwrite=args.overwrite, protected=(args.workdir,))
-  config, model, method, params, tokenizer = run.restore_params(args.workdir, args.checkpoint)
+  r = run.restore(args.workdir, args.checkpoint)
+  # The method's tree, not the model's view (`r.params()`): materializing drops what only the method
+  # reads (VeRA's shared projections, P-tuning's encoder), and merge/export materialize themselves.
+  config, model, method, params, tokenizer = r.config, r.model, r.method, r.tree(), r.tokenizer
 
   def write(folder):
     if args.format == "peft":
       peft_format.export_peft(method, params, model.config, folder, base_model=config.model.name)
     elif args.format == "merged":
       merged, _ = method.merge(params)
+      _check_mergeable(method, merged, model.config)
       dense = {p: (quant.dequantize(v) if quant.is_quantized(v) else v) for p, v in rules.flatten(merged).items()}
       save_pretrained(model, rules.unflatten(dense), folder, tokenizer=tokenizer)
     else:  # trainable: jft's own format, the trainable leaves as safetensors + the method's hyperparameters
@@ -125,6 +139,22 @@ def _export(args) -> int:
   files.write_folder(out, write)
   print(f"exported {args.format} to {args.out}")
   return 0
+
+
+def _check_mergeable(method, merged, config):
+  """A merged tree must be a plain checkpoint of the model's family: a leaf the transformers layout has
+  no place for (BitFit's new biases on Llama, P-tuning's prompt, a reward head) would be dropped silently."""
+  from jft import peft, rules
+  from jft.models.hf import family_module
+  from jft.models.keymap import active_keys
+
+  kept = {key.path for key in active_keys(family_module(config.family).KEYS, config)}
+  dropped = sorted(set(rules.flatten(merged)) - kept)
+  if dropped:
+    name = "+".join(m.name for m in method.methods) if isinstance(method, peft.Compose) else method.name
+    raise peft.MethodError(f"{name} cannot be merged into a {config.family} transformers checkpoint: it has no "
+                           f"place for {', '.join(dropped[:3])}{' ...' if len(dropped) > 3 else ''} (the export "
+                           "would drop them); --format trainable keeps every trained leaf")
 
 
 def _generate(args) -> int:
@@ -183,7 +213,8 @@ def _estimate(args) -> int:
   from jft import estimate
 
   kw = dict(hardware_name=args.hardware, utilization=args.utilization, price_per_hour=args.price_per_hour)
-  estimate.hardware(args.hardware)  # a wrong name fails before any config is read
+  estimate.hardware(args.hardware)  # a wrong name or setting fails before any config is read
+  estimate.check_settings(args.utilization, args.price_per_hour)
   if args.all_methods:
     from jft import config as cfg
     configs = estimate.method_configs(args.config, cfg.parse_overrides(args.overrides))
@@ -253,6 +284,8 @@ def build_parser() -> argparse.ArgumentParser:
   m.add_argument("--distributed", action="store_true",
                  help="join a multi-process run described by the scheduler's environment "
                       "(SLURM, Cloud TPU, Kubernetes indexed jobs, Open MPI)")
+  m.add_argument("--distributed-timeout", type=float, metavar="SECONDS",
+                 help="give up (exit 2) when not every process has joined after SECONDS (default 300)")
   t.set_defaults(run=_train, accepts_overrides=True)
 
   s = sub.add_parser("sweep", help="run a hyperparameter sweep defined by a config file's sweep(arg)",

@@ -21,6 +21,7 @@ import numpy as np
 
 from jft import progress
 from jft.errors import JftError
+from jft.models.token_ids import first_bad_id
 
 EXTENSIONS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".tsv": "csv", ".parquet": "parquet"}
 
@@ -42,8 +43,16 @@ def _verify_checksum(folder: str, file: str):
                       f"got {digest[:12]}...); rebuild it with scripts/prepare_data.py")
 
 
-def load_split(source: Any, split: str = "train"):
-  """A `datasets.Dataset` for one split of a local folder/file, a DatasetDict, or a hub name."""
+def load_split(source: Any, split: str = "train", *, train_split: str | None = None, holdout: float = 0.0,
+               seed: int = 0):
+  """A `datasets.Dataset` for one split of a local folder/file, a DatasetDict, or a hub name.
+
+  A folder holds one file per split (`train.jsonl`, `validation.jsonl`...). One file serves every
+  split only through `train_split` and `holdout` (what every objective passes, from `data.*`): the
+  train split is a seeded `1 - holdout` of its rows and any other split the held-out rest
+  (`held_out`), so evaluation never runs on the training rows. Without `train_split` (a library
+  call) the file is returned whole.
+  """
   import datasets
 
   datasets.disable_progress_bars()  # its per-file bars flash past for embedded files; jft reports its own
@@ -70,14 +79,54 @@ def load_split(source: Any, split: str = "train"):
     _check_rows_file(path, ext)
     kwargs = {"delimiter": "\t"} if ext == ".tsv" else {}
     try:
-      return datasets.load_dataset(EXTENSIONS[ext], data_files={split: path}, split=split, **kwargs)
+      ds = datasets.load_dataset(EXTENSIONS[ext], data_files={split: path}, split=split, **kwargs)
     except Exception as e:  # pyarrow/pandas/datasets raise many types (rows of mixed types, ragged CSV...)
       cause = e.__cause__ or e
       raise DataError(f"{path}: cannot be read as a table of rows ({type(cause).__name__}: "
                       f"{(str(cause).splitlines() or [''])[0][:200]})") from e
+    if train_split is None or os.path.isdir(str(source)):
+      return ds
+    return ds.select(held_out(len(ds), split, path, train_split=train_split, holdout=holdout, seed=seed))
   if os.path.sep in path or path.startswith("."):
     raise DataError(f"{path}: no such file or folder")
   return datasets.load_dataset(path, split=split)  # a hub dataset, where a hub is reachable
+
+
+def split_record(d, split: str, rows: int) -> dict:
+  """Where one split of a run came from, for `results.json` (`data.splits`): its file, its row count, and
+  whether it is the held-out part of one file."""
+  path = str(d.path)
+  if os.path.isdir(path):
+    found = [f for f in sorted(os.listdir(path)) if os.path.splitext(f)[0] == split]
+    return {"source": os.path.join(path, found[0]) if found else path, "rows": rows, "holdout": False}
+  return {"source": path, "rows": rows, "holdout": os.path.isfile(path) and split != d.train_split}
+
+
+def holdout_of(d) -> dict:
+  """`load_split`'s keywords from a config's `data` section: how one file is split (seed 0, as always)."""
+  return {"train_split": d.train_split, "holdout": d.holdout, "seed": 0}
+
+
+def split_rows(rows: Sequence, eval_fraction: float = 0.1, seed: int = 0) -> tuple[list, list]:
+  """-> (train, eval): a seeded random `eval_fraction` of the rows is held out; both keep file order."""
+  if not 0 <= eval_fraction < 1:
+    raise DataError(f"eval_fraction must be in [0, 1), got {eval_fraction}")
+  rows = list(rows)
+  n_eval = int(round(eval_fraction * len(rows)))
+  held = set(np.random.default_rng(seed).permutation(len(rows))[:n_eval].tolist())
+  return ([r for i, r in enumerate(rows) if i not in held], [r for i, r in enumerate(rows) if i in held])
+
+
+def held_out(n: int, split: str, path: str, *, train_split: str, holdout: float, seed: int) -> list[int]:
+  """Which of one file's `n` rows make `split`: the train split keeps `1 - holdout` of them (seeded), any
+  other split the held-out rows. With `holdout` 0 an evaluation split would be the training rows: an error."""
+  if split != train_split and not holdout:
+    raise DataError(f"{path}: one file serves every split and data.holdout=0, so the {split!r} split would be the "
+                    f"training rows; set data.holdout (e.g. 0.1) or give a folder with a {split} file")
+  train, held = split_rows(range(n), holdout, seed)
+  if split != train_split and not held:
+    raise DataError(f"{path}: data.holdout={holdout} of {n} rows holds out none for the {split!r} split")
+  return train if split == train_split else held
 
 
 def _check_rows_file(path: str, ext: str):
@@ -129,8 +178,6 @@ def check_token_ids(rows, vocab_size: int, where: str):
   A tokenizer with tokens the embedding table lacks (added special tokens, another model's
   tokenizer) would otherwise index past the table, which gives NaN logits without an error.
   """
-  from jft.models.token_ids import first_bad_id
-
   def walk(x, index):
     if isinstance(x, np.ndarray):
       found = first_bad_id(x, vocab_size) if x.dtype.kind in "iu" else None
@@ -252,7 +299,11 @@ def pad_batch(rows, length: int, pad_id: int = 0, left: bool = False):
 
 
 def pack_rows(rows, length: int, pad_id: int = 0):
-  """Greedy packing into rows of `length`: attention_mask holds segment ids 1, 2, ... (0 = padding)."""
+  """Greedy packing into rows of `length`: attention_mask holds segment ids 1, 2, ... (0 = padding).
+
+  A segment's first token is never a target (as position 0 of an unpacked row is not): without that,
+  the previous segment's last token would be trained to predict it across the boundary.
+  """
   packed, current, used = [], [], 0
   for x, m in rows:
     if used + len(x) > length and current:
@@ -269,6 +320,7 @@ def pack_rows(rows, length: int, pad_id: int = 0):
     pos = 0
     for s, (x, m) in enumerate(group, start=1):
       ids[r, pos:pos + len(x)], seg[r, pos:pos + len(x)], loss[r, pos:pos + len(x)] = x, s, m
+      loss[r, pos] = 0
       pos += len(x)
   return {"input_ids": ids, "attention_mask": seg, "loss_mask": loss}
 
@@ -304,16 +356,17 @@ class Batches:
 
   def _epoch_batches(self, epoch: int) -> list[list[int]]:
     order = np.random.default_rng([self.seed, epoch]).permutation(len(self.rows))
-    if self.pack:
-      batches, current, used = [], [], 0
-      capacity = self.batch_size * self.max_length
+    if self.pack:  # as `pack_rows` fills rows: a batch ends where its next example would need one row more
+      batches, current, rows, fill = [], [], 0, 0
       for i in order:
         n = self.length(self.rows[i])
-        if used + n > capacity and current:
-          batches.append(current)
-          current, used = [], 0
+        if not rows or fill + n > self.max_length:
+          if rows == self.batch_size:
+            batches.append(current)
+            current, rows = [], 0
+          rows, fill = rows + 1, 0
         current.append(int(i))
-        used += n
+        fill += n
       return batches  # the last partial batch is dropped: every batch is full
     window = self.batch_size * max(self.bucket, 1)
     batches = []

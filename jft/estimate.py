@@ -185,12 +185,15 @@ def _model_config(path: str, mtime: float):
 
 
 def shapes(config) -> Shapes:
-  """Abstract params (quantized as configured), the method's split and the optimizer state of a run config."""
-  from jft import run
+  """Abstract params (quantized as configured), the method's split and the optimizer state of a run config.
+  The config is checked against the model's as `jft train` checks it (`schema.validate_against_model`:
+  the longest row inside the model's context), so nothing is estimated for a run train refuses."""
+  from jft import run, schema
   from jft.models import hf
 
   dtype = jnp.dtype(config.model.dtype)
   mc = model_config(config.model.name)
+  schema.validate_against_model(config, mc)
   base = hf.abstract_params(mc, dtype)
   if config.quant.format:
     base = quant.abstract_quantize(base, ((r"layers/.*/kernel", config.quant.format),),
@@ -459,11 +462,19 @@ def memory(s: Shapes) -> dict:
   return out
 
 
+def check_settings(utilization: float = DEFAULT_UTILIZATION, price_per_hour: Optional[float] = None):
+  """The estimate's own settings, checked before any config is read: a utilization in (0, 1] and a
+  positive, finite price (None: the hardware's typical price)."""
+  if not 0 < utilization <= 1:
+    raise EstimateError(f"--utilization {utilization}: expected a fraction in (0, 1]")
+  if price_per_hour is not None and not 0 < price_per_hour < math.inf:
+    raise EstimateError(f"--price-per-hour {price_per_hour}: expected a positive price in USD per chip-hour")
+
+
 def analytic(config, hardware_name: str = "cpu", utilization: float = DEFAULT_UTILIZATION,
              price_per_hour: Optional[float] = None, name: Optional[str] = None) -> Estimate:
   """The cost of the run `config` describes: params, memory, FLOPs, step time and cost, from shapes alone."""
-  if not 0 < utilization <= 1:
-    raise EstimateError(f"--utilization {utilization}: expected a fraction in (0, 1]")
+  check_settings(utilization, price_per_hour)
   hw = hardware(hardware_name)
   s = shapes(config)
   counts = peft.count(s.method, peft.combine(s.trainable, s.frozen))

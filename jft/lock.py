@@ -29,13 +29,14 @@ class WorkdirLockedError(JftError, RuntimeError):
 
 @contextlib.contextmanager
 def workdir_lock(workdir: str, enabled: bool = True, warn=None):
-  """Hold `workdir`'s lock for the block. `enabled=False` (processes other than 0) does nothing."""
-  if not enabled:
+  """Hold `workdir`'s lock for the block. `enabled=False` (processes other than 0) does nothing, and so
+  does a lock this process already holds (a sweep worker holds its point's lock around `train`)."""
+  path = os.path.join(os.path.realpath(workdir), NAME) if enabled else None
+  if not enabled or path in _held:
     yield
     return
   warn = warn or (lambda msg: print(msg, file=sys.stderr, flush=True))
   os.makedirs(workdir, exist_ok=True)
-  path = os.path.join(os.path.realpath(workdir), NAME)
   mine = _acquire(path, warn)
   _held.add(path)
   try:

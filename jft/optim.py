@@ -34,6 +34,16 @@ def schedule(cfg, total_steps: int):
   return optax.join_schedules([optax.linear_schedule(0.0, cfg.lr, warmup), decay], [warmup])
 
 
+def _in_updates(cfg, k: int):
+  """`cfg` with warmup counted in optimizer updates (k train steps each)."""
+  if k == 1:
+    return cfg
+  updated = cfg.copy_and_resolve_references()
+  with updated.unlocked():
+    updated.warmup_steps = -(-cfg.warmup_steps // k)
+  return updated
+
+
 def decay_mask(cfg, trainable, method=None):
   """Which leaves take weight decay: the method's say for its own leaves (LoRA's magnitude,
   prompt vectors: no), and the config's rules (first full match wins; unmatched leaves decay)."""
@@ -46,7 +56,14 @@ def decay_mask(cfg, trainable, method=None):
 
 
 def make_optimizer(cfg, total_steps: int, trainable, method=None) -> optax.GradientTransformation:
-  lr = schedule(cfg, total_steps)
+  """optax from `cfg` for a run of `total_steps` train steps (micro-batches).
+
+  With `grad_accum` k the schedule's clock is the optimizer's updates, one per k steps
+  (`optax.MultiSteps`), so warmup and decay are counted in updates: ceil(steps / k) of them, warmup
+  ceil(warmup_steps / k), and the run spans the whole schedule, as without accumulation.
+  """
+  k = max(cfg.grad_accum, 1)
+  lr = schedule(_in_updates(cfg, k), -(-total_steps // k))
   decay = decay_mask(cfg, trainable, method)
   if cfg.name == "adamw":
     base = optax.adamw(lr, b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay, mask=decay)

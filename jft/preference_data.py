@@ -27,7 +27,7 @@ from typing import NamedTuple, Optional, Sequence
 
 import numpy as np
 
-from jft.data import DataError, jsonl_rows, read_text, render_prompt, response_ids, text_of
+from jft.data import DataError, held_out, jsonl_rows, read_text, render_prompt, response_ids, text_of
 
 ALPACA_PROMPT = ("Below is an instruction that describes a task. "
                  "Write a response that appropriately completes the request.\n\n"
@@ -68,16 +68,6 @@ def load_json_rows(path: str) -> list[dict]:
     if not isinstance(row, dict):
       raise DataError(f"{path}: row {i} is a {type(row).__name__}, not an object")
   return rows
-
-
-def split_rows(rows: Sequence, eval_fraction: float = 0.1, seed: int = 0) -> tuple[list, list]:
-  """-> (train, eval): a seeded random `eval_fraction` of the rows is held out; both keep file order."""
-  if not 0 <= eval_fraction < 1:
-    raise DataError(f"eval_fraction must be in [0, 1), got {eval_fraction}")
-  rows = list(rows)
-  n_eval = int(round(eval_fraction * len(rows)))
-  held = set(np.random.default_rng(seed).permutation(len(rows))[:n_eval].tolist())
-  return ([r for i, r in enumerate(rows) if i not in held], [r for i, r in enumerate(rows) if i in held])
 
 
 # ---------------------------------------------------------------------------- instructions
@@ -439,5 +429,6 @@ def split_of(path: str, split: str, *, train_split: str, holdout: float, seed: i
       if os.path.isfile(file):
         return load_json_rows(file)
     raise DataError(f"{path}: no {split}.jsonl or {split}.json; found {sorted(os.listdir(path))}")
-  train, held = split_rows(load_json_rows(path), holdout, seed)
-  return train if split == train_split else held
+  rows = load_json_rows(path)
+  keep = held_out(len(rows), split, path, train_split=train_split, holdout=holdout, seed=seed)
+  return [rows[i] for i in keep]

@@ -37,13 +37,15 @@ def read_results(workdir: str) -> dict:
 
 
 def plot_run(workdir: str) -> str | None:
-  """`curves.png` of a run: training (and validation) loss, and each other evaluation metric, by step."""
+  """`curves.png` of a run: training (and validation) loss, and each other evaluation metric, by step; the
+  zero-shot measurement is its own point, labelled with the split it was measured on."""
   records = read_metrics(workdir)
   train = [r for r in records if r["kind"] == "train"]
   if not train:
     return None
-  evals = [r for r in records if r["kind"] in ("zero_shot", "eval")]
-  others = [k for k in ("accuracy", "exact_match") if any(k in r for r in evals)]
+  evals = [r for r in records if r["kind"] == "eval"]
+  zero = [r for r in records if r["kind"] == "zero_shot"][-1:]  # measured on its own split: not a curve point
+  others = [k for k in ("accuracy", "exact_match") if any(k in r for r in evals + zero)]
   plt = pyplot()
   fig, axes = plt.subplots(1, 1 + len(others), figsize=(4.5 * (1 + len(others)), 3.4), squeeze=False)
   for ax, name in zip(axes[0], ["loss"] + others):
@@ -52,6 +54,9 @@ def plot_run(workdir: str) -> str | None:
     points = [(r["step"], r[name]) for r in evals if name in r]
     if points:
       ax.plot(*zip(*points), "o-", label="validation")
+    for r in zero:
+      if name in r:
+        ax.plot([r["step"]], [r[name]], "s", color="grey", label=f"zero-shot ({r.get('split', 'before training')})")
     ax.set(xlabel="step", ylabel=name, title=name)
     ax.grid(alpha=0.3)
     ax.legend()

@@ -133,7 +133,7 @@ def merged_base(workdir: str, model_name: str, base):
     raise RunError(f"--init-from {workdir}: that run fine-tuned {earlier.config.model.name}, this one "
                    f"{model_name}; an adapter only applies to its own base")
   try:
-    merged, _ = earlier.method.merge(earlier.params())
+    merged, _ = earlier.method.merge(earlier.tree())
   except peft.MethodError as e:
     raise RunError(f"--init-from {workdir}: {e}") from None
   flat, want = rules.flatten(merged), rules.flatten(base)
@@ -162,10 +162,18 @@ class Restored:
   step: int
   source: str  # "best" or "latest"
 
+  def tree(self, trainable=None) -> dict:
+    """The method's own tree, of `trainable` (default: the restored leaves): beside them the frozen part
+    as the run's `init` made it (the base, and frozen method leaves such as VeRA's shared projections,
+    rebuilt from the run's seed). This is what the method's own functions take: `merge`, `peft.split`,
+    `jft.peft.peft_format.export_peft` (each materializes what it needs itself)."""
+    return peft.combine(self.trainable if trainable is None else trainable, self.init.frozen)
+
   def params(self, trainable=None) -> dict:
-    """The params as the model runs them, of `trainable` (default: the restored leaves)."""
-    return self.method.materialize(peft.combine(self.trainable if trainable is None else trainable,
-                                                self.init.frozen))
+    """The params as the model runs them (`method.materialize` of `tree(trainable)`): for the model only.
+    Materializing drops what only the method reads (VeRA's shared pair, P-tuning's encoder), so merging
+    and exporting take `tree()`."""
+    return self.method.materialize(self.tree(trainable))
 
   def reference(self):
     """The reference model's params (the base view), when the run's objective has one; else None."""
@@ -212,6 +220,9 @@ def restore(workdir: str, which: str = "best", mesh=None, report=None) -> Restor
 
 
 def restore_params(workdir: str, which: str = "best", mesh=None):
-  """-> (config, model, method, params as the model runs them, tokenizer) of a run (see `restore`)."""
+  """-> (config, model, method, params as the model runs them, tokenizer) of a run (see `restore`).
+
+  The params are for the model (decoding, evaluation); merging or exporting the method takes
+  `restore(...).tree()` instead."""
   r = restore(workdir, which, mesh)
   return r.config, r.model, r.method, r.params(), r.tokenizer

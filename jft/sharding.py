@@ -25,6 +25,8 @@ import dataclasses
 import json
 import math
 import os
+import sys
+import threading
 from typing import Any, Mapping, Sequence
 
 import jax
@@ -92,27 +94,112 @@ def describe(mesh: Mesh) -> dict:
           "platform": mesh.devices.flat[0].platform}
 
 
+DEFAULT_DISTRIBUTED_TIMEOUT = 300  # seconds a process waits for every process of the run to join
+_JAX_TIMEOUT_GRACE = 60  # JAX's own timeout is longer: on it JAX aborts the process, so ours must come first
+
+
+class DistributedError(ShardingError):
+  """A multi-process run's flags that cannot work, or processes that did not all join in time."""
+
+
+def check_distributed_flags(coordinator: str | None = None, num_processes: int | None = None,
+                            process_id: int | None = None, distributed: bool = False,
+                            timeout: float | None = None):
+  """The multi-process flags of `jft train`, checked before anything starts (no JAX call): either
+  `--coordinator HOST:PORT --num-processes N --process-id I` together, I in 0..N-1, or `--distributed`
+  alone (the scheduler's environment says all three); `--distributed-timeout` only with one of them."""
+  given = [flag for flag, value in (("--coordinator", coordinator), ("--num-processes", num_processes),
+                                    ("--process-id", process_id)) if value is not None]
+  if timeout is not None:
+    if not 0 < timeout < math.inf:
+      raise DistributedError(f"--distributed-timeout {timeout:g}: expected a positive number of seconds")
+    if coordinator is None and not distributed:
+      raise DistributedError(f"--distributed-timeout {timeout:g} needs a multi-process run: --coordinator HOST:PORT "
+                             "--num-processes N --process-id I, or --distributed")
+  if distributed and given:
+    raise DistributedError(f"--distributed reads the run from the scheduler's environment: drop {' and '.join(given)}, "
+                           "or drop --distributed and pass --coordinator, --num-processes and --process-id")
+  if num_processes is not None and num_processes < 1:
+    raise DistributedError(f"--num-processes {num_processes}: must be >= 1")
+  if process_id is not None and num_processes is not None and not 0 <= process_id < num_processes:
+    raise DistributedError(f"--process-id {process_id} is not in [0, {num_processes}) (--num-processes "
+                           f"{num_processes}: ids 0 .. {num_processes - 1})")
+  if process_id is not None and process_id < 0:
+    raise DistributedError(f"--process-id {process_id}: must be >= 0")
+  if coordinator is None:
+    if given:
+      raise DistributedError(f"{' and '.join(given)} without --coordinator HOST:PORT (process 0's address): the run "
+                             "would be one process; pass all three flags, or --distributed under a scheduler")
+    return
+  if num_processes is None or process_id is None:
+    raise DistributedError("--coordinator needs --num-processes and --process-id")
+  host, sep, port = coordinator.rpartition(":")
+  if not sep or not host or not port.isdigit():
+    raise DistributedError(f"--coordinator {coordinator!r}: expected HOST:PORT, process 0's address and a free port "
+                           "(e.g. 10.0.0.1:1234)")
+  if ":" in host and not (host.startswith("[") and host.endswith("]")):
+    raise DistributedError(f"--coordinator {coordinator!r}: an IPv6 host goes in brackets ([::1]:{port})")
+  if not 1 <= int(port) <= 65535:
+    raise DistributedError(f"--coordinator {coordinator}: port {port} is not in 1..65535")
+
+
 def initialize_distributed(coordinator: str | None = None, num_processes: int | None = None,
-                           process_id: int | None = None):
+                           process_id: int | None = None, timeout: float = DEFAULT_DISTRIBUTED_TIMEOUT):
   """Join a multi-process run with JAX's own runtime (`jax.distributed`).
 
   With a coordinator address all three values are given by the caller;
   without, JAX detects them from the scheduler's environment (SLURM, Cloud
   TPU, Kubernetes indexed jobs, Open MPI). On CPU, collectives go over gloo.
+
+  Prints one line to stderr, then waits at most `timeout` seconds for every
+  process to join; past it, a `DistributedError` names the coordinator, this
+  process and the timeout. (JAX itself would abort the process on its own
+  timeout: the join runs in a thread, JAX's timeout set `_JAX_TIMEOUT_GRACE`
+  seconds later. After the error the process cannot join again: exit it.)
   """
-  if coordinator is not None and (num_processes is None or process_id is None):
-    raise ShardingError("--coordinator needs --num-processes and --process-id")
-  if coordinator is not None and not 0 <= process_id < num_processes:
-    raise ShardingError(f"--process-id {process_id} is not in [0, {num_processes})")
+  check_distributed_flags(coordinator, num_processes, process_id, distributed=coordinator is None, timeout=timeout)
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
   if coordinator is None:
-    try:
-      jax.distributed.initialize()
-    except (ValueError, RuntimeError) as e:
-      raise ShardingError(f"--distributed: JAX found no cluster to join ({e}); outside SLURM, Cloud TPU, "
-                          "Kubernetes or Open MPI pass --coordinator HOST:PORT --num-processes N --process-id I") from None
+    print(f"waiting for the processes of the scheduler's run (--distributed) ... up to {timeout:g} s",
+          file=sys.stderr, flush=True)
+    kwargs = {}
   else:
-    jax.distributed.initialize(coordinator, num_processes=num_processes, process_id=process_id)
+    print(f"waiting for {num_processes} processes at {coordinator} (process {process_id}) ... up to {timeout:g} s",
+          file=sys.stderr, flush=True)
+    kwargs = dict(coordinator_address=coordinator, num_processes=num_processes, process_id=process_id)
+  done, failure = threading.Event(), []
+
+  def join():
+    try:
+      jax.distributed.initialize(**kwargs, initialization_timeout=math.ceil(timeout) + _JAX_TIMEOUT_GRACE)
+    except BaseException as e:  # handed to the waiting thread
+      failure.append(e)
+    finally:
+      done.set()
+
+  threading.Thread(target=join, name="jft-distributed-join", daemon=True).start()
+  if not done.wait(timeout):
+    if coordinator is None:
+      raise DistributedError(f"--distributed: timed out after {timeout:g} s (--distributed-timeout) waiting for the "
+                             "processes of the scheduler's run to join")
+    check = ("were the other processes started" if process_id == 0 else f"is process 0 running at {coordinator}, "
+             "and was every process started")
+    raise DistributedError(f"--coordinator {coordinator}: process {process_id} timed out after {timeout:g} s "
+                           f"(--distributed-timeout) waiting for all {num_processes} processes to join; {check} with "
+                           "the same --coordinator and --num-processes?")
+  if not failure:
+    return
+  e = failure[0]
+  if not isinstance(e, (ValueError, RuntimeError)):
+    raise e
+  if coordinator is None:
+    raise DistributedError(f"--distributed: JAX found no cluster to join ({e}); outside SLURM, Cloud TPU, "
+                           "Kubernetes or Open MPI pass --coordinator HOST:PORT --num-processes N --process-id I"
+                           ) from None
+  why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+  hint = f"; is port {coordinator.rpartition(':')[2]} free on this host?" if process_id == 0 else ""
+  raise DistributedError(f"--coordinator {coordinator}: process {process_id} of {num_processes} could not join "
+                         f"({why}){hint}") from e
 
 
 def is_primary() -> bool:

@@ -48,6 +48,7 @@ import numpy as np
 from jft import config as cfg
 from jft import files
 from jft.errors import JftError
+from jft.lock import WorkdirLockedError, pid_running, workdir_lock
 
 ARG = "arg:"  # prefix of a key that sets the config file's argument, not a field
 SWEEP_FILE, POINT_FILE = "sweep.json", "point.json"
@@ -275,8 +276,30 @@ def load_points(sweep_dir: str) -> list[tuple[str, dict]]:
 # One point, in its own process
 # ----------------------------------------------------------------------------
 
+TAKEN = 4  # run_point's exit code when another process (a second sweep on the folder) runs the point
+
+
 def run_point(folder: str) -> int:
-  """Train (or resume) the point in `folder`; record done / pruned / failed in its point.json."""
+  """Train (or resume) the point in `folder`; record done / pruned / failed in its point.json.
+
+  The point's lock is taken first, so of two sweeps started on one folder only one runs a point
+  and records it; the other leaves its record alone and exits `TAKEN`.
+  """
+  try:
+    with workdir_lock(folder):
+      return _run_point(folder)
+  except WorkdirLockedError as e:
+    print(f"{e}; left to that process", file=sys.stderr)
+    return TAKEN
+
+
+def running_elsewhere(record: dict) -> bool:
+  """Whether a point recorded as running is run by a live process on this host (another sweep's worker)."""
+  return (record.get("status") == "running" and record.get("host") == os.uname().nodename
+          and isinstance(record.get("pid"), int) and record["pid"] != os.getpid() and pid_running(record["pid"]))
+
+
+def _run_point(folder: str) -> int:
   from jft.train import train
 
   record = read_point(folder)
@@ -467,7 +490,7 @@ class Sweep:
     record = read_point(folder) if folder else None
     if record is None:
       return True
-    if record["status"] in ("done", "pruned"):
+    if record["status"] in ("done", "pruned") or running_elsewhere(record):
       return False
     return not (record["status"] == "failed" and record.get("failures", 0) >= MAX_FAILURES)
 
@@ -478,8 +501,12 @@ class Sweep:
     self._claim_folder()
     indices = [only] if only is not None else list(range(self.size))
     skipped = [i for i in indices if not self.todo(i)]
-    if skipped:
-      self.echo(f"{len(skipped)} point(s) already finished: " + ", ".join(map(str, skipped)))
+    elsewhere = [i for i in skipped if running_elsewhere(read_point(self._folder(i)))]
+    if elsewhere:
+      self.echo(f"{len(elsewhere)} point(s) running in another process (a second sweep on this folder), left to "
+                "it: " + ", ".join(map(str, elsewhere)))
+    if finished := [i for i in skipped if i not in elsewhere]:
+      self.echo(f"{len(finished)} point(s) already finished: " + ", ".join(map(str, finished)))
     queue = [i for i in indices if i not in skipped]
     running: dict[int, tuple[subprocess.Popen, str]] = {}
     stop = {"signal": None}
@@ -502,6 +529,9 @@ class Sweep:
             continue
           del running[index]
           record = read_point(folder)
+          if proc.returncode == TAKEN:
+            self.echo(f"point {index}: running in another process (a second sweep on this folder), left to it")
+            continue
           if record["status"] == "running":  # the process died without a word (killed, out of memory)
             record.update(status="failed", failures=record.get("failures", 0) + 1,
                           error=f"worker exited with code {proc.returncode}")

@@ -251,7 +251,10 @@ def _train(config, workdir, resume, echo, dry_run, on_eval) -> dict:
                 {"data": position or batches.state(), "best": best, "step": step})
 
   # ---- Zero-shot evaluation --------------------------------------------------
-  results = {"counts": {"trainable": counts.trainable, "total": counts.total, "percent": counts.percent}}
+  results = {"counts": {"trainable": counts.trainable, "total": counts.total, "percent": counts.percent},
+             "data": {"splits": {d.train_split: data.split_record(d, d.train_split, len(train_examples)),
+                                 **({d.eval_split: data.split_record(d, d.eval_split, len(eval_examples))}
+                                    if d.eval_split else {})}}}
   zero_split = {"eval": d.eval_split, "test": d.test_split}[c.eval.zero_shot_split]
   if start == 0 and c.eval.zero_shot and zero_split:
     limit = d.max_eval_examples if c.eval.zero_shot_split == "eval" else d.max_test_examples
@@ -259,7 +262,7 @@ def _train(config, workdir, resume, echo, dry_run, on_eval) -> dict:
     if unknown := _unknown_metric(c, zero):
       raise TrainingError(f"{unknown}; nothing was trained")
     results["zero_shot"] = {"split": zero_split, **zero}
-    log(0, "zero_shot", zero)
+    log(0, "zero_shot", {"split": zero_split, **zero})
     echo("zero-shot " + _fmt(zero))
 
   samples_path = os.path.join(workdir, "samples.json")
@@ -369,6 +372,7 @@ def _train(config, workdir, resume, echo, dry_run, on_eval) -> dict:
     if best is not None and best["step"] != c.train.steps:
       _, saved, _ = best_mngr.restore({"trainable": checkpoint.abstract(trainable)}, upgrade=method.upgrade_path)
       params = run_params(saved["trainable"])
+    results["data"]["splits"][d.test_split] = data.split_record(d, d.test_split, len(test_examples))
     results["test"] = evaluate_on(params, test_examples, "test")
     log(c.train.steps, "test", results["test"])
     echo("test " + _fmt(results["test"]))
@@ -483,6 +487,9 @@ def _write_summary(workdir: str, c, method, results: dict):
            f"({results['counts']['percent']:.4f}%)",
            f"- steps: {results['steps']} x batch {c.train.batch_size}, {results['seconds']:.0f} s"
            + (" (interrupted)" if results["interrupted"] else "")]
+  if splits := results.get("data", {}).get("splits"):
+    lines.append("- data: " + ", ".join(f"{name} {r['rows']} rows from {os.path.basename(r['source'])}"
+                                        + (" (held out)" if r["holdout"] else "") for name, r in splits.items()))
   if results.get("phases"):
     lines.append("- time: " + ", ".join(f"{name} {seconds:.0f} s" for name, seconds in results["phases"].items()))
   for key in ("zero_shot", "validation", "test"):

@@ -53,9 +53,11 @@ def _damage(path: str, how: str):
   elif how == "truncated":
     with open(path, "r+b") as f:
       f.truncate(os.path.getsize(path) // 2)
-  elif how == "garbage":
+  elif how == "garbage":  # seeded, so a failure reproduces (orbax names its d/* files at random: no name seed)
+    import random
+
     with open(path, "wb") as f:
-      f.write(os.urandom(max(16, os.path.getsize(path))))
+      f.write(random.Random(0).randbytes(max(16, os.path.getsize(path))))
   else:  # 16 flipped bytes, spread over the file
     data = bytearray(open(path, "rb").read())
     for i in range(16):

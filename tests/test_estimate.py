@@ -31,7 +31,13 @@ SHAPES = {
 BATCH = {"A": (4, 48), "B": (8, 128), "F": (2, 16)}
 METHODS = {"full": ("full", {}, ""), "lora": ("lora", {"rank": 8}, ""), "qlora": ("lora", {"rank": 8}, "nf4"),
            "ia3": ("ia3", {}, ""), "prompt": ("prompt", {"num_virtual_tokens": 16}, "")}
-TOLERANCE = 0.15
+# README: the estimate is "within 6.6% of XLA's analysis of the compiled step for full FT, LoRA, QLoRA, IA3 and
+# prompt tuning on two model shapes with remat dots (the default) and full, 8.0% without remat": the largest
+# |error| of those cases printed to 0.1% (the README once said 7.1% for all three; full FT without remat is
+# -8.0%). Remat dots_no_batch is outside that claim: the earlier 15%.
+TOLERANCE = 0.0665
+TOLERANCE_BY_REMAT = {"none": 0.0805}
+TOLERANCE_OUTSIDE_THE_CLAIM = 0.15
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +75,7 @@ def compiled_memory(c) -> dict:
   return estimate.compiled_step_memory(step, st, c.train.batch_size, c.data.max_length)
 
 
-def _check_memory(folders, shape, method, remat):
+def _check_memory(folders, shape, method, remat, tolerance=TOLERANCE):
   c = make_config(folders[shape], shape, method, remat)
   est = estimate.memory(estimate.shapes(c))
   xla = compiled_memory(c)
@@ -78,7 +84,7 @@ def _check_memory(folders, shape, method, remat):
   err = est["total"] / xla["total"] - 1
   print(f"{shape} {method} remat={remat}: estimate {est['total'] / 2**20:.2f} MiB, "
         f"XLA {xla['total'] / 2**20:.2f} MiB ({err:+.1%})")
-  assert abs(err) <= TOLERANCE
+  assert abs(err) <= tolerance, f"{shape} {method} remat={remat}: {err:+.1%}, claimed within {tolerance:.2%}"
 
 
 # Four methods over two shapes by default (full FT and QLoRA on A, LoRA and IA3 on B); the other
@@ -89,7 +95,7 @@ _SLOW_PAIRS = {("A", "lora"), ("A", "ia3"), ("B", "full"), ("B", "qlora")}
 @pytest.mark.parametrize("shape,method", [
     pytest.param(s, m, marks=[pytest.mark.slow] if (s, m) in _SLOW_PAIRS else [])
     for s in ("A", "B") for m in ("full", "lora", "qlora", "ia3")])
-def test_memory_within_15_percent_of_compiled_step(folders, shape, method):
+def test_memory_within_6_6_percent_of_compiled_step(folders, shape, method):
   _check_memory(folders, shape, method, DEFAULT_REMAT)
 
 
@@ -98,7 +104,9 @@ def test_memory_within_15_percent_of_compiled_step(folders, shape, method):
                                           ("lora", "full"), ("qlora", "full"), ("prompt", "full"),
                                           ("lora", "dots_no_batch")])
 def test_memory_more_cases(folders, method, remat):
-  _check_memory(folders, "B", method, remat)
+  _check_memory(folders, "B", method, remat,
+                TOLERANCE_BY_REMAT.get(remat, TOLERANCE) if remat in (DEFAULT_REMAT, "none", "full")
+                else TOLERANCE_OUTSIDE_THE_CLAIM)
 
 
 def test_flops_match_hand_count(folders):
@@ -167,3 +175,35 @@ def test_memory_warning_when_over_the_hardware(folders):
   c.train.batch_size = 4096  # ~40 GiB of saved activations: more than a TPU v5e's 16 GiB
   e = estimate.analytic(c, "tpu-v5e")
   assert e.fits is False and "more than the 16.00 GiB of one tpu-v5e" in estimate.memory_warning(e)
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--price-per-hour", "-5"], "--price-per-hour -5.0: expected a positive price in USD per chip-hour"),
+    (["--price-per-hour", "0"], "--price-per-hour 0.0: expected a positive price"),
+    (["--utilization", "0"], "--utilization 0.0: expected a fraction in (0, 1]"),
+    (["--utilization", "1.5"], "--utilization 1.5: expected a fraction in (0, 1]"),
+    # What `jft train` refuses (schema.validate_against_model): shape B's context is 512 positions.
+    (["--config.data.max_length=1000000"], "data.max_length=1000000 = 1000000 positions exceeds the context of "
+                                           "model"),
+    (["--config.data.max_length=510"], "data.max_length=510 + 20 virtual tokens (prompt) = 530 positions exceeds"),
+])
+def test_cli_refuses_what_train_refuses_and_bad_settings(folders, capsys, argv, message):
+  method = "prompt" if "virtual tokens" in message else "lora"
+  rc = main(["estimate", "--config", f"configs/tiny.py:method={method}", f"--config.model.name={folders['B']}", *argv])
+  err = capsys.readouterr().err.strip()
+  assert rc == 2 and message in err and len(err.splitlines()) == 1 and err.startswith("jft estimate: error:"), err
+
+
+def test_settings_are_checked_before_the_config_is_read(capsys):
+  rc = main(["estimate", "--config", "configs/no_such_file.py", "--price-per-hour", "-5"])
+  assert rc == 2 and "--price-per-hour -5.0" in capsys.readouterr().err
+  with pytest.raises(estimate.EstimateError, match="--price-per-hour -1"):
+    estimate.check_settings(0.4, -1)
+  estimate.check_settings(1.0, None)  # None: the hardware's typical price (cpu's is 0)
+
+
+def test_analytic_checks_the_context_like_train(folders):
+  c = make_config(folders["F"], "F", "lora")
+  c.data.max_length = 65  # shape F's context is 64 positions
+  with pytest.raises(estimate.JftError, match="data.max_length=65 = 65 positions exceeds the context"):
+    estimate.analytic(c)

@@ -3,6 +3,7 @@
 import csv
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -155,6 +156,36 @@ def test_local_files_of_every_kind(tmp_path):
     data.load_split(str(tmp_path), "test")
 
 
+@pytest.mark.parametrize("objective", ["classification", "sft", "lm", "grpo", "instruct", "dpo"])
+def test_one_data_file_is_split_by_holdout_for_every_objective(objective, tmp_path):
+  """One file given for a run with evaluation: the validation and test rows are held out of training
+  (seeded, the same for every objective), and with data.holdout=0 evaluation is refused by name."""
+  from jft import objectives
+
+  rows = [{"text": f"review {i}", "label": "positive" if i % 2 else "negative", "prompt": f"q{i}",
+           "response": f"a{i}", "instruction": f"do {i}", "output": f"done {i}", "chosen": f"c{i}",
+           "rejected": f"r{i}"} for i in range(40)]
+  path = str(tmp_path / "one.jsonl")
+  with open(path, "w") as f:
+    f.writelines(json.dumps(r) + "\n" for r in rows)
+  c = cfg.build(f"{TINY}:objective={objective}", [("model.name", "/m"), ("data.path", path), ("data.template", "{text}"),
+                                                 ("data.chat", "false")] + ([("objective.hparams.reward", "x:y")]
+                                                                            if objective == "grpo" else []))
+  objective_ = objectives.from_config(c)
+  seen = {split: objective_.examples(c.data, None, split, None) for split in ("train", "validation", "test")}
+  key = lambda ex: json.dumps(ex, sort_keys=True)
+  train_, validation = {key(ex) for ex in seen["train"]}, {key(ex) for ex in seen["validation"]}
+  assert len(seen["train"]) == 36 and len(seen["validation"]) == 4 and not train_ & validation
+  assert seen["validation"] == seen["test"]
+  assert data.split_record(c.data, "validation", 4) == {"source": path, "rows": 4, "holdout": True}
+  with c.unlocked():
+    c.data.holdout = 0.0
+  assert len(objective_.examples(c.data, None, "train", None)) == 40
+  with pytest.raises(data.DataError, match=r"one\.jsonl: one file serves every split and data\.holdout=0, so the "
+                                           r"'validation' split would be the training rows"):
+    objective_.examples(c.data, None, "validation", None)
+
+
 def test_embedded_data_checksums():
   with open(os.path.join(ROOT, "data", "sentiment", "SHA256SUMS")) as f:
     assert len(f.read().split()) == 6
@@ -295,28 +326,137 @@ def test_kill_resume_equals_uninterrupted_then_eval_and_export(tiny_model, tmp_p
   assert recorded["sha256"] == run.base_identity(tiny_model)["sha256"]
 
 
-@pytest.mark.parametrize("overrides", [
-    [("optim.name", "sgd"), ("optim.schedule", "linear"), ("optim.weight_decay", "0.01")],
-    [("optim.name", "adafactor"), ("optim.schedule", "constant")],
-    [("optim.grad_accum", "2"), ("optim.warmup_steps", "0")],
-])
-def test_optimizers_from_config(overrides, tiny_model):
+def _optim_config(tiny_model, **optim):
+  return cfg.build(TINY, [("model.name", tiny_model)] + [(f"optim.{k}", str(v)) for k, v in optim.items()])
+
+
+def _perturbed(tree, seed=0):
+  keys = jax.random.split(jax.random.PRNGKey(seed), len(jax.tree.leaves(tree)))
+  return jax.tree.unflatten(jax.tree.structure(tree), [a + 0.1 * jax.random.normal(k, a.shape, a.dtype)
+                                                       for a, k in zip(jax.tree.leaves(tree), keys)])
+
+
+@pytest.mark.parametrize("schedule, warmup", [("cosine", 3), ("linear", 3), ("constant", 3), ("cosine", 0),
+                                              ("linear", 50)])
+def test_learning_rate_is_linear_warmup_then_the_schedule(schedule, warmup, tiny_model):
+  """optim.schedule: lr * s / w for the w warmup steps (w at most steps - 1), then the decay from lr to
+  lr * final_lr_ratio over the remaining steps (cosine or linear), or lr throughout; held at its end after."""
   from jft.optim import make_optimizer
 
-  c = cfg.build(TINY, [("model.name", tiny_model)] + overrides)
+  lr, ratio, steps = 0.1, 0.2, 11
+  c = _optim_config(tiny_model, name="sgd", momentum=0, clip_norm=0, lr=lr, schedule=schedule,
+                    warmup_steps=warmup, final_lr_ratio=ratio)
+  w = min(warmup, steps - 1)
+  end, decay_steps = lr * ratio, steps - w
+
+  def want(s):
+    if s < w:
+      return lr * s / w
+    t = min(s - w, decay_steps) / decay_steps
+    return {"cosine": end + (lr - end) * 0.5 * (1 + np.cos(np.pi * t)), "linear": lr + (end - lr) * t,
+            "constant": lr}[schedule]
+
+  params, grads = {"w": jnp.ones(3)}, {"w": jnp.asarray([1.0, -2.0, 0.5])}
+  tx = make_optimizer(c.optim, steps, params)
+  state = tx.init(params)
+  for s in range(steps + 2):  # plain SGD: the update is -lr(s) * gradient
+    updates, state = tx.update(grads, state, params)
+    np.testing.assert_allclose(updates["w"], -want(s) * grads["w"], rtol=1e-5, atol=1e-9, err_msg=f"step {s}")
+
+
+@pytest.mark.parametrize("name", ["adamw", "sgd", "adafactor"])
+def test_weight_decay_only_where_the_rules_and_the_method_allow(name, tiny_model):
+  """optim.weight_decay decays the trainable leaves except those `optim.decay_rules` exempt (default: every
+  bias and scale) and those the method exempts (DoRA's magnitude): with a zero gradient the update is
+  -lr * wd * param where decay applies and exactly 0 elsewhere. (Adafactor: -wd * param, not scaled by lr:
+  optax's adafactor adds the decay after its learning rate, so the same optim.weight_decay decays far
+  harder there than under adamw or sgd.)"""
+  from jft.optim import make_optimizer
+
+  _, params = jft.load_pretrained(tiny_model)
+  method = peft.Compose(methods=(peft.LoRA(rank=2, dora=True), peft.BitFit()))
+  trainable, _ = peft.split(method, method.init(jax.random.PRNGKey(0), params))
+  trainable = _perturbed(trainable)  # LoRA's b starts at 0, where decay would change nothing
+  lr, wd = 0.1, 0.25
+  coef = wd if name == "adafactor" else lr * wd
+  zeros = jax.tree.map(jnp.zeros_like, trainable)
+  for extra_rules, exempt in [((), r".*/(bias|lora/magnitude)"),
+                              (((r".*/lora/b", False),), r".*/(bias|lora/magnitude|lora/b)")]:
+    c = _optim_config(tiny_model, name=name, lr=lr, weight_decay=wd, warmup_steps=0, schedule="constant",
+                      momentum=0)
+    c.optim.decay_rules = tuple(extra_rules) + tuple(map(tuple, c.optim.decay_rules))
+    tx = make_optimizer(c.optim, c.train.steps, trainable, method)
+    updates, _ = tx.update(zeros, tx.init(trainable), trainable)
+    flat, values = jft.rules.flatten(updates), jft.rules.flatten(trainable)
+    assert any(p.endswith("/bias") for p in flat) and any(p.endswith("lora/magnitude") for p in flat)
+    for path, u in flat.items():
+      if re.fullmatch(exempt, path):
+        np.testing.assert_array_equal(u, 0, err_msg=f"{name} {extra_rules}: {path}")
+      else:
+        np.testing.assert_allclose(u, -coef * values[path], rtol=1e-5, err_msg=f"{name} {extra_rules}: {path}")
+
+
+def test_gradient_accumulation_equals_one_batch_k_times_bigger(tiny_model):
+  """optim.grad_accum=2: the first micro-batch changes nothing; after the second, the update (AdamW, clipping,
+  the schedule) is the one step on both micro-batches as one batch would make, round after round."""
+  from jft.optim import make_optimizer
+
   model, params = jft.load_pretrained(tiny_model)
   method = peft.LoRA(rank=2)
   trainable, frozen = peft.split(method, method.init(jax.random.PRNGKey(0), params))
-  tx = make_optimizer(c.optim, c.train.steps, trainable)
-  step = make_train_step(model, method, tx, donate=False)
-  batch = {"input_ids": jnp.asarray(np.arange(16).reshape(2, 8) + 5, jnp.int32),
-           "attention_mask": jnp.ones((2, 8), jnp.int32)}
-  state = tx.init(trainable)
-  before = trainable
-  for i in range(2):
-    trainable, state, _ = step(trainable, state, frozen, batch, jax.random.PRNGKey(i))
-  moved = jax.tree.leaves(jax.tree.map(lambda a, b: float(jnp.abs(a - b).max()), trainable, before))
-  assert max(moved) > 0
+  rng = np.random.default_rng(0)
+  big = [{"input_ids": jnp.asarray(rng.integers(5, 1000, (4, 8)), jnp.int32),
+          "attention_mask": jnp.ones((4, 8), jnp.int32)} for _ in range(2)]
+  # A run of 8 micro-batch steps with grad_accum=2 is a run of 4 steps on batches twice as big.
+  txs = {k: make_optimizer(_optim_config(tiny_model, grad_accum=k, warmup_steps=0).optim, 4 * k, trainable, method)
+         for k in (1, 2)}
+  steps = {k: make_train_step(model, method, tx, donate=False) for k, tx in txs.items()}
+  ref, ref_state = trainable, txs[1].init(trainable)
+  acc, acc_state = trainable, txs[2].init(trainable)
+  key = jax.random.PRNGKey(0)
+  for batch in big:
+    start = acc
+    half, acc_state, _ = steps[2](acc, acc_state, frozen, {k: v[:2] for k, v in batch.items()}, key)
+    for a, b in zip(jax.tree.leaves(half), jax.tree.leaves(start)):
+      np.testing.assert_array_equal(a, b)  # accumulated, not applied
+    acc, acc_state, _ = steps[2](half, acc_state, frozen, {k: v[2:] for k, v in batch.items()}, key)
+    ref, ref_state, _ = steps[1](ref, ref_state, frozen, batch, key)
+    for path, value in jft.rules.flatten(ref).items():
+      np.testing.assert_allclose(jft.rules.flatten(acc)[path], value, atol=1e-6, err_msg=path)
+  moved = max(float(jnp.abs(a - b).max()) for a, b in zip(jax.tree.leaves(ref), jax.tree.leaves(trainable)))
+  assert moved > 1e-3, moved  # two real AdamW steps (lr 1e-2), not a comparison of nothing
+
+
+def test_packed_batches_hold_every_example_they_take_and_give_the_unpacked_loss(tiny_model):
+  """data.pack: each batch packs the next examples of the epoch into batch_size rows of max_length, several
+  to a row, each whole under its own segment id; attention stays inside each, so the SFT loss of a packed
+  batch is the loss of the same examples padded one to a row."""
+  from jft.step import make_loss_fn
+
+  rng = np.random.default_rng(0)
+  rows = [(rng.integers(5, 1000, n).astype(np.int32), (np.arange(n) >= n // 3).astype(np.int32))
+          for n in rng.integers(4, 30, 40)]
+  batches = data.Batches(rows, batch_size=2, max_length=48, seed=0, pack=True)
+  taken = batches._epoch_batches(0)
+  model, params = jft.load_pretrained(tiny_model)
+  method = peft.LoRA(rank=2)
+  trainable, frozen = peft.split(method, method.init(jax.random.PRNGKey(0), params))
+  loss_fn = jax.jit(make_loss_fn(model, method))
+  loss = lambda b: float(loss_fn(trainable, frozen, {k: jnp.asarray(v) for k, v in b.items()},
+                                 jax.random.PRNGKey(0))[0])
+  for i, chosen in enumerate(taken):
+    packed, examples = next(batches), [rows[j] for j in chosen]
+    assert packed["input_ids"].shape == (2, 48) and len(examples) > 2  # several examples share a row
+    got = [(ids[seg == s], mask[seg == s])
+           for ids, seg, mask in zip(packed["input_ids"], packed["attention_mask"], packed["loss_mask"])
+           for s in range(1, seg.max() + 1)]
+    n_taken, n_packed = len(examples), len(got)
+    assert n_packed == n_taken, f"batch {i} took {n_taken} examples and packed {n_packed}"
+    for (ids, mask), (got_ids, got_mask) in zip(examples, got):
+      np.testing.assert_array_equal(got_ids, ids)
+      np.testing.assert_array_equal(got_mask, mask)
+    if i < 2:
+      np.testing.assert_allclose(loss(packed), loss(data.pad_batch(examples, 48)), rtol=1e-5)
 
 
 def test_exact_match_from_greedy_generation(tiny_model):
@@ -340,6 +480,20 @@ def test_chat_sft_local_run_packs_and_trains(tiny_model, tmp_path):
   with open(tmp_path / "chat" / "metrics.jsonl") as f:
     losses = [json.loads(l)["loss"] for l in f if json.loads(l)["kind"] == "train"]
   assert len(losses) == c.train.steps // c.train.log_every and all(np.isfinite(losses))
+  # Packed: every logged step trained on all the examples its batch took (their response tokens).
+  from jft import objectives
+  from jft.train import examples_for
+  tokenizer = jft.load_tokenizer(tiny_model)
+  objective = objectives.from_config(c)
+  examples = examples_for(c, tokenizer, c.data.train_split, c.data.max_train_examples or None)
+  rows = objective.rows(examples, tokenizer, c.data)
+  taken = data.Batches(rows, c.train.batch_size, c.data.max_length, seed=c.seed, pack=True)._epoch_batches(0)
+  with open(tmp_path / "chat" / "metrics.jsonl") as f:
+    records = [r for r in map(json.loads, f) if r["kind"] == "train"]
+  assert c.data.pack and len(taken) >= c.train.steps and all(len(t) > c.train.batch_size for t in taken)
+  for r in records:
+    want = sum(int(rows[i][1].sum()) for i in taken[r["step"] - 1])
+    assert r["loss_tokens"] == want, f"step {r['step']}: {r['loss_tokens']} of its examples' {want} response tokens"
 
 
 def test_bfloat16_compute_keeps_float32_trainable_state(tiny_model, tmp_path):
@@ -453,3 +607,26 @@ def test_compose_from_a_config(tiny_model, tmp_path):
   assert results["counts"]["trainable"] == lora + bitfit
   _, _, method, _, _ = run.restore_params(str(tmp_path / "compose"), "latest")
   assert [m.name for m in method.methods] == ["lora", "bitfit"]
+
+
+def test_accumulated_updates_follow_the_whole_schedule():
+  """grad_accum=2 over 8 steps: the schedule of a 4-update run with warmup 2 steps = 1 update (the clock counts
+  updates: counting micro-batches, the run would end halfway through its decay, at [0, 0.5, 1, 0.85])."""
+  from jft import optim
+
+  c = cfg.build(TINY, [("model.name", "/m")]).optim
+  with c.unlocked():
+    c.update(name="sgd", momentum=0.0, weight_decay=0.0, clip_norm=0.0, schedule="linear", warmup_steps=2,
+             final_lr_ratio=0.1, lr=1.0, grad_accum=2)
+  params = {"w": jnp.zeros(())}
+  tx = optim.make_optimizer(c, 8, params)
+  state, rates = tx.init(params), []
+  for _ in range(8):
+    updates, state = tx.update({"w": jnp.ones(())}, state, params)
+    rates.append(-float(updates["w"]))
+  emitted = rates[1::2]
+  assert rates[0::2] == [0.0] * 4  # nothing moves between the micro-batches of an update
+  with c.unlocked():
+    c.warmup_steps = 1
+  np.testing.assert_allclose(emitted, [float(optim.schedule(c, 4)(i)) for i in range(4)], rtol=1e-6)
+  np.testing.assert_allclose(emitted, [0.0, 1.0, 0.7, 0.4], rtol=1e-6)  # warmup 1 update, then linear to 0.1

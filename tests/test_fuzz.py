@@ -158,9 +158,8 @@ DAMAGE = st.tuples(st.integers(0, 9), st.binary(max_size=24), st.integers(0, 10*
 
 
 @pytest.fixture(scope="module")
-def run_files(tmp_path_factory):
+def run_files():
   """A run folder's and a sweep folder's JSON files as jft writes them (no training needed)."""
-  folder = tmp_path_factory.mktemp("files")
   config = cfg.build(TINY, [("model.name", "/nowhere/model")])
   sweep_record = {"config": TINY, "overrides": [], "search": "grid", "trials": 0, "seed": 0, "metric": "accuracy",
                   "direction": "maximize", "keys": ["optim.lr"], "log_keys": ["optim.lr"],

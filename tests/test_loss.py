@@ -18,6 +18,15 @@ def _unfused(monkeypatch):
   monkeypatch.setattr(losses, "output_head", lambda params: None)
 
 
+def _counted(monkeypatch, *names) -> dict:
+  """name -> a list that grows by one each time `losses.<name>` is called (traced), for each name."""
+  calls = {}
+  for name in names:
+    calls[name], original = [], getattr(losses, name)
+    monkeypatch.setattr(losses, name, lambda *a, _f=original, _c=calls[name], **k: _c.append(1) or _f(*a, **k))
+  return calls
+
+
 @pytest.mark.parametrize("tied", [False, True])
 @pytest.mark.parametrize("trains_head", [False, True])
 def test_fused_head_loss_equals_the_loss_from_logits(tied, trains_head, monkeypatch):
@@ -136,10 +145,13 @@ def test_training_loss_equals_transformers(family, hf_models, monkeypatch):
   trainable, frozen = peft.split(method, method.init(jax.random.PRNGKey(0), params))
   batch = {"input_ids": jnp.asarray(ids), "attention_mask": jnp.asarray(mask)}
   loss_fn = make_loss_fn(model, method)
+  calls = _counted(monkeypatch, "head_loss", "next_token_loss")
   got, grads = jax.value_and_grad(lambda t: loss_fn(t, frozen, batch, jax.random.PRNGKey(0))[0])(trainable)
   np.testing.assert_allclose(float(got), want, rtol=1e-5)
+  assert (len(calls["head_loss"]), len(calls["next_token_loss"])) == (1, 0), calls  # the fused head ran
   _unfused(monkeypatch)
   plain, plain_grads = jax.value_and_grad(lambda t: loss_fn(t, frozen, batch, jax.random.PRNGKey(0))[0])(trainable)
+  assert (len(calls["head_loss"]), len(calls["next_token_loss"])) == (1, 1), calls  # then the logits path
   np.testing.assert_allclose(float(plain), float(got), rtol=1e-6)
   for g, p in zip(jax.tree.leaves(grads), jax.tree.leaves(plain_grads)):
     np.testing.assert_allclose(g, p, atol=1e-6)
@@ -199,10 +211,15 @@ def test_evaluation_through_the_fused_head_equals_the_logits_path(monkeypatch):
     rows.append((prompt + [7 + 2 * (i % 2), 3], [0] * len(prompt) + [1, 1]))
   labels, label_ids = [i % 2 for i in range(7)], [7, 9]
   monkeypatch.setattr(losses, "CHUNK_BYTES", 4 * 4 * 300 * 4)  # chunks of 4 positions
+  calls = _counted(monkeypatch, "head_loss", "next_token_loss")
+  jax.clear_caches()  # traced here, with the counters in place (not a trace an earlier test left)
   fused = evaluate.classification(model, params, rows, labels, label_ids, batch_size=4)
+  assert calls["head_loss"] and not calls["next_token_loss"], calls  # the fused head ran
+  fused_traces = len(calls["head_loss"])
   _unfused(monkeypatch)
   jax.clear_caches()  # the jitted evaluation function would keep its fused trace
   plain = evaluate.classification(model, params, rows, labels, label_ids, batch_size=4)
+  assert calls["next_token_loss"] and len(calls["head_loss"]) == fused_traces, calls  # then the logits path
   assert set(fused) == set(plain) == {"loss", "perplexity", "accuracy"}
   for key in plain:
     assert fused[key] == pytest.approx(plain[key], rel=1e-5), key

@@ -2,8 +2,9 @@
 
 The cases run in a subprocess with 8 simulated CPU devices (`mesh_cases.py`;
 XLA_FLAGS must be set before JAX starts, and this pytest process has one
-device). The default suite runs QLoRA on a (2,2,2) data x FSDP x tensor mesh
-and full fine-tuning on DP vs FSDP; `slow` runs every method on every mesh.
+device). The default suite runs QLoRA on a (2,2,2) data x FSDP x tensor mesh,
+full fine-tuning on DP vs FSDP, and LoRA and prompt tuning (a virtual-token
+method) on (1,2,4); `slow` runs every method on every mesh.
 """
 
 import json
@@ -16,7 +17,7 @@ import pytest
 HERE = os.path.dirname(os.path.abspath(__file__))
 METHODS = ("full", "lora", "qlora", "dora", "bottleneck", "prompt")
 MESHES = ("8x1x1", "1x8x1", "2x2x2", "1x2x4")
-DEFAULT = ("qlora@2x2x2", "full@8x1x1", "full@1x8x1")
+DEFAULT = ("qlora@2x2x2", "full@8x1x1", "full@1x8x1", "lora@1x2x4", "prompt@1x2x4")
 
 
 def run_cases(tmp_path, cases):
@@ -71,10 +72,11 @@ def test_qlora_specs_follow_the_kernel(default_cases):
 
 
 def test_fsdp_cuts_per_device_state(default_cases):
-  """Full fine-tuning: params + optimizer state per device, DP (8,1,1) vs ZeRO-3 (1,8,1)."""
+  """Full fine-tuning: params + optimizer state per device, DP (8,1,1) vs ZeRO-3 (1,8,1): the README's 7.9x
+  (the batch and the unsplit norms keep it under 8)."""
   dp = default_cases["full@8x1x1"]["memory"]["arguments"]
   fsdp = default_cases["full@1x8x1"]["memory"]["arguments"]
-  assert dp / fsdp >= 6, (dp, fsdp)
+  assert round(dp / fsdp, 1) == 7.9, (dp, fsdp, dp / fsdp)
 
 
 @pytest.mark.slow

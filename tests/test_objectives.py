@@ -107,15 +107,20 @@ def test_log_probs_through_the_fused_head_give_the_logits_paths_loss_and_gradien
   trainable = jax.tree.unflatten(jax.tree.structure(trainable), [
       a + 0.05 * jax.random.normal(k, a.shape) for a, k in zip(jax.tree.leaves(trainable), noise)])
   monkeypatch.setattr(losses, "CHUNK_BYTES", 4 * 8 * 258 * 4)  # chunks of 2-4 positions
-  fused_calls = []
-  head_logps = losses.head_logps
+  fused_calls, logits_calls = [], []
+  head_logps, logps_of_logits = losses.head_logps, losses.logps_of_logits
   monkeypatch.setattr(losses, "head_logps", lambda *a: fused_calls.append(1) or head_logps(*a))
+  monkeypatch.setattr(losses, "logps_of_logits", lambda *a: logits_calls.append(1) or logps_of_logits(*a))
   loss_and_grads = lambda: jax.jit(jax.value_and_grad(make_loss_fn(model, method, objective), has_aux=True))(
       trainable, frozen, batch, jax.random.PRNGKey(0))  # a new function each time: traced with the patch in place
   (fused, _), fused_grads = loss_and_grads()
-  assert len(fused_calls) >= (2 if objective.uses_reference else 1)
+  # Each path is the one named: every log-prob of the first run through the fused head, of the second
+  # through the logits (else the comparison below would compare a path with itself).
+  assert len(fused_calls) >= (2 if objective.uses_reference else 1) and not logits_calls, (fused_calls, logits_calls)
+  fused_calls.clear()
   monkeypatch.setattr(losses, "output_head", lambda params: None)  # every log-prob from the logits
   (plain, _), plain_grads = loss_and_grads()
+  assert not fused_calls and len(logits_calls) >= (2 if objective.uses_reference else 1), (fused_calls, logits_calls)
   np.testing.assert_allclose(float(fused), float(plain), rtol=1e-5)
   assert max(float(jnp.abs(g).max()) for g in jax.tree.leaves(plain_grads)) > 1e-4
   for path, g in rules.flatten(plain_grads).items():

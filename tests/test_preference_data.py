@@ -10,6 +10,7 @@ import os
 import numpy as np
 import pytest
 
+from jft import data
 from jft import preference_data as pd
 from jft.data import DataError
 
@@ -73,11 +74,11 @@ def test_instruction_errors_name_the_row(tok):
 
 def test_split_rows_seeded():
   rows = [{"i": i} for i in range(999)]
-  train, held = pd.split_rows(rows, 0.1, seed=0)
+  train, held = data.split_rows(rows, 0.1, seed=0)
   assert (len(train), len(held)) == (899, 100)
   assert sorted(r["i"] for r in train + held) == list(range(999))
-  assert (train, held) == pd.split_rows(rows, 0.1, seed=0)
-  assert held != pd.split_rows(rows, 0.1, seed=1)[1]
+  assert (train, held) == data.split_rows(rows, 0.1, seed=0)
+  assert held != data.split_rows(rows, 0.1, seed=1)[1]
 
 
 # ---------------------------------------------------------------------------- files
@@ -287,7 +288,7 @@ def test_llamafactory_files_parse(tok):
   alpaca = pd.load_json_rows(os.path.join(CACHE, "alpaca_en_demo.json"))
   assert len(alpaca) == 999
   assert len(pd.instruction_examples(alpaca, tok)) == 999
-  train, held = pd.split_rows(alpaca)
+  train, held = data.split_rows(alpaca)
   assert (len(train), len(held)) == (899, 100)
   dpo = pd.load_json_rows(os.path.join(CACHE, "dpo_en_demo.json"))
   pairs = pd.preference_examples(dpo, tok, chat=True, where="dpo_en_demo.json")

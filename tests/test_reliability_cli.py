@@ -312,7 +312,8 @@ def test_an_interrupted_export_leaves_nothing_half_written(failure, code, existi
 
   monkeypatch.setattr(peft_format, "export_peft", half)
   fake = SimpleNamespace(model=SimpleNamespace(name="base"), config=None)  # no restore: the writer fails anyway
-  monkeypatch.setattr(run, "restore_params", lambda *_: (fake, fake, None, None, None))
+  monkeypatch.setattr(run, "restore", lambda *_: SimpleNamespace(config=fake, model=fake, method=None,
+                                                                 tree=lambda: None, tokenizer=None))
   out = tmp_path / "out"
   if existing:
     out.mkdir()
@@ -471,7 +472,8 @@ BAD_INPUTS = [
      r"eval\.metric='los' is not a metric .*checkpoint saved at step 1"),
     ("unknown field", TRAIN + ["--config.train.stepz=3"], {}, 2, r"stepz.*did you mean.*steps"),
     ("unknown method", TRAIN + ["--config.method.name=lorra"], {}, 2, r"method\.name='lorra'.*did you mean"),
-    ("rank 0", TRAIN + ["--config.method.hparams.rank=0"], {}, 2, r"rank"),
+    ("rank 0", TRAIN + ["--config.method.hparams.rank=0"], {}, 2,
+     r"invalid config: method\.hparams\.rank=0: expected an int >= 1$"),
     ("past the context", TRAIN + ["--config.data.max_length=4096"], {}, 2, r"exceeds the context of model"),
     ("config syntax error", ["train", "--config", "{tmp}/bad.py", "--workdir", "{tmp}/w"],
      {"bad.py": "def get_config(:\n"}, 2, r"bad\.py:1"),
@@ -492,7 +494,7 @@ BAD_INPUTS = [
     ("label field missing", TRAIN + ["--config.data.path={tmp}/d"],
      {"d/train.jsonl": '{"text": "x"}\n', "d/eval.jsonl": ROWS}, 2, r"no field 'label'"),
     ("workdir is a file", ["train", "--config", TINY, "--config.model.name={model}", *ONE_STEP,
-                           "--workdir", "{tmp}/f"], {"f": "x"}, 2, r"f"),
+                           "--workdir", "{tmp}/f"], {"f": "x"}, 2, r"error: /\S*/f: File exists$"),
     ("checkpoints, no --resume", ["train", "--config", TINY, "--config.model.name={model}", *ONE_STEP,
                                   "--workdir", "{run}"], {}, 2, r"already holds checkpoints"),
     ("resume, another config", ["train", "--config", TINY, "--config.model.name={model}", *ONE_STEP,
@@ -625,3 +627,57 @@ def test_a_dry_run_into_a_run_folder_writes_only_under_dry_run(tiny_run, tmp_pat
   assert {p: v for p, v in after.items() if not p.startswith("dry-run")} == before  # the run is untouched
   assert "dry-run/shardings.json" in after
   assert cli.main(args + ["--resume"]) == 0  # and its own resume is still accepted
+
+
+# ---------------------------------------------------------------------------- resume after a kill at a save
+
+
+def _copy_run(tiny_run, tmp_path) -> str:
+  import shutil
+
+  copy = str(tmp_path / "run")
+  shutil.copytree(tiny_run[0], copy, ignore=shutil.ignore_patterns(".lock"))
+  return copy
+
+
+def test_resume_uses_a_step_killed_between_its_finalization_and_its_checksums(tiny_run, tmp_path, capsys):
+  """The window of a run's first save: `checkpoints/1` finalized by orbax, `jft_checksums.json` not yet
+  written. `--resume` uses the step (it restores cleanly) and seals it; it is never refused."""
+  from jft import checkpoint
+
+  copy = _copy_run(tiny_run, tmp_path)
+  mngr = checkpoint.manager(copy, None)
+  step = mngr.latest_step()
+  os.remove(os.path.join(mngr.step_dir(step), checkpoint.CHECKSUMS))
+  args = ["train", "--config", TINY, f"--config.model.name={tiny_run[1]}", *ONE_STEP, "--workdir", copy, "--resume"]
+  assert cli.main(args) == 0
+  out = capsys.readouterr().out
+  assert (f"checkpoint: step {step} had no {checkpoint.CHECKSUMS} (the save stopped after orbax finalized it, "
+          "before its checksums were written); it restored cleanly, checksums written now") in out, out
+  assert f"resumed from step {step}" in out and mngr.problem(step) is None and mngr.unsealed(step) is None
+
+
+def test_resume_with_no_intact_step_starts_again_and_keeps_the_broken_ones(tiny_run, tmp_path, capsys):
+  import glob
+
+  copy = _copy_run(tiny_run, tmp_path)
+  for data_file in glob.glob(os.path.join(copy, "checkpoints", "*", "state", "ocdbt.process_0", "d", "*")):
+    with open(data_file, "r+b") as f:
+      f.truncate(os.path.getsize(data_file) // 2)
+  args = ["train", "--config", TINY, f"--config.model.name={tiny_run[1]}", *ONE_STEP, "--workdir", copy, "--resume"]
+  assert cli.main(args) == 0
+  out = capsys.readouterr().out
+  assert f"--resume: no intact checkpoint in {copy}/checkpoints (moved to {copy}/corrupt/checkpoints-1-" in out, out
+  assert f"--resume: no checkpoint to continue from in {copy}; starting from step 0" in out
+  assert os.listdir(os.path.join(copy, "checkpoints")) == ["1"]  # trained again
+  assert [n.split("-")[1] for n in os.listdir(os.path.join(copy, "corrupt"))] == ["1"]
+
+
+def test_a_run_folder_without_checkpoints_is_refused_with_exit_2(tiny_run, tmp_path, capsys):
+  import shutil
+
+  copy = _copy_run(tiny_run, tmp_path)
+  for sub in ("checkpoints", "best"):
+    shutil.rmtree(os.path.join(copy, sub), ignore_errors=True)
+  assert cli.main(["eval", "--workdir", copy]) == 2
+  assert capsys.readouterr().err.strip().splitlines()[-1] == f"jft eval: error: {copy}: no checkpoint to restore"

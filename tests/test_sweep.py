@@ -171,3 +171,39 @@ def test_a_pruned_run_stops_at_its_evaluation_checkpointed(tiny_model, tmp_path)
   assert [s for s, _ in seen] == [2, 4] and results["pruned"] and results["steps"] == 4
   assert "test" not in results  # a pruned point is not a finished run
   assert os.path.isdir(tmp_path / "run" / "checkpoints" / "4")
+
+
+def test_a_killed_worker_resumes_a_second_sweep_leaves_its_point_alone_and_a_rerun_skips(byte_model, tmp_path,
+                                                                                       capsys):
+  """The default suite's short version of the slow test above, plus two sweeps on one folder: sweep B,
+  started while A runs point 0, leaves it to A and reports it as running; A's worker, SIGKILLed after a
+  checkpoint, is retried and resumes (every step logged once); a rerun skips the finished point."""
+  path = _config_file(tmp_path, "Space({'optim.lr': grid(1e-2)})")
+  out = str(tmp_path / "sweep")
+  command = ["sweep", "--config", path, f"--config.model.name={byte_model}", "--config.train.steps=6",
+             "--config.train.save_every=2", "--config.train.eval_every=0", "--config.data.test_split=",
+             "--config.eval.zero_shot=false", "--workdir", out]
+  proc = subprocess.Popen([sys.executable, "-m", "jft.cli", *command], stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, cwd=ROOT)
+  folder = os.path.join(out, "points", "000-lr=0.01")
+  deadline = time.time() + 300
+  while not os.path.isdir(os.path.join(folder, "checkpoints", "2")):
+    assert proc.poll() is None and time.time() < deadline, proc.stdout.read()
+    time.sleep(0.05)
+  worker = sweep.read_point(folder)["pid"]
+  assert cli.main(command) == 0  # sweep B, while A's worker runs point 0
+  said = capsys.readouterr().out
+  assert "1 point(s) running in another process (a second sweep on this folder), left to it: 0" in said, said
+  assert "| 0 | running |" in open(os.path.join(out, "results.md")).read()
+  os.kill(worker, signal.SIGKILL)
+  log, _ = proc.communicate(timeout=600)
+  assert proc.returncode == 0, log
+  assert "point 0: failed (worker exited with code -9); retrying once" in log
+  record = sweep.read_point(folder)
+  assert (record["status"], record["attempts"], record["failures"]) == ("done", 2, 1)
+  assert _steps(folder) == list(range(1, 7))  # resumed from its checkpoint: each step logged once
+  with open(os.path.join(out, "logs", "000-lr=0.01.log")) as f:
+    assert "resumed from step" in f.read()
+  assert cli.main(command) == 0  # the rerun: nothing left to do
+  assert "1 point(s) already finished: 0" in capsys.readouterr().out
+  assert sweep.read_point(folder)["attempts"] == 2

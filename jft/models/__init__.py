@@ -2,6 +2,7 @@
 
 from jft.models.config import ModelConfig
 from jft.models.pretrained import EMBEDDED, load_pretrained, load_tokenizer, save_pretrained, save_quantized
+from jft.models.token_ids import TokenIdError, check_ids
 from jft.models.transformer import Transformer, init_cache
 
 # The compute dtypes a model runs in, by the names configs and the CLI use (`model.dtype`, `--dtype`;

@@ -21,6 +21,7 @@ import numpy as np
 from jft import progress
 from jft.errors import JftError
 from jft.models import hooks
+from jft.models.token_ids import TokenIdError, check_ids
 from jft.models.transformer import Transformer, init_cache
 
 
@@ -136,11 +137,11 @@ def _decoder(backend: str):
 def _check_prompts(model: Transformer, prompts, max_new_tokens: int):
   """Token ids inside the vocabulary; prompt + new tokens inside the context (positions past it are garbage
   for learned position tables and untrained for RoPE)."""
-  vocab = model.config.vocab_size
   for i, prompt in enumerate(prompts):
-    bad = [t for t in prompt if not 0 <= int(t) < vocab]
-    if bad:
-      raise GenerationError(f"prompt {i}: token id {bad[0]} is outside the model's vocabulary (0..{vocab - 1})")
+    try:
+      check_ids(prompt, model.config.vocab_size, where=f"prompt {i}")
+    except TokenIdError as e:
+      raise GenerationError(str(e)) from None
   context = getattr(model.config, "max_position_embeddings", None)
   longest = max(len(p) for p in prompts)
   if context and longest >= context:

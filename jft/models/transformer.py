@@ -20,6 +20,12 @@ Calling conventions
   may pad on either side; positions count only real tokens. Values 1, 2, 3...
   mark packed examples: attention stays inside each, positions restart.
   `return_hidden=True` returns the final-norm output `[batch, seq, d]` instead.
+* Token ids are not checked (they may be tracers): an id >= vocab_size (or
+  < -vocab_size) embeds as NaN, and through attention the logits of its whole
+  row come back NaN, without an error; an id in -vocab_size..-1 silently reads
+  a row from the end of the embedding table. Check ids from outside (another
+  tokenizer, a data file) with `jft.models.check_ids(ids, config.vocab_size)`
+  before calling; generation and training do.
 * With `cache=...` (see `init_cache`) the call decodes incrementally and
   returns `(logits, cache)`: `attention_mask` then covers the whole cache
   length and `cache_index` is where the new tokens are written.

@@ -77,7 +77,7 @@ class GRPO(api.Objective):
 
   def examples(self, d, tokenizer, split, limit):
     out = []
-    for i, row in enumerate(data.load_split(d.path, split)):
+    for i, row in enumerate(data.load_split(d.path, split, **data.holdout_of(d))):
       if limit is not None and i >= limit:
         break
       text = str(data.field(row, d.text_field, "GRPO prompts"))

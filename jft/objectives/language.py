@@ -33,9 +33,9 @@ class SFT(api.Objective):
   packable: ClassVar[bool] = True
 
   def examples(self, d, tokenizer, split, limit):
-    return data.sft_examples(data.load_split(d.path, split), tokenizer, prompt_field=d.prompt_field,
-                             response_field=d.response_field, template=d.template, chat=d.chat, limit=limit,
-                             system=d.system)
+    return data.sft_examples(data.load_split(d.path, split, **data.holdout_of(d)), tokenizer,
+                             prompt_field=d.prompt_field, response_field=d.response_field, template=d.template,
+                             chat=d.chat, limit=limit, system=d.system)
 
   def rows(self, examples, tokenizer, d):
     return data.tokenize(examples, tokenizer, d.max_length, d.chat, d.truncation)
@@ -65,9 +65,9 @@ class Classification(SFT):
   name: ClassVar[str] = "classification"
 
   def examples(self, d, tokenizer, split, limit):
-    return data.classification_examples(data.load_split(d.path, split), tokenizer, text_field=d.text_field,
-                                        label_field=d.label_field, labels=tuple(d.labels), template=d.template,
-                                        chat=d.chat, limit=limit, system=d.system)
+    return data.classification_examples(data.load_split(d.path, split, **data.holdout_of(d)), tokenizer,
+                                        text_field=d.text_field, label_field=d.label_field, labels=tuple(d.labels),
+                                        template=d.template, chat=d.chat, limit=limit, system=d.system)
 
   def evaluate(self, config, forward, tokenizer, examples, mesh=None):
     d = config.data
@@ -88,7 +88,7 @@ class LanguageModel(SFT):
   name: ClassVar[str] = "lm"
 
   def examples(self, d, tokenizer, split, limit):
-    ds = data.load_split(d.path, split)
+    ds = data.load_split(d.path, split, **data.holdout_of(d))
     out = []
     for i, row in enumerate(ds):
       if limit is not None and i >= limit:

@@ -112,7 +112,10 @@ def _adapter_and_modules(method: api.Method) -> tuple[api.Method, list]:
 
 
 def export_peft(method: api.Method, params, config: ModelConfig, folder: str, base_model: str = "") -> str:
-  """Write `method`'s adapter from `params` as a peft folder (a reward head as `modules_to_save`)."""
+  """Write `method`'s adapter from `params` as a peft folder (a reward head as `modules_to_save`).
+
+  `params` is the method's tree as `init` made it (a restored run's `tree()`), not the model's
+  materialized view, which lacks what only the method reads (VeRA's shared pair)."""
   adapter, modules = _adapter_and_modules(method)
   if adapter.peft_type is None:
     raise PeftFormatError(f"method {adapter.name!r} has no peft equivalent (those with one: "

@@ -88,9 +88,18 @@ class VeRA(api.WeightDelta):
       flat[module + "/vera/B"] = jnp.broadcast_to(shared["B"][:, :d_out], (*lead, self.rank, d_out))
     return rules.unflatten(flat)
 
+  def shared(self, params):
+    """The shared pair {"A", "B"} of the method's tree (as `init` made it; `materialize` leaves only slices)."""
+    if "vera" not in params:
+      raise ValueError("vera: no shared pair (vera/A, vera/B) at the top of the tree: merging and exporting take "
+                       "the method's tree as `init` made it, not `materialize`'s (a restored run: `tree()`, "
+                       "not `params()`)")
+    return params["vera"]
+
   def merge(self, params, requantize: bool = False):
+    shared = self.shared(params)
     merged, detached = super().merge(params, requantize)
-    return merged, {"modules": detached, "shared": params["vera"]}
+    return merged, {"modules": detached, "shared": shared}
 
   def unmerge(self, merged, detached):
     restored = super().unmerge(merged, detached["modules"])
@@ -115,8 +124,9 @@ class VeRA(api.WeightDelta):
 
   def peft_export(self, params, io):
     super().peft_export(params, io)  # the per-module vectors
-    io.put_global("base_model.vera_A", params["vera"]["A"].T)  # peft: (r, max_in), (max_out, r)
-    io.put_global("base_model.vera_B", params["vera"]["B"].T)
+    shared = self.shared(params)
+    io.put_global("base_model.vera_A", shared["A"].T)  # peft: (r, max_in), (max_out, r)
+    io.put_global("base_model.vera_B", shared["B"].T)
 
   def peft_import(self, params, io):
     return {**super().peft_import(params, io), "vera/A": io.take_global("base_model.vera_A").T,
