@@ -29,14 +29,13 @@ class WorkdirLockedError(JftError, RuntimeError):
 
 @contextlib.contextmanager
 def workdir_lock(workdir: str, enabled: bool = True, warn=None):
-  """Hold `workdir`'s lock for the block. `enabled=False` (processes other than 0) does nothing, and so
-  does a lock this process already holds (a sweep worker holds its point's lock around `train`)."""
-  path = os.path.join(os.path.realpath(workdir), NAME) if enabled else None
-  if not enabled or path in _held:
+  """Hold `workdir`'s lock for the block. `enabled=False` (processes other than 0) does nothing."""
+  if not enabled:
     yield
     return
   warn = warn or (lambda msg: print(msg, file=sys.stderr, flush=True))
   os.makedirs(workdir, exist_ok=True)
+  path = os.path.join(os.path.realpath(workdir), NAME)
   mine = _acquire(path, warn)
   _held.add(path)
   try:
@@ -109,6 +108,14 @@ def _parse(raw: bytes) -> dict | None:
     return owner if isinstance(owner, dict) and isinstance(owner.get("pid"), int) and owner.get("host") else None
   except ValueError:
     return None
+
+
+def owner(workdir: str) -> dict | None:
+  """The live process holding `workdir`'s lock ({"pid", "host", ...}), or None (no lock, or a stale one)."""
+  path = os.path.join(os.path.realpath(workdir), NAME)
+  seen = _read(path)
+  found = _parse(seen) if seen is not None else None
+  return found if found is not None and _alive(found, path) else None
 
 
 def pid_running(pid: int) -> bool:

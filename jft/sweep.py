@@ -48,7 +48,7 @@ import numpy as np
 from jft import config as cfg
 from jft import files
 from jft.errors import JftError
-from jft.lock import WorkdirLockedError, pid_running, workdir_lock
+from jft import lock
 
 ARG = "arg:"  # prefix of a key that sets the config file's argument, not a field
 SWEEP_FILE, POINT_FILE = "sweep.json", "point.json"
@@ -282,21 +282,19 @@ TAKEN = 4  # run_point's exit code when another process (a second sweep on the f
 def run_point(folder: str) -> int:
   """Train (or resume) the point in `folder`; record done / pruned / failed in its point.json.
 
-  The point's lock is taken first, so of two sweeps started on one folder only one runs a point
-  and records it; the other leaves its record alone and exits `TAKEN`.
+  Of two sweeps started on one folder only one runs a point (its `train` holds the point's lock); the
+  other leaves the point's record alone and exits `TAKEN`.
   """
-  try:
-    with workdir_lock(folder):
-      return _run_point(folder)
-  except WorkdirLockedError as e:
-    print(f"{e}; left to that process", file=sys.stderr)
+  if holder := lock.owner(folder):
+    print(f"{folder} is being run by process {holder['pid']} on {holder['host']}; left to it", file=sys.stderr)
     return TAKEN
+  return _run_point(folder)
 
 
 def running_elsewhere(record: dict) -> bool:
   """Whether a point recorded as running is run by a live process on this host (another sweep's worker)."""
   return (record.get("status") == "running" and record.get("host") == os.uname().nodename
-          and isinstance(record.get("pid"), int) and record["pid"] != os.getpid() and pid_running(record["pid"]))
+          and isinstance(record.get("pid"), int) and record["pid"] != os.getpid() and lock.pid_running(record["pid"]))
 
 
 def _run_point(folder: str) -> int:
@@ -311,6 +309,9 @@ def _run_point(folder: str) -> int:
   try:
     config = point_config(record["config"], [tuple(o) for o in record["overrides"]], record["values"])
     results = train(config, folder, resume=True, on_eval=on_eval)
+  except lock.WorkdirLockedError as e:  # another sweep's worker took the point at the same moment: its record
+    print(f"{e}; left to that process", file=sys.stderr)
+    return TAKEN
   except Exception as e:  # one failed point never stops the sweep: its error is recorded
     record.update(status="failed", failures=record.get("failures", 0) + 1,
                   error=f"{type(e).__name__}: {e}".splitlines()[0][:500], seconds=time.time() - t0)
