@@ -33,6 +33,7 @@ import time
 import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
+from orbax.checkpoint._src.metadata import step_metadata_serialization
 
 from jft import errors
 
@@ -65,11 +66,20 @@ class CheckpointSaveError(errors.RunFailure, OSError):
 class Checkpoints:
   """A folder of step checkpoints (items `state`, `meta`) that keeps the newest `keep` complete steps."""
 
-  def __init__(self, directory: str, keep: int | None = None, fallback: "Checkpoints | None" = None):
+  def __init__(self, directory: str, keep: int | None = None, fallback: "Checkpoints | None" = None,
+               writer: bool = False, report=print):
+    """`writer` (the run's trainer, which holds its lock): a step whose orbax metadata would stop orbax from
+    opening the folder at all is moved to `corrupt/` (through `report`); a reader gets a named error."""
     self.directory = os.path.abspath(directory)
     self.keep = keep
     self.fallback = fallback  # where the run's state is kept when this folder has none (best -> checkpoints)
     self._skipped: list[tuple[int, str]] = []  # (step, why) the last `restore` passed over
+    for step, why in _unopenable_steps(self.directory):
+      if not writer:
+        raise errors.CorruptCheckpointError(
+            f"{self.step_dir(step)}: {why}; orbax cannot open {self.directory} with it (`jft train --resume` moves "
+            "the step to corrupt/)")
+      report(f"checkpoint step {step} is corrupt ({why}): moved to {_move_aside(self.directory, step, why)}")
     # Retention is ours (`_prune`), so that nothing is deleted before a new step is complete.
     self._mngr = ocp.CheckpointManager(self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=None,
                                                                                             create=True),
@@ -149,13 +159,7 @@ class Checkpoints:
 
   def set_aside(self, step: int, reason: str) -> str:
     """Move a broken step out of the folder (kept for inspection, never deleted); -> where it went."""
-    target = os.path.join(os.path.dirname(self.directory), "corrupt",
-                          f"{os.path.basename(self.directory)}-{step}-{time.strftime('%Y%m%d-%H%M%S')}")
-    if jax.process_index() == 0:
-      os.makedirs(os.path.dirname(target), exist_ok=True)
-      shutil.move(self.step_dir(step), target)
-      with open(os.path.join(target, "WHY.txt"), "w") as f:
-        f.write(reason + "\n")
+    target = _move_aside(self.directory, step, reason)
     _sync(f"jft-set-aside-{step}")
     self._mngr.reload()
     self._skipped = [(s, why) for s, why in self._skipped if s != step]
@@ -174,6 +178,10 @@ class Checkpoints:
         recorded = json.load(f)
     except (OSError, ValueError):
       return f"corrupt ({CHECKSUMS} unreadable)"
+    if not isinstance(recorded, dict) or not all(
+        isinstance(v, list) and len(v) == 2 and isinstance(v[0], int) and isinstance(v[1], str)
+        for v in recorded.values()):
+      return f"corrupt ({CHECKSUMS} is not a table of file sizes and digests)"
     for name, (size, digest) in sorted(recorded.items()):
       file = os.path.join(folder, name)
       if not os.path.isfile(file):
@@ -254,8 +262,44 @@ def _why(e: BaseException) -> str:
   return text[:200]
 
 
-def manager(workdir: str, keep: int | None) -> Checkpoints:
-  return Checkpoints(os.path.join(workdir, "checkpoints"), keep)
+def manager(workdir: str, keep: int | None, writer: bool = False, report=print) -> Checkpoints:
+  return Checkpoints(os.path.join(workdir, "checkpoints"), keep, writer=writer, report=report)
+
+
+def _move_aside(directory: str, step: int, reason: str) -> str:
+  """Move `directory/step` to `../corrupt/` with a WHY.txt (process 0); -> where it went."""
+  target = os.path.join(os.path.dirname(directory), "corrupt",
+                        f"{os.path.basename(directory)}-{step}-{time.strftime('%Y%m%d-%H%M%S')}")
+  if jax.process_index() == 0:
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    shutil.move(os.path.join(directory, str(step)), target)
+    with open(os.path.join(target, "WHY.txt"), "w") as f:
+      f.write(reason + "\n")
+  return target
+
+
+def _unopenable_steps(directory: str) -> list[tuple[int, str]]:
+  """Steps whose `_CHECKPOINT_METADATA` is JSON but not the object orbax reads: orbax's CheckpointManager
+  raises on them when it opens the folder (unparseable bytes it tolerates, and checksums catch)."""
+  found = []
+  if not os.path.isdir(directory):
+    return found
+  for name in sorted(os.listdir(directory), key=lambda n: (len(n), n)):
+    path = os.path.join(directory, name, "_CHECKPOINT_METADATA")
+    if not name.isdigit() or not os.path.isfile(path):
+      continue
+    try:
+      with open(path, "rb") as f:
+        value = json.loads(f.read())
+    except (OSError, ValueError):
+      continue
+    if value is None:  # orbax reads `null` as no metadata
+      continue
+    try:
+      step_metadata_serialization.deserialize(value)
+    except Exception as e:  # noqa: BLE001 -- whatever orbax raises on it, it raises when opening the folder
+      found.append((int(name), f"_CHECKPOINT_METADATA is damaged ({type(e).__name__}: {str(e)[:120]})"))
+  return found
 
 
 def write_checksums(folder: str):

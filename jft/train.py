@@ -219,8 +219,8 @@ def _train(config, workdir, resume, echo, dry_run, on_eval) -> dict:
       return evaluate_split(c, eval_model, params, tokenizer, examples, mesh=mesh, reference=reference)
 
   # ---- Resume ----------------------------------------------------------------
-  mngr = checkpoint.manager(workdir, c.train.keep)
-  best_mngr = run.best_manager(workdir)
+  mngr = checkpoint.manager(workdir, c.train.keep, writer=primary, report=echo)
+  best_mngr = run.best_manager(workdir, writer=primary, report=echo)
   for folder in (mngr, best_mngr):
     for leftover in folder.remove_leftovers():
       echo(f"removed {leftover} in {folder.directory}: a save interrupted by an earlier process")

@@ -322,3 +322,19 @@ def test_a_full_disk_while_the_best_step_is_saved_names_the_runs_intact_step(tmp
                                 f"checkpoint, step 2 in {tmp_path}/checkpoints, is intact"), out.stdout + out.stderr
   assert "Traceback" not in out.stderr and "ERROR" not in out.stderr, out.stderr
   assert os.listdir(tmp_path / "best") == [] and checkpoint.manager(str(tmp_path), None).steps() == [2]
+
+
+@pytest.mark.parametrize("junk", [b"[]", b'"x"', b"7"])
+def test_orbax_metadata_that_orbax_cannot_open_is_named_and_the_writer_moves_it_aside(tmp_path, junk):
+  """A step's _CHECKPOINT_METADATA that is JSON but not an object stops orbax's CheckpointManager from
+  opening the folder at all: a reader gets one named error, the writer (`--resume`) moves the step to
+  corrupt/ and restores the one before."""
+  _saved(str(tmp_path), steps=(1, 2))
+  with open(os.path.join(tmp_path, "checkpoints", "2", "_CHECKPOINT_METADATA"), "wb") as f:
+    f.write(junk)
+  with pytest.raises(errors.CorruptCheckpointError, match=r"checkpoints/2: _CHECKPOINT_METADATA is damaged \("):
+    checkpoint.manager(str(tmp_path), None)
+  lines = []
+  mngr = checkpoint.manager(str(tmp_path), None, writer=True, report=lines.append)
+  assert lines[0].startswith("checkpoint step 2 is corrupt (_CHECKPOINT_METADATA is damaged") and "corrupt/" in lines[0]
+  assert mngr.steps() == [1] and _restore(str(tmp_path), [])[0] == 1

@@ -2,7 +2,7 @@
 
 The property everywhere: the input ends in success or in exactly one named error (a `JftError` whose
 message names the file or field), never another exception, and the input file is never changed. The
-default suite runs a fixed example budget (well under 60 s together); `slow` runs a larger one.
+default suite runs a fixed example budget (well under 60 s together); `slow` runs about three times it.
 """
 
 import json
@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 
 from jft import config as cfg
 from jft import data, files, preference_data, report, run, sweep
+from jft import errors
 from jft.errors import JftError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -224,7 +225,9 @@ def saved_step(tmp_path_factory):
 @budget(30)
 def test_a_damaged_checkpoint_file_falls_back_or_is_one_named_error(saved_step, data_, damage):
   """Any file of the newest step damaged at random: the newest step if its damage changed nothing it
-  reads, else step 1, named; never another exception."""
+  reads, else step 1, named; or, for orbax metadata that orbax cannot open the folder with at all, one
+  named error (`jft train --resume` moves that step aside: tests/test_checkpoint_faults.py); never
+  another exception."""
   import jax.numpy as jnp
 
   from jft import checkpoint
@@ -239,6 +242,8 @@ def test_a_damaged_checkpoint_file_falls_back_or_is_one_named_error(saved_step, 
         checkpoint.abstract({"trainable": {"a": jnp.zeros((8,))}}), report=lines.append)
     assert float(state["trainable"]["a"][0]) == step and meta["data"] == {"pos": step}
     assert step == 2 or any("checkpoints/2 is" in line for line in lines), lines
+  except errors.CorruptCheckpointError as e:
+    _named(e, f"checkpoints/2: {name} is damaged")
   finally:
     _write(path, originals[name])
 
@@ -261,11 +266,12 @@ def test_metric_records_are_whole_or_left_out(tmp_path_factory, lines):
 
 @pytest.mark.slow
 def test_the_fuzz_suite_with_a_larger_budget():
-  """The same properties with ten times the examples (JFT_FUZZ_EXAMPLES in a subprocess)."""
+  """The same properties with 300 examples each, about three times the default suite's 555 in all
+  (JFT_FUZZ_EXAMPLES in a subprocess)."""
   import subprocess
   import sys
 
   p = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-m", "not slow"],
                      capture_output=True, text=True, cwd=ROOT, timeout=1500, env={**os.environ,
-                                                                                  "JFT_FUZZ_EXAMPLES": "600"})
+                                                                                  "JFT_FUZZ_EXAMPLES": "300"})
   assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-2000:]
