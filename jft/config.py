@@ -12,24 +12,17 @@ loaded, naming the field and the closest valid names.
 from __future__ import annotations
 
 import ast
-import difflib
 import importlib.util
 import os
 import traceback
-from typing import Any, Iterable
+from typing import Any
 
 import ml_collections
 
+from jft import schema
 from jft.errors import JftError
-from jft.models.transformer import DEFAULT_REMAT
-from jft.sharding import AXIS_RULES
-
-REQUIRED = "???"  # a string field that must be set before a run
-
-
-class ConfigError(JftError, ValueError):
-  pass
-
+# What a config is (its fields, defaults and rules) lives in `jft.schema`; config files import these from here.
+from jft.schema import REQUIRED, ConfigError, _close, default_config, flat_keys  # noqa: F401
 
 def _typed(text: str, like: Any, where: str):
   """Parse `text` to the type of `like` (the default)."""
@@ -83,22 +76,6 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
     if key not in defaults:
       raise ConfigError(f"config argument {key!r} is unknown; valid: {', '.join(defaults)}{_close(key, defaults)}")
     out[key] = _typed(value, defaults[key], f"config argument {key}")
-  return out
-
-
-def _close(key: str, names: Iterable[str]) -> str:
-  close = difflib.get_close_matches(key, list(names), n=3, cutoff=0.5)
-  return f" (did you mean {', '.join(close)}?)" if close else ""
-
-
-def flat_keys(config: ml_collections.ConfigDict, prefix: str = "") -> dict[str, Any]:
-  out = {}
-  for key, value in config.items():
-    path = f"{prefix}{key}"
-    if isinstance(value, ml_collections.ConfigDict):
-      out.update(flat_keys(value, path + "."))
-    else:
-      out[path] = value
   return out
 
 
@@ -208,35 +185,5 @@ def build(spec: str, overrides: list[tuple[str, str]] = ()) -> ml_collections.Co
   for key, value in overrides:
     override(config, key, value)
   check_required(config)
-  from jft import schema  # imports the registries, which may import this module
   schema.validate(config)
   return config
-
-
-def default_config() -> ml_collections.ConfigDict:
-  """The fields of a run config, with defaults. Experiment files start here and edit."""
-  c = ml_collections.ConfigDict()
-  c.seed = 0
-  c.model = dict(name="smollm2-135m", dtype="float32", remat=DEFAULT_REMAT)
-  c.method = dict(name="lora", hparams=dict(rank=8, alpha=16.0, targets=("q_proj", "v_proj")))
-  c.quant = dict(format="", blocksize=64, double_quant=True)  # format "" = dense base
-  # what a step minimises and evaluation reports (jft.objectives): lm, sft, classification, dpo, ...
-  c.objective = dict(name="classification", hparams=dict())
-  c.data = dict(path=REQUIRED, chat=True, system="", template="{text}", text_field="text",
-                label_field="label", labels=("negative", "positive"), prompt_field="prompt",
-                response_field="response", max_length=128, truncation="left", pack=False, bucket=1,
-                train_split="train", eval_split="validation", test_split="test",
-                holdout=0.1,  # one data file (no split files): the seeded fraction held out for evaluation
-                max_train_examples=0, max_eval_examples=0, max_test_examples=0)
-  c.train = dict(steps=100, batch_size=8, log_every=10, eval_every=0, save_every=50, keep=2,
-                 nan_policy="stop", mesh=dict(data=-1, fsdp=1, tensor=1),
-                 init_from="",  # an earlier run whose merged adapter is this run's base (--init-from)
-                 # logical axis -> mesh axis (jft.sharding.AXIS_RULES); path overrides (regex, per-layer spec)
-                 axis_rules=AXIS_RULES, sharding_overrides=())
-  c.optim = dict(name="adamw", lr=1e-4, schedule="cosine", warmup_steps=10, final_lr_ratio=0.1, b1=0.9,
-                 b2=0.999, momentum=0.9, weight_decay=0.0,
-                 # base leaves without decay; a method names its own (jft.peft.api.Leaf.decay)
-                 decay_rules=((r"(.*/)?(bias|scale)", False),),
-                 clip_norm=1.0, grad_accum=1)
-  c.eval = dict(batch_size=32, zero_shot=True, zero_shot_split="eval", exact_match=False, metric="accuracy")
-  return c

@@ -14,6 +14,31 @@ import re
 from jft import files
 from jft.errors import JftError
 
+# A sweep folder (written by `jft.sweep`): sweep.json, and points/NNN-name/point.json beside each point's run.
+SWEEP_FILE, POINT_FILE = "sweep.json", "point.json"
+# What jft reads back from them (`files.read_json` names the file and a missing or mistyped field).
+SWEEP_FIELDS = {"config": str, "overrides": list, "search": str, "metric": str, "direction": str, "keys": list,
+                "log_keys": list}
+POINT_FIELDS = {"index": int, "name": str, "values": dict, "status": str, "config": str, "overrides": list}
+
+
+def read_point(folder: str) -> dict | None:
+  path = os.path.join(folder, POINT_FILE)
+  return files.read_json(path, "sweep point", POINT_FIELDS) if os.path.isfile(path) else None
+
+
+def load_points(sweep_dir: str) -> list[tuple[str, dict]]:
+  """[(folder, point record)] of a sweep, by index."""
+  root = os.path.join(sweep_dir, "points")
+  if not os.path.isdir(root):
+    return []
+  out = []
+  for name in sorted(os.listdir(root)):
+    record = read_point(os.path.join(root, name))
+    if record is not None:
+      out.append((os.path.join(root, name), record))
+  return sorted(out, key=lambda p: p[1]["index"])
+
 
 class ReportError(JftError, ValueError):
   pass
@@ -108,14 +133,12 @@ def _text(value) -> str:
 
 def sweep_report(sweep_dir: str) -> list[dict]:
   """Write `results.csv`, `results.md` and the plots of a sweep; -> the rows."""
-  from jft import sweep
-
-  path = os.path.join(sweep_dir, sweep.SWEEP_FILE)
+  path = os.path.join(sweep_dir, SWEEP_FILE)
   if not os.path.isfile(path):
-    raise ReportError(f"{sweep_dir}: not a sweep folder (no {sweep.SWEEP_FILE})")
-  info = files.read_json(path, "sweep record", sweep.SWEEP_FIELDS)
+    raise ReportError(f"{sweep_dir}: not a sweep folder (no {SWEEP_FILE})")
+  info = files.read_json(path, "sweep record", SWEEP_FIELDS)
   metric = info["metric"]
-  points = sweep.load_points(sweep_dir)
+  points = load_points(sweep_dir)
   rows = [point_row(folder, record, metric) for folder, record in points]
   columns = ["point", "status"] + [k for k in info["keys"] if any(k in r for r in rows)]
   for row in rows:
@@ -200,9 +223,7 @@ def _sweep_plots(sweep_dir: str, info: dict, rows: list[dict], folders: list[str
 
 def report(path: str) -> str:
   """Rebuild the report of a sweep folder or a run folder; -> what was written."""
-  from jft import sweep
-
-  if os.path.isfile(os.path.join(path, sweep.SWEEP_FILE)):
+  if os.path.isfile(os.path.join(path, SWEEP_FILE)):
     rows = sweep_report(path)
     return f"{os.path.join(path, 'results.md')} ({len(rows)} point(s))"
   if os.path.isfile(os.path.join(path, "config.json")):

@@ -1,6 +1,7 @@
 """What every config field may hold: one table, checked before anything is loaded.
 
-`SCHEMA` maps each leaf path of `jft.config.default_config()` to a rule;
+`default_config()` is every field with its default (config files start from it, through
+`jft.config`), and `SCHEMA` maps each of its leaf paths to a rule;
 `METHOD_HPARAMS` and `OBJECTIVE_HPARAMS` do the same for the hyperparameters
 of every registered method and objective. `validate(config)` checks a whole
 config against them (plus the few rules that tie two fields together) and
@@ -16,19 +17,74 @@ Choices come from the tables of the code that reads the field (registries,
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 import re
 import string
-from typing import Any, Callable, Mapping, Optional
+from typing import Any, Callable, Iterable, Mapping, Optional
+
+import ml_collections
 
 from jft import align, objectives, peft, quant, sharding
-from jft.config import REQUIRED, ConfigError, _close, flat_keys
+from jft.errors import JftError
 from jft.models import COMPUTE_DTYPES
-from jft.models.transformer import REMAT_POLICIES
+from jft.models.transformer import DEFAULT_REMAT, REMAT_POLICIES
+from jft.sharding import AXIS_RULES
 from jft.objectives import reward as reward_objective
 from jft.peft import bottleneck
 
 DTYPES = COMPUTE_DTYPES
+REQUIRED = "???"  # a string field that must be set before a run
+
+
+class ConfigError(JftError, ValueError):
+  pass
+
+
+def _close(key: str, names: Iterable[str]) -> str:
+  close = difflib.get_close_matches(key, list(names), n=3, cutoff=0.5)
+  return f" (did you mean {', '.join(close)}?)" if close else ""
+
+
+def flat_keys(config: ml_collections.ConfigDict, prefix: str = "") -> dict[str, Any]:
+  out = {}
+  for key, value in config.items():
+    path = f"{prefix}{key}"
+    if isinstance(value, ml_collections.ConfigDict):
+      out.update(flat_keys(value, path + "."))
+    else:
+      out[path] = value
+  return out
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """The fields of a run config, with defaults. Experiment files start here and edit."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.model = dict(name="smollm2-135m", dtype="float32", remat=DEFAULT_REMAT)
+  c.method = dict(name="lora", hparams=dict(rank=8, alpha=16.0, targets=("q_proj", "v_proj")))
+  c.quant = dict(format="", blocksize=64, double_quant=True)  # format "" = dense base
+  # what a step minimises and evaluation reports (jft.objectives): lm, sft, classification, dpo, ...
+  c.objective = dict(name="classification", hparams=dict())
+  c.data = dict(path=REQUIRED, chat=True, system="", template="{text}", text_field="text",
+                label_field="label", labels=("negative", "positive"), prompt_field="prompt",
+                response_field="response", max_length=128, truncation="left", pack=False, bucket=1,
+                train_split="train", eval_split="validation", test_split="test",
+                holdout=0.1,  # one data file (no split files): the seeded fraction held out for evaluation
+                max_train_examples=0, max_eval_examples=0, max_test_examples=0)
+  c.train = dict(steps=100, batch_size=8, log_every=10, eval_every=0, save_every=50, keep=2,
+                 nan_policy="stop", mesh=dict(data=-1, fsdp=1, tensor=1),
+                 init_from="",  # an earlier run whose merged adapter is this run's base (--init-from)
+                 # logical axis -> mesh axis (jft.sharding.AXIS_RULES); path overrides (regex, per-layer spec)
+                 axis_rules=AXIS_RULES, sharding_overrides=())
+  c.optim = dict(name="adamw", lr=1e-4, schedule="cosine", warmup_steps=10, final_lr_ratio=0.1, b1=0.9,
+                 b2=0.999, momentum=0.9, weight_decay=0.0,
+                 # base leaves without decay; a method names its own (jft.peft.api.Leaf.decay)
+                 decay_rules=((r"(.*/)?(bias|scale)", False),),
+                 clip_norm=1.0, grad_accum=1)
+  c.eval = dict(batch_size=32, zero_shot=True, zero_shot_split="eval", exact_match=False, metric="accuracy")
+  return c
+
 
 
 # ---- Rules ----------------------------------------------------------------------------------------
@@ -495,10 +551,6 @@ def upgrade(saved: Mapping) -> tuple[Any, list[str]]:
   The result is then checked with `problems` like any config.
   """
   import copy
-
-  import ml_collections
-
-  from jft.config import default_config
 
   saved = copy.deepcopy(dict(saved))
   notes = []

@@ -46,16 +46,15 @@ from typing import Any, Sequence
 import numpy as np
 
 from jft import config as cfg
-from jft import files
+from jft import files, report
 from jft.errors import JftError
 from jft import lock
 
 ARG = "arg:"  # prefix of a key that sets the config file's argument, not a field
-SWEEP_FILE, POINT_FILE = "sweep.json", "point.json"
-# What jft reads back from them (`files.read_json` names the file and a missing or mistyped field).
-SWEEP_FIELDS = {"config": str, "overrides": list, "search": str, "metric": str, "direction": str, "keys": list,
-                "log_keys": list}
-POINT_FIELDS = {"index": int, "name": str, "values": dict, "status": str, "config": str, "overrides": list}
+# The sweep folder's files (`sweep.json`, `points/NNN-name/point.json`) are read by `jft.report`.
+SWEEP_FILE, POINT_FILE, SWEEP_FIELDS, POINT_FIELDS = (report.SWEEP_FILE, report.POINT_FILE, report.SWEEP_FIELDS,
+                                                      report.POINT_FIELDS)
+read_point, load_points = report.read_point, report.load_points
 MAX_FAILURES = 2  # a failed point is retried once, then recorded with its error
 
 
@@ -250,26 +249,8 @@ def point_name(index: int, values: dict) -> str:
   return f"{index:03d}-{slug}"
 
 
-def read_point(folder: str) -> dict | None:
-  path = os.path.join(folder, POINT_FILE)
-  return files.read_json(path, "sweep point", POINT_FIELDS) if os.path.isfile(path) else None
-
-
 def write_point(folder: str, record: dict):
   files.write_json(os.path.join(folder, POINT_FILE), record)
-
-
-def load_points(sweep_dir: str) -> list[tuple[str, dict]]:
-  """[(folder, point record)] of a sweep, by index."""
-  root = os.path.join(sweep_dir, "points")
-  if not os.path.isdir(root):
-    return []
-  out = []
-  for name in sorted(os.listdir(root)):
-    record = read_point(os.path.join(root, name))
-    if record is not None:
-      out.append((os.path.join(root, name), record))
-  return sorted(out, key=lambda p: p[1]["index"])
 
 
 # ----------------------------------------------------------------------------
@@ -476,7 +457,6 @@ class Sweep:
     number = record["optuna"]["number"]
     if study.trials[number].state != optuna.trial.TrialState.RUNNING:
       return
-    from jft import report
     value = report.point_row(folder, record, self.metric).get(f"best_{self.metric}")
     if record["status"] == "done" and value is not None:
       study.tell(number, float(value))
@@ -550,7 +530,6 @@ class Sweep:
         proc.wait()
       for s, h in previous.items():
         signal.signal(s, h)
-    from jft import report
     rows = report.sweep_report(self.workdir)
     if stop["signal"] is not None:
       self.echo(f"sweep stopped by signal {stop['signal']}; rerun the same command to resume it")

@@ -19,9 +19,9 @@ import time
 import jax
 import numpy as np
 
-from jft import (checkpoint, data, errors, estimate, files, objectives, peft, progress, rules, run, schema, sharding,
-                 state)
-from jft.config import _close
+from jft import (checkpoint, data, errors, estimate, files, objectives, peft, progress, report, rules, run, schema,
+                 sharding, state)
+from jft.schema import _close
 from jft.errors import JftError
 from jft.step import make_train_step
 
@@ -382,7 +382,6 @@ def _train(config, workdir, resume, echo, dry_run, on_eval) -> dict:
   log.close()
   if primary:
     run.write_json(os.path.join(workdir, "results.json"), results)
-    from jft import report
     report.plot_run(workdir)
     _write_summary(workdir, c, method, results)
   return results

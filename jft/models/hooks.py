@@ -11,7 +11,7 @@ finds and calls the one function of that point:
     Attention, MLP   sublayer_output(h) before the residual add
     Transformer input_prefix -> vectors prepended to the token embeddings
 
-A method is a `Hook` (see `jft.peft.api.Method`); defining one registers its
+A method is a `Hook` (the fine-tuning methods subclass it); defining one registers its
 group. The hook the model calls is the configured instance in
 `Settings.methods` when there is one (it carries dropout, activation...),
 else the registered class's default.
@@ -20,7 +20,6 @@ else the registered class's default.
 from __future__ import annotations
 
 import functools
-import importlib
 from typing import ClassVar
 
 _GROUPS: dict[str, type] = {}
@@ -69,20 +68,15 @@ def register(group: str, cls: type):
 
 
 def registered(group: str) -> bool:
-  return group in _GROUPS or (_load_methods() and group in _GROUPS)
-
-
-@functools.cache
-def _load_methods() -> bool:
-  """Trees can reach a model before anything imported the methods (a restored run)."""
-  importlib.import_module("jft.peft")
-  return True
+  return group in _GROUPS
 
 
 @functools.cache
 def default(group: str) -> Hook:
   if not registered(group):
-    raise HookError(f"no method registered the group {group!r}; registered: {sorted(_GROUPS)}")
+    raise HookError(f"no method registered the group {group!r}; registered: {sorted(_GROUPS)} (a model never "
+                    "imports the methods: configure it with the method, `method.configure(model)`, or import "
+                    "the methods' package first)")
   return _GROUPS[group]()
 
 
