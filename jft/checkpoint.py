@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from orbax.checkpoint._src.metadata import step_metadata_serialization
 
-from jft import errors
+from jft import errors, files
 
 CHECKSUMS = "jft_checksums.json"
 
@@ -305,17 +305,12 @@ def _unopenable_steps(directory: str) -> list[tuple[int, str]]:
 def write_checksums(folder: str):
   """Record size and SHA-256 of every file of a finalized step (written atomically)."""
   recorded = {}
-  for root, _, files in os.walk(folder):
-    for name in files:
+  for root, _, names in os.walk(folder):
+    for name in names:
       rel = os.path.relpath(os.path.join(root, name), folder)
-      if rel != CHECKSUMS:
+      if rel != CHECKSUMS and not rel.startswith(CHECKSUMS + ".tmp"):
         recorded[rel] = [os.path.getsize(os.path.join(root, name)), _digest(os.path.join(root, name))]
-  tmp = os.path.join(folder, CHECKSUMS + ".tmp")
-  with open(tmp, "w") as f:
-    json.dump(recorded, f, indent=0, sort_keys=True)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, os.path.join(folder, CHECKSUMS))
+  files.write_json(os.path.join(folder, CHECKSUMS), dict(sorted(recorded.items())), indent=0)
 
 
 def _digest(path: str) -> str:

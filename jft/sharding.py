@@ -22,9 +22,7 @@ assembles them with `jax.make_array_from_process_local_data`.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-import os
 import sys
 import threading
 from typing import Any, Mapping, Sequence
@@ -33,7 +31,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from jft import quant, rules
+from jft import files, quant, rules
 from jft.errors import JftError
 
 AXES = ("data", "fsdp", "tensor")
@@ -503,8 +501,5 @@ def _keystr(keypath) -> str:
 
 def write_layout(path: str, trees: Mapping[str, Any], mesh: Mesh, extra: Mapping | None = None) -> dict:
   report = {**layout(trees, mesh), **(extra or {})}
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(report, f, indent=1)
-  os.replace(tmp, path)
+  files.write_json(path, report, indent=1)
   return report

@@ -500,5 +500,5 @@ def _write_summary(workdir: str, c, method, results: dict):
   if os.path.isfile(os.path.join(workdir, "curves.png")):
     lines += ["", "![loss and evaluation curves](curves.png)"]
   lines += _samples_section(os.path.join(workdir, "samples.json"))
-  with open(os.path.join(workdir, "summary.md"), "w") as f:
+  with files.write_file(os.path.join(workdir, "summary.md")) as f:
     f.write("\n".join(lines) + "\n")
