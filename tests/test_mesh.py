@@ -80,8 +80,9 @@ def test_fsdp_cuts_per_device_state(default_cases):
 
 
 @pytest.mark.slow
-def test_every_method_on_every_mesh(tmp_path):
-  cases = [f"{m}@{mesh}" for m in METHODS for mesh in MESHES]
+@pytest.mark.parametrize("method", METHODS)  # one subprocess per method, so the workers share the cases
+def test_every_method_on_every_mesh(tmp_path, method):
+  cases = [f"{method}@{mesh}" for mesh in MESHES]
   results = run_cases(tmp_path, cases)
   for case in cases:
     check_case(results, case)
