@@ -65,13 +65,12 @@ def load_split(source: Any, split: str = "train", *, train_split: str | None = N
     return source
   path = str(source)
   if os.path.isdir(path):
-    files = [f for f in sorted(os.listdir(path)) if os.path.splitext(f)[0] == split
-             and os.path.splitext(f)[1] in EXTENSIONS]
-    if not files:
+    file = split_file(path, split)
+    if file is None:
       raise DataError(f"{path}: no file for split {split!r} (looked for {split}{{{','.join(EXTENSIONS)}}}); "
                       f"found {sorted(os.listdir(path))}")
-    _verify_checksum(path, files[0])
-    path = os.path.join(path, files[0])
+    _verify_checksum(path, os.path.basename(file))
+    path = file
   if os.path.isfile(path):
     ext = os.path.splitext(path)[1]
     if ext not in EXTENSIONS:
@@ -92,13 +91,20 @@ def load_split(source: Any, split: str = "train", *, train_split: str | None = N
   return datasets.load_dataset(path, split=split)  # a hub dataset, where a hub is reachable
 
 
+def split_file(folder: str, split: str) -> str | None:
+  """The file of `split` in a data folder (`validation.jsonl`, `test.csv`...), or None."""
+  for name in sorted(os.listdir(folder)):
+    if os.path.splitext(name)[0] == split and os.path.splitext(name)[1] in EXTENSIONS:
+      return os.path.join(folder, name)
+  return None
+
+
 def split_record(d, split: str, rows: int) -> dict:
   """Where one split of a run came from, for `results.json` (`data.splits`): its file, its row count, and
   whether it is the held-out part of one file."""
   path = str(d.path)
   if os.path.isdir(path):
-    found = [f for f in sorted(os.listdir(path)) if os.path.splitext(f)[0] == split]
-    return {"source": os.path.join(path, found[0]) if found else path, "rows": rows, "holdout": False}
+    return {"source": split_file(path, split) or path, "rows": rows, "holdout": False}
   return {"source": path, "rows": rows, "holdout": os.path.isfile(path) and split != d.train_split}
 
 

@@ -145,10 +145,12 @@ def make_tx(config, trainable, method=None):
   return make_optimizer(config.optim, config.train.steps, trainable, method)
 
 
-def best_manager(workdir: str, writer: bool = False, report=print) -> checkpoint.Checkpoints:
-  """`WORKDIR/best`: the best step only; a failed save of it names the run's intact step in `checkpoints/`."""
-  return checkpoint.Checkpoints(os.path.join(workdir, "best"), keep=1, writer=writer, report=report,
-                                fallback=checkpoint.manager(workdir, None, writer=writer, report=report))
+def best_manager(workdir: str, writer: bool = False, report=print,
+                 latest: checkpoint.Checkpoints | None = None) -> checkpoint.Checkpoints:
+  """`WORKDIR/best`: the best step only; a failed save of it names the run's intact step in `latest`
+  (`checkpoints/`; opened here when the caller has not)."""
+  latest = latest or checkpoint.manager(workdir, None, writer=writer, report=report)
+  return checkpoint.Checkpoints(os.path.join(workdir, "best"), keep=1, writer=writer, report=report, fallback=latest)
 
 
 @dataclasses.dataclass

@@ -220,7 +220,7 @@ def _train(config, workdir, resume, echo, dry_run, on_eval) -> dict:
 
   # ---- Resume ----------------------------------------------------------------
   mngr = checkpoint.manager(workdir, c.train.keep, writer=primary, report=echo)
-  best_mngr = run.best_manager(workdir, writer=primary, report=echo)
+  best_mngr = run.best_manager(workdir, writer=primary, report=echo, latest=mngr)
   for folder in (mngr, best_mngr):
     for leftover in folder.remove_leftovers():
       echo(f"removed {leftover} in {folder.directory}: a save interrupted by an earlier process")
