@@ -34,13 +34,13 @@ generate: $(VENV)/.runtime
 	$(VENV)/bin/jft generate --model smollm2-135m --prompt "What is the capital of France?"
 
 # Two workers (pytest-xdist): most tests are single-threaded compiles, so both cores stay busy.
-# Run under the allocator setting `jft train` uses (jft/host_memory.py; a no-op where it does not
+# Run under the allocator setting `jft train` uses (jft/cli/host_memory.py; a no-op where it does not
 # apply): the default suite took 11.8-12.4 instead of 14.3 minutes on 2 cores.
 test: $(VENV)/.test data/llamafactory/SHA256SUMS
-	$(PY) -m jft.host_memory $(PY) -m pytest -q -n 2
+	$(PY) -m jft.cli.host_memory $(PY) -m pytest -q -n 2
 
 test-slow: $(VENV)/.test data/llamafactory/SHA256SUMS
-	$(PY) -m jft.host_memory $(PY) -m pytest -q -n 2 -m slow
+	$(PY) -m jft.cli.host_memory $(PY) -m pytest -q -n 2 -m slow
 
 clean:
 	rm -rf $(VENV)

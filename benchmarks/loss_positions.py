@@ -10,7 +10,7 @@ process with the two paths alternating:
   prompt) and a label word (the last two tokens);
 - one DPO train step, LoRA on all linears, 4 pairs x 256 with 30-70% prompts:
   the policy's and the reference's completion log-probs through
-  `jft.loss.head_logps` against the model's logits.
+  `jft.models.head.head_logps` against the model's logits.
 Prints a Markdown table of medians (seconds) and XLA's temporaries (MiB).
 `--quick` runs the same code (both paths, their agreement checked) on a
 2-layer d=32 model, 4 x 32 tokens, vocabulary 512, one timed call each: it
@@ -26,12 +26,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jft import loss as losses
+from jft.models import head as losses
 from jft import objectives, peft
-from jft.estimate import memory_of
+from jft.run.memory import memory_of
 from jft.models import hf
 from jft.models.transformer import Transformer
-from jft.step import make_train_step
+from jft.run.step import make_train_step
 
 BATCH, LENGTH, D, VOCAB = 8, 256, 512, 32000
 INTER, LAYERS, HEADS = 1376, 8, 8  # the DPO row's model: the race's 58M Llama

@@ -169,7 +169,7 @@ def worker_jft(args):
 
   import jft
   from jft import peft, quant
-  from jft.step import make_train_step
+  from jft.step import make_train_step  # the name every revision answers to (a --baseline tree too)
 
   cell, shape = CELLS[args.cell], SHAPES[args.model]
   model, params = jft.load_pretrained(args.folder, param_dtype=jnp.bfloat16 if cell.bf16_storage else None)
@@ -291,7 +291,7 @@ def worker_compile(args):
 
   from jft.models import hf
   from jft.models.transformer import Transformer
-  from jft.step import make_train_step
+  from jft.step import make_train_step  # the name every revision answers to (a --baseline tree too)
   shape = SHAPES[args.model]
   config = hf.config_from_hf({"model_type": "llama", **shape.hf_config(args.layers)})
   model = Transformer(config)
@@ -368,8 +368,8 @@ def spawn(kind: str, jft_path: str | None = None, **kw) -> dict:
   env = dict(os.environ, TOKENIZERS_PARALLELISM="false", TF_CPP_MIN_LOG_LEVEL="3")
   tree = jft_path or os.path.dirname(HERE)
   if kind in ("jft", "compile", "generate", "gemm") and kw.get("side", "jft") == "jft" and \
-      os.path.exists(os.path.join(tree, "jft", "host_memory.py")):
-    from jft import host_memory
+      any(os.path.exists(os.path.join(tree, "jft", *p)) for p in (("host_memory.py",), ("cli", "host_memory.py"))):
+    from jft.cli import host_memory
     env = host_memory.environment(env)  # as that revision's `jft train` runs; the peer gains nothing from it
   if jft_path:
     env["PYTHONPATH"] = os.pathsep.join([os.path.abspath(jft_path), env.get("PYTHONPATH", "")])
@@ -445,7 +445,7 @@ class Report:
         "JAX GEMM rate of this run in the cell's dtype. Peak RSS = the process's ru_maxrss. jft trains with "
         "its default remat (`model.remat`, `dots`: matmul outputs kept, elementwise work recomputed); torch "
         "keeps what autograd saves. jft's processes run under the glibc tunable `jft train` sets "
-        "(`jft.host_memory`: huge pages for XLA's per-step temporaries); the peer's under the system's defaults "
+        "(`jft.cli.host_memory`: huge pages for XLA's per-step temporaries); the peer's under the system's defaults "
         "(the tunable left its step unchanged in an A/B).",
         "",
         "## Training steps",

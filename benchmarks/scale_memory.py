@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import optax
 
 from jft import peft, quant, sharding
-from jft.estimate import sharded_step_memory
+from jft.run.memory import sharded_step_memory
 from jft.models.config import ModelConfig
 from jft.models.transformer import Transformer
 

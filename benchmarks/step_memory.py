@@ -17,7 +17,7 @@ import optax
 
 import jft
 from jft import peft, quant
-from jft.estimate import step_memory
+from jft.run.memory import step_memory
 
 METHODS = {
     "full": peft.Full(),

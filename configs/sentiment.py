@@ -77,7 +77,7 @@ def sweep(arg=None):
   `jft sweep --config configs/sentiment.py:mode=local --workdir runs/grid` sweeps them all;
   naming a method (`:mode=study,method=lora`) sweeps only its hyperparameters.
   """
-  from jft.sweep import Space, grid
+  from jft.studies.space import Space, grid
 
   lr = grid(0.5, 1.0, 2.0)
   chosen = parse_arg(arg, method="", mode="demo", lr_scale=1.0).method

@@ -50,7 +50,7 @@ def get_config(arg=None):
 
 def sweep(arg=None):
   """A small study for tests: LoRA rank x learning rate, and IA3 at two learning rates."""
-  from jft.sweep import Space, grid
+  from jft.studies.space import Space, grid
 
   return [Space({"method.hparams.rank": grid(2, 4), "optim.lr": grid(1e-3, 1e-2)}),
           Space({"arg:method": grid("ia3"), "optim.lr": grid(1e-2)})]

@@ -58,7 +58,7 @@ def export_bytes(point: str, method) -> tuple[str, int]:
 def compiled_step_mib(point: str) -> float:
   """The compiled train step's bytes (arguments + outputs + temporaries - donated), as --dry-run reports."""
   from jft import run
-  from jft.train import train
+  from jft.run.train import train
 
   folder = os.path.join(point, "compare-dry-run")
   shutil.rmtree(folder, ignore_errors=True)
@@ -115,7 +115,7 @@ def measure(point: str, new_tokens: int, base_cache: dict) -> dict:
 
 def step_seconds(point: str) -> float | None:
   """Median seconds per training step, from the log records (the first, which compiles, left out)."""
-  from jft.report import read_metrics
+  from jft.studies.report import read_metrics
 
   times = [r["step_seconds"] for r in read_metrics(point) if r["kind"] == "train" and "step_seconds" in r]
   return statistics.median(times[1:] or times) if times else None
@@ -130,9 +130,9 @@ def cpu_model() -> str:
 
 
 def plot(rows: list, out: str):
-  from jft.report import pyplot
+  from jft.core import files
 
-  plt = pyplot()
+  plt = files.pyplot()
   pts = [r for r in rows if r["test_accuracy"] is not None]
   if not pts:
     return
@@ -163,8 +163,9 @@ def main():
   parser.add_argument("--out", required=True)
   args = parser.parse_args()
 
-  from jft import report, run
-  from jft.sweep import Space, Sweep, grid
+  from jft.studies import report
+  from jft import run
+  from jft.studies.sweep import Space, Sweep, grid
 
   methods = [m for m in args.methods.split(",") if m]
   spec = args.config + (f":mode={args.mode}" if args.mode else "")
@@ -173,7 +174,7 @@ def main():
   study.run()
 
   rows, base_cache = [], {}
-  from jft import sweep
+  from jft.studies import sweep
   for point, record in sweep.load_points(args.out):
     if record["status"] != "done":
       print(f"{record['name']}: {record['status']} {record.get('error') or ''}", file=sys.stderr)

@@ -31,8 +31,10 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from jft import files, quant, rules
-from jft.errors import JftError
+from jft import quant
+from jft.core import files, rules
+from jft.models.transformer import PARAM_AXES
+from jft.core.errors import JftError
 
 AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
@@ -211,8 +213,6 @@ def is_primary() -> bool:
 
 def logical_axes(params, method=None) -> dict:
   """{path: logical axis names} for every leaf: the model's table, then the method's leaves."""
-  from jft.models.transformer import PARAM_AXES
-
   flat = rules.flatten(params)
   base = rules.assign(PARAM_AXES, flat, default=None, require_all_rules_match=False)
   out = {}

@@ -3,7 +3,7 @@
 The llamafactory 0.9.5 sdist ships data/alpaca_en_demo.json (999
 instruction/input/output rows) and data/dpo_en_demo.json (300 ShareGPT-style
 preference rows: conversations/chosen/rejected with from/value). Both are
-copied as they are, with a SHA256SUMS and a LICENSE.md; `jft.preference_data`
+copied as they are, with a SHA256SUMS and a LICENSE.md; `jft.data.preference`
 reads them and splits them at load time.
 
     python scripts/fetch_llamafactory_data.py        # -> data/llamafactory/

@@ -17,10 +17,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jft import estimate, peft, quant, sharding, state
+from jft import peft, quant, sharding
+from jft.run import state
+from jft.run.memory import compile_step, memory_of
 from jft.models.config import ModelConfig
 from jft.models.transformer import Transformer
-from jft.step import make_train_step
+from jft.run.step import make_train_step
 
 # Every dimension a rule may split divides by 8 (fsdp) and 4 (tensor); rows hold 8 blocks of 32.
 CONFIG = ModelConfig(family="llama", vocab_size=128, hidden_size=256, intermediate_size=512, num_layers=2,
@@ -80,8 +82,8 @@ def run_case(method_name: str, mesh_name: str, cache: dict) -> dict:
   trainable, opt_state, losses = st.trainable, st.opt_state, []
   # Compiled once, from the state's description, for both the memory figures and the steps
   # (a jit call after `compiled_step_memory` would compile it again).
-  step = estimate.compile_step(step, st, BATCH, LENGTH)
-  memory = estimate.memory_of(step)
+  step = compile_step(step, st, BATCH, LENGTH)
+  memory = memory_of(step)
   for i, batch in enumerate(batches()):
     trainable, opt_state, metrics = step(trainable, opt_state, st.frozen, sharding.host_batch(mesh, batch),
                                          np.asarray(jax.random.PRNGKey(i)))

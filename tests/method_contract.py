@@ -18,7 +18,8 @@ from conftest import padded_batch, torch_logits
 
 import jft
 from jft import config as cfg
-from jft import peft, rules
+from jft import peft
+from jft.core import rules
 from jft.peft.peft_format import export_peft, import_peft
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -11,8 +11,9 @@ import shutil
 import numpy as np
 import pytest
 
-from jft import ablate, cli, config as cfg
-from jft.train import train
+from jft.studies import ablate
+from jft import cli, config as cfg
+from jft.run.train import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, "configs", "tiny.py")

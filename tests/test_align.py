@@ -1,4 +1,4 @@
-"""jft.align against TRL 1.16, the reference it follows.
+"""jft.objectives.losses against TRL 1.16, the reference it follows.
 
 DPO (sigmoid, robust, ipo, hinge) and KTO run through TRL's own trainers
 (`DPOTrainer.compute_loss`, `KTOTrainer.compute_loss`) on a LoRA of a tiny
@@ -21,7 +21,8 @@ import numpy as np
 import pytest
 
 import jft
-from jft import align, rules
+from jft.objectives import losses
+from jft.core import rules
 from jft.peft import api
 from jft.peft.peft_format import import_peft
 
@@ -137,9 +138,9 @@ def lora(tiny_model, tmp_path_factory):
       tokenizer=tokenizer, dataset=dataset, trainer=trainer, batch=batch, state=_lora_state(trainer),
       trainable=trainable,
       trainable_of=lambda trainer: api.split(method, imported(trainer)[1])[0],
-      policy_token_logps=jax.jit(lambda t, *b: align.token_logps(policy_model, policy_params(t), *b)),
-      policy_logps=jax.jit(lambda t, *b: align.sequence_logps(policy_model, policy_params(t), *b)),
-      base_logps=jax.jit(lambda *b: align.sequence_logps(model, base, *b)))
+      policy_token_logps=jax.jit(lambda t, *b: losses.token_logps(policy_model, policy_params(t), *b)),
+      policy_logps=jax.jit(lambda t, *b: losses.sequence_logps(policy_model, policy_params(t), *b)),
+      base_logps=jax.jit(lambda *b: losses.sequence_logps(model, base, *b)))
 
 
 @pytest.fixture(scope="module")
@@ -157,7 +158,7 @@ def jft_dpo(lora):
 
   def selected_loss(trainable, select):
     logps = policy_logps(trainable, ids, attn, cm)
-    out = [align.preference_loss(logps[:n], logps[n:], ref[:n], ref[n:], beta=BETA, loss_type=t, label_smoothing=e,
+    out = [losses.preference_loss(logps[:n], logps[n:], ref[:n], ref[n:], beta=BETA, loss_type=t, label_smoothing=e,
                                  chosen_lengths=lengths[:n], rejected_lengths=lengths[n:])
            for t, e in DPO_CASES.values()]
     values = jnp.stack([loss for loss, _ in out])
@@ -250,7 +251,7 @@ def test_kto_matches_trl(lora, tiny_model, tmp_path):
 
   main = _pad(b, ("input_ids", "attention_mask", "completion_mask"))
   kl = _pad(b, ("KL_input_ids", "KL_attention_mask", "KL_completion_mask"))
-  ours, our_metrics = align.kto_loss(
+  ours, our_metrics = losses.kto_loss(
       lora.policy_logps(trainable, *main), lora.base_logps(*main), jnp.asarray(b["label"].numpy()),
       lora.policy_logps(trainable, *kl), lora.base_logps(*kl), beta=BETA, desirable_weight=1.0,
       undesirable_weight=1.5)
@@ -314,7 +315,7 @@ def test_orpo_matches_trl():
   trainer = _stand_in(ORPOTrainer, beta=0.25, concatenated_forward=forward, aux_loss_enabled=False)
   loss, metrics = trainer.get_batch_loss_metrics(None, {})
   loss.backward()
-  fn = lambda c, r, n: align.orpo_loss(c, r, lengths_c, lengths_r, n, beta=0.25)
+  fn = lambda c, r, n: losses.orpo_loss(c, r, lengths_c, lengths_r, n, beta=0.25)
   (ours, our_metrics), grads = jax.value_and_grad(fn, argnums=(0, 1, 2), has_aux=True)(sums_c, sums_r, nll)
   assert abs(float(ours) - loss.item()) <= 1e-6
   for key in ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
@@ -343,7 +344,7 @@ def test_reward_loss_matches_trl(margin, center):
   loss = trainer.compute_loss(model, inputs)
   loss.backward()
   metrics = {k: v[-1] for k, v in trainer._metrics["train"].items()}
-  fn = lambda c, r: align.reward_loss(c, r, margin=None if margin is None else jnp.asarray(margin),
+  fn = lambda c, r: losses.reward_loss(c, r, margin=None if margin is None else jnp.asarray(margin),
                                       center_rewards_coefficient=center)
   (ours, our_metrics), (gc, gr) = jax.value_and_grad(fn, argnums=(0, 1), has_aux=True)(chosen, rejected)
   assert abs(float(ours) - loss.item()) <= 1e-6
@@ -361,14 +362,14 @@ def test_group_advantages_by_hand():
   # group [1, 0, 0.5]: mean 0.5, std 0.5; group [2, -1, 0]: mean 1/3, std sqrt(7/3) = 1.5275252
   s1, s2 = 0.5 + 1e-4, math.sqrt(7 / 3) + 1e-4
   by_hand = [0.5 / s1, -0.5 / s1, 0.0, (5 / 3) / s2, (-4 / 3) / s2, (-1 / 3) / s2]  # 0.9998, ..., 1.09104, ...
-  np.testing.assert_allclose(align.group_advantages(rewards, 3), by_hand, rtol=1e-6)
+  np.testing.assert_allclose(losses.group_advantages(rewards, 3), by_hand, rtol=1e-6)
   grouped = torch.tensor(rewards).view(-1, 3)  # TRL's own formula (GRPOTrainer._generate_and_score_completions)
   trl = (grouped - grouped.mean(1, keepdim=True)) / (nanstd(grouped, dim=1)[:, None] + 1e-4)
-  np.testing.assert_allclose(align.group_advantages(rewards, 3), trl.view(-1).numpy(), rtol=1e-6)
-  np.testing.assert_allclose(align.group_advantages(rewards, 3, scale=False), [0.5, -0.5, 0, 5 / 3, -4 / 3, -1 / 3],
+  np.testing.assert_allclose(losses.group_advantages(rewards, 3), trl.view(-1).numpy(), rtol=1e-6)
+  np.testing.assert_allclose(losses.group_advantages(rewards, 3, scale=False), [0.5, -0.5, 0, 5 / 3, -4 / 3, -1 / 3],
                              rtol=1e-6)
   batch = (rewards - np.repeat(rewards.reshape(2, 3).mean(1), 3)) / (rewards.std(ddof=1) + 1e-4)
-  np.testing.assert_allclose(align.group_advantages(rewards, 3, scale="batch"), batch, rtol=1e-6)
+  np.testing.assert_allclose(losses.group_advantages(rewards, 3, scale="batch"), batch, rtol=1e-6)
 
 
 def test_grpo_loss_by_hand():
@@ -386,18 +387,18 @@ def test_grpo_loss_by_hand():
               "bnpo": (-3.1 + 0.95 + 0.04 * k3) / 5,  # -0.4275451
               "dr_grpo": (-3.1 + 0.95 + 0.04 * k3) / (2 * 4)}  # -0.2672157
   for loss_type, value in expected.items():
-    loss, metrics = align.grpo_loss(logps, old, ref, adv, mask, epsilon=0.2, beta=0.04, loss_type=loss_type,
+    loss, metrics = losses.grpo_loss(logps, old, ref, adv, mask, epsilon=0.2, beta=0.04, loss_type=loss_type,
                                     max_completion_length=4)
     assert abs(float(loss) - value) <= 1e-6, loss_type
   assert abs(float(metrics["kl"]) - k3 / 5) <= 1e-6
   assert float(metrics["clip_ratio"]) == pytest.approx(0.4)  # q=1.5 with A>0 and q=0.5 with A<0, of 5 tokens
   assert float(metrics["clip_ratio/low_mean"]) == pytest.approx(0.2)
   assert float(metrics["clip_ratio/high_mean"]) == pytest.approx(0.2)
-  loss, metrics = align.grpo_loss(logps, old, None, adv, mask, beta=0.0)
+  loss, metrics = losses.grpo_loss(logps, old, None, adv, mask, beta=0.0)
   assert abs(float(loss) - (-3.1 / 3 + 0.95 / 2) / 2) <= 1e-6 and "kl" not in metrics
 
 
-@pytest.mark.parametrize("loss_type", align.GRPO_LOSSES)
+@pytest.mark.parametrize("loss_type", losses.GRPO_LOSSES)
 def test_grpo_loss_matches_trl(loss_type):
   """`GRPOTrainer._compute_loss` with its forward replaced by fixed per-token log-probs: loss, metrics, gradient."""
   from trl import GRPOTrainer
@@ -409,7 +410,7 @@ def test_grpo_loss_matches_trl(loss_type):
   old = (logps + rng.normal(0, 0.3, (b, t))).astype(np.float32)  # ratios well outside [0.8, 1.2] for some tokens
   ref = (logps + rng.normal(0, 0.5, (b, t))).astype(np.float32)
   mask = (np.arange(t)[None] < np.array([7, 5, 3, 6, 1, 4])[:, None]).astype(np.float32)
-  adv = np.asarray(align.group_advantages(rng.normal(size=b).astype(np.float32), 3))
+  adv = np.asarray(losses.group_advantages(rng.normal(size=b).astype(np.float32), 3))
   tl = torch.tensor(logps, requires_grad=True)
   trainer = _stand_in(
       GRPOTrainer, beta=0.04, loss_type=loss_type, epsilon_low=0.2, epsilon_high=0.2, max_completion_length=10,
@@ -424,7 +425,7 @@ def test_grpo_loss_matches_trl(loss_type):
   loss = trainer._compute_loss(None, inputs)
   loss.backward()
   metrics = {k: v[-1] for k, v in trainer._metrics["train"].items()}
-  fn = lambda lp: align.grpo_loss(lp, old, ref, adv, mask, epsilon=0.2, beta=0.04, loss_type=loss_type,
+  fn = lambda lp: losses.grpo_loss(lp, old, ref, adv, mask, epsilon=0.2, beta=0.04, loss_type=loss_type,
                                   max_completion_length=10)
   (ours, our_metrics), grad = jax.value_and_grad(fn, has_aux=True)(logps)
   assert abs(float(ours) - loss.item()) <= 1e-6
@@ -439,10 +440,10 @@ def test_grpo_loss_matches_trl(loss_type):
 def test_unknown_loss_types_name_the_choices():
   x = jnp.zeros(2)
   with pytest.raises(ValueError, match="sigmoid, robust, ipo, hinge"):
-    align.preference_loss(x, x, x, x, loss_type="dpo")
+    losses.preference_loss(x, x, x, x, loss_type="dpo")
   with pytest.raises(ValueError, match="grpo, bnpo, dr_grpo"):
-    align.grpo_loss(jnp.zeros((2, 3)), jnp.zeros((2, 3)), None, x, jnp.ones((2, 3)), beta=0.0, loss_type="dapo")
+    losses.grpo_loss(jnp.zeros((2, 3)), jnp.zeros((2, 3)), None, x, jnp.ones((2, 3)), beta=0.0, loss_type="dapo")
   with pytest.raises(ValueError, match="chosen_lengths"):
-    align.preference_loss(x, x, x, x, loss_type="ipo")
+    losses.preference_loss(x, x, x, x, loss_type="ipo")
   with pytest.raises(ValueError, match="ref_logps"):
-    align.grpo_loss(jnp.zeros((2, 3)), jnp.zeros((2, 3)), None, x, jnp.ones((2, 3)))
+    losses.grpo_loss(jnp.zeros((2, 3)), jnp.zeros((2, 3)), None, x, jnp.ones((2, 3)))

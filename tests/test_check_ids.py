@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from jft import data
-from jft.errors import JftError
+from jft.core.errors import JftError
 from jft.models import ModelConfig, Transformer, TokenIdError, check_ids
 from jft.models.generate import GenerationError, Sampling, generate
 

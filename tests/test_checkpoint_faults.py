@@ -19,7 +19,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jft import checkpoint, errors, run
+from jft.run import checkpoint
+from jft.core import errors
+from jft import run
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, "configs", "tiny.py")
@@ -258,7 +260,8 @@ def test_a_disk_that_fills_while_metrics_are_written_stops_the_run_and_resume_co
   checkpoints intact; `--resume` drops the cut line and logs each step once."""
   import errno
 
-  from jft import cli, train
+  from jft import cli
+  from jft.run import train
 
   class FillsUp:
     def __init__(self, file, after):

@@ -10,7 +10,7 @@ from conftest import padded_batch, torch_logits
 from safetensors.numpy import load_file, save_file
 
 import jft
-from jft import errors
+from jft.core import errors
 from jft.models.pretrained import resolve
 
 

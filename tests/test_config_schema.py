@@ -9,7 +9,10 @@ import re
 import ml_collections
 import pytest
 
-from jft import cli, config as cfg, objectives, optim, peft, schema, sweep
+from jft import cli, config as cfg, objectives, peft
+from jft.run import optim
+from jft.config import schema
+from jft.studies import sweep
 from jft.models.config import ModelConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -33,31 +36,70 @@ def test_every_field_of_the_default_config_has_a_rule():
   assert sorted(set(schema.SCHEMA) - leaves) == []  # a removed field takes its rule with it
   for path in hparams:  # the default method's and objective's hyperparameters (all of them: tests below)
     section, _, key = path.split(".", 2)
-    table = schema.METHOD_HPARAMS if section == "method" else schema.OBJECTIVE_HPARAMS[c.objective.name]
+    table = method_rules(c.method.name) if section == "method" else objectives.OBJECTIVES[c.objective.name].hparam_rules
     assert key in table, path
 
 
+def method_rules(name: str) -> dict:
+  """The rules a method's hyperparameters are checked by: the shared names, then its class's own."""
+  return {**peft.HPARAM_RULES, **peft.METHODS[name].hparam_rules}
+
+
 def test_every_method_hyperparameter_has_a_rule():
-  fields = {f.name for cls in peft.METHODS.values() for f in dataclasses.fields(cls)}
-  assert sorted(fields - set(schema.METHOD_HPARAMS)) == []
-  assert sorted(set(schema.METHOD_HPARAMS) - fields) == []
+  for name, cls in peft.METHODS.items():
+    fields = {f.name for f in dataclasses.fields(cls)}
+    assert sorted(fields - set(method_rules(name))) == [], name
+    assert sorted(set(cls.hparam_rules) - fields) == [], name  # a class declares rules for its own fields only
+  every = {f.name for cls in peft.METHODS.values() for f in dataclasses.fields(cls)}
+  assert sorted(set(peft.HPARAM_RULES) - every) == []  # no shared rule outlives its fields
 
 
-def test_every_objective_hyperparameter_has_a_rule():
-  assert sorted(schema.OBJECTIVE_HPARAMS) == sorted(objectives.OBJECTIVES)
-  for name in objectives.OBJECTIVES:
-    assert sorted(schema.OBJECTIVE_HPARAMS[name]) == sorted(objectives.default_hparams(name)), name
+def test_every_objective_hyperparameter_has_a_rule_beside_it():
+  for name, cls in objectives.OBJECTIVES.items():
+    assert sorted(cls.hparam_rules) == sorted(objectives.default_hparams(name)), name
+
+
+def test_a_new_objective_is_one_class_with_its_rules():
+  """Defining an objective registers it, and its rules check configs and Python construction alike; a field
+  without a rule is named (so a new objective cannot skip validation)."""
+  import dataclasses as dc
+  from typing import ClassVar
+
+  from jft.core.fields import Float
+
+  @dc.dataclass(frozen=True)
+  class Margin(objectives.Objective):
+    name: ClassVar[str] = "test_margin"
+    hparam_rules: ClassVar[dict] = {"gap": Float(0, lo_open=True)}
+    gap: float = 1.0
+
+  @dc.dataclass(frozen=True)
+  class NoRule(objectives.Objective):
+    name: ClassVar[str] = "test_no_rule"
+    width: int = 3
+
+  try:
+    c = cfg.default_config()
+    c.objective.name, c.objective.hparams = "test_margin", ml_collections.ConfigDict({"gap": -1.0})
+    assert schema.problems(c) == ["objective.hparams.gap=-1.0: expected a finite float > 0"]
+    with pytest.raises(objectives.ObjectiveError, match="gap=-1.0: expected a finite float > 0"):
+      objectives.build("test_margin", gap=-1.0)
+    with pytest.raises(objectives.ObjectiveError, match=r"width: no rule in .*NoRule.hparam_rules"):
+      objectives.build("test_no_rule")
+  finally:
+    objectives.OBJECTIVES.pop("test_margin", None)
+    objectives.OBJECTIVES.pop("test_no_rule", None)
 
 
 def test_every_default_satisfies_its_rule():
   assert schema.problems(cfg.default_config()) == []
-  for cls in peft.METHODS.values():
+  for name, cls in peft.METHODS.items():
     for f in dataclasses.fields(cls):
       if f.default is not dataclasses.MISSING:
-        assert schema.METHOD_HPARAMS[f.name].problem(f.default) is None, (cls.name, f.name)
-  for name in objectives.OBJECTIVES:
+        assert method_rules(name)[f.name].problem(f.default) is None, (cls.name, f.name)
+  for name, cls in objectives.OBJECTIVES.items():
     for key, value in objectives.default_hparams(name).items():
-      assert schema.OBJECTIVE_HPARAMS[name][key].problem(value) is None, (name, key)
+      assert cls.hparam_rules[key].problem(value) is None, (name, key)
 
 
 def test_copied_choices_are_what_the_code_accepts():
@@ -72,7 +114,7 @@ def test_copied_choices_are_what_the_code_accepts():
   with pytest.raises(optim.OptimError):
     optim.make_optimizer(ml_collections.ConfigDict({**c.to_dict(), "name": "lion"}), 10, {"w": 1.0})
   for key, method in (("init_a", "lora"), ("init_from", "prompt"), ("encoder", "ptuning")):
-    for value in schema.METHOD_HPARAMS[key].allowed():
+    for value in method_rules(method)[key].allowed():
       extra = {"init_token_ids": (1, 2)} if value == "text" else {}
       peft.build(method, **{key: value, **extra})
     with pytest.raises(peft.MethodError):

@@ -11,7 +11,7 @@ Covered elsewhere, through the real entry point (not repeated here):
   (test_smollm2.py, test_quant.py); `jft sweep` with `--search optuna`, `--trials`, `--point` and resuming
   (test_sweep.py); `jft report` of a sweep and of a run (test_sweep.py); `jft ablate --kind --split --limit
   --out` (test_ablate.py); `jft estimate --hardware --all-methods --json` (test_estimate.py); `jft pairs
-  --reward run:DIR` (test_objectives.py); `python -m jft.host_memory python ...` (test_host_memory.py);
+  --reward run:DIR` (test_objectives.py); `python -m jft.cli.host_memory python ...` (test_host_memory.py);
 - `experiments/compare_methods.py` (test_experiments.py, slow); `benchmarks/race.py --compare` and `--rounds`
   (test_race.py, on made-up results files).
 
@@ -169,7 +169,7 @@ def classifier_run(byte_model, tmp_path_factory):
 
 def test_judge_policies_scores_every_run_with_every_score(classifier_run, tmp_path):
   """`experiments/alignment/judge_policies.py RUN --score run:DIR --score FILE.py:FN --prompts N --out F`
-  (experiments/README.md; vader needs a package the test extra lacks, any jft.rewards spec stands in)."""
+  (experiments/README.md; vader needs a package the test extra lacks, any jft.objectives.reward_functions spec stands in)."""
   (tmp_path / "length.py").write_text("def reward(prompts, completions):\n"
                                       "  return [len(c) / 24 for c in completions]\n")
   scores = [f"run:{classifier_run}", f"{tmp_path / 'length.py'}:reward"]

@@ -11,12 +11,14 @@ import json
 import jax.numpy as jnp
 import pytest
 
-from jft import estimate, quant, run, sharding, state
+from jft.studies import estimate
+from jft import quant, run, sharding
+from jft.run import memory, state
 from jft.cli import main
 from jft.config import default_config
 from jft.models import hf
 from jft.models.transformer import DEFAULT_REMAT, Transformer
-from jft.step import make_train_step
+from jft.run.step import make_train_step
 
 # A: the tiny Llama of `tiny_model` (SmolLM2's 49k vocab on 2 x 32 layers: the output head dominates).
 # B: 4 layers x 128 hidden, 2k vocab, untied head (the layers' saved activations dominate).
@@ -72,7 +74,7 @@ def compiled_memory(c) -> dict:
     base = quant.abstract_quantize(base, ((r"layers/.*/kernel", c.quant.format),), blocksize=c.quant.blocksize)
   st = state.describe(s.method, base, sharding.make_mesh({"data": -1}), make_tx=lambda t: run.make_tx(c, t, s.method))
   step = make_train_step(model, s.method, st.tx, shardings=st.step_shardings())
-  return estimate.compiled_step_memory(step, st, c.train.batch_size, c.data.max_length)
+  return memory.compiled_step_memory(step, st, c.train.batch_size, c.data.max_length)
 
 
 def _check_memory(folders, shape, method, remat, tolerance=TOLERANCE):

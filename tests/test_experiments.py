@@ -17,8 +17,8 @@ import pytest
 
 import jft
 from jft import cli, config as cfg, data, peft, run
-from jft.step import make_train_step
-from jft.train import TrainingError, train
+from jft.run.step import make_train_step
+from jft.run.train import TrainingError, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, "configs", "tiny.py")
@@ -341,7 +341,7 @@ def _perturbed(tree, seed=0):
 def test_learning_rate_is_linear_warmup_then_the_schedule(schedule, warmup, tiny_model):
   """optim.schedule: lr * s / w for the w warmup steps (w at most steps - 1), then the decay from lr to
   lr * final_lr_ratio over the remaining steps (cosine or linear), or lr throughout; held at its end after."""
-  from jft.optim import make_optimizer
+  from jft.run.optim import make_optimizer
 
   lr, ratio, steps = 0.1, 0.2, 11
   c = _optim_config(tiny_model, name="sgd", momentum=0, clip_norm=0, lr=lr, schedule=schedule,
@@ -371,7 +371,7 @@ def test_weight_decay_only_where_the_rules_and_the_method_allow(name, tiny_model
   -lr * wd * param where decay applies and exactly 0 elsewhere. (Adafactor: -wd * param, not scaled by lr:
   optax's adafactor adds the decay after its learning rate, so the same optim.weight_decay decays far
   harder there than under adamw or sgd.)"""
-  from jft.optim import make_optimizer
+  from jft.run.optim import make_optimizer
 
   _, params = jft.load_pretrained(tiny_model)
   method = peft.Compose(methods=(peft.LoRA(rank=2, dora=True), peft.BitFit()))
@@ -387,7 +387,7 @@ def test_weight_decay_only_where_the_rules_and_the_method_allow(name, tiny_model
     c.optim.decay_rules = tuple(extra_rules) + tuple(map(tuple, c.optim.decay_rules))
     tx = make_optimizer(c.optim, c.train.steps, trainable, method)
     updates, _ = tx.update(zeros, tx.init(trainable), trainable)
-    flat, values = jft.rules.flatten(updates), jft.rules.flatten(trainable)
+    flat, values = jft.core.rules.flatten(updates), jft.core.rules.flatten(trainable)
     assert any(p.endswith("/bias") for p in flat) and any(p.endswith("lora/magnitude") for p in flat)
     for path, u in flat.items():
       if re.fullmatch(exempt, path):
@@ -399,7 +399,7 @@ def test_weight_decay_only_where_the_rules_and_the_method_allow(name, tiny_model
 def test_gradient_accumulation_equals_one_batch_k_times_bigger(tiny_model):
   """optim.grad_accum=2: the first micro-batch changes nothing; after the second, the update (AdamW, clipping,
   the schedule) is the one step on both micro-batches as one batch would make, round after round."""
-  from jft.optim import make_optimizer
+  from jft.run.optim import make_optimizer
 
   model, params = jft.load_pretrained(tiny_model)
   method = peft.LoRA(rank=2)
@@ -421,8 +421,8 @@ def test_gradient_accumulation_equals_one_batch_k_times_bigger(tiny_model):
       np.testing.assert_array_equal(a, b)  # accumulated, not applied
     acc, acc_state, _ = steps[2](half, acc_state, frozen, {k: v[2:] for k, v in batch.items()}, key)
     ref, ref_state, _ = steps[1](ref, ref_state, frozen, batch, key)
-    for path, value in jft.rules.flatten(ref).items():
-      np.testing.assert_allclose(jft.rules.flatten(acc)[path], value, atol=1e-6, err_msg=path)
+    for path, value in jft.core.rules.flatten(ref).items():
+      np.testing.assert_allclose(jft.core.rules.flatten(acc)[path], value, atol=1e-6, err_msg=path)
   moved = max(float(jnp.abs(a - b).max()) for a, b in zip(jax.tree.leaves(ref), jax.tree.leaves(trainable)))
   assert moved > 1e-3, moved  # two real AdamW steps (lr 1e-2), not a comparison of nothing
 
@@ -431,7 +431,7 @@ def test_packed_batches_hold_every_example_they_take_and_give_the_unpacked_loss(
   """data.pack: each batch packs the next examples of the epoch into batch_size rows of max_length, several
   to a row, each whole under its own segment id; attention stays inside each, so the SFT loss of a packed
   batch is the loss of the same examples padded one to a row."""
-  from jft.step import make_loss_fn
+  from jft.run.step import make_loss_fn
 
   rng = np.random.default_rng(0)
   rows = [(rng.integers(5, 1000, n).astype(np.int32), (np.arange(n) >= n // 3).astype(np.int32))
@@ -460,7 +460,7 @@ def test_packed_batches_hold_every_example_they_take_and_give_the_unpacked_loss(
 
 
 def test_exact_match_from_greedy_generation(tiny_model):
-  from jft import evaluate
+  from jft.objectives import evaluate
   from jft.models.generate import Sampling, generate
 
   model, params = jft.load_pretrained(tiny_model)
@@ -482,7 +482,7 @@ def test_chat_sft_local_run_packs_and_trains(tiny_model, tmp_path):
   assert len(losses) == c.train.steps // c.train.log_every and all(np.isfinite(losses))
   # Packed: every logged step trained on all the examples its batch took (their response tokens).
   from jft import objectives
-  from jft.train import examples_for
+  from jft.run.train import examples_for
   tokenizer = jft.load_tokenizer(tiny_model)
   objective = objectives.from_config(c)
   examples = examples_for(c, tokenizer, c.data.train_split, c.data.max_train_examples or None)
@@ -589,8 +589,8 @@ def test_checkpoints_of_the_older_layout_restore(tiny_model, tmp_path):
   for sub in ("checkpoints", "best"):
     _write_legacy_layout(os.path.join(workdir, sub))
   _, _, _, old_params, _ = run.restore_params(workdir, "latest")
-  for path, value in jft.rules.flatten(new_params).items():
-    np.testing.assert_array_equal(np.asarray(jft.rules.flatten(old_params)[path]), np.asarray(value), err_msg=path)
+  for path, value in jft.core.rules.flatten(new_params).items():
+    np.testing.assert_array_equal(np.asarray(jft.core.rules.flatten(old_params)[path]), np.asarray(value), err_msg=path)
   run.restore_params(workdir, "best")
   train(c, workdir, resume=True, echo=lambda *_: None)  # optimizer state restored too: the same losses
   assert _losses(workdir) == expected
@@ -612,7 +612,7 @@ def test_compose_from_a_config(tiny_model, tmp_path):
 def test_accumulated_updates_follow_the_whole_schedule():
   """grad_accum=2 over 8 steps: the schedule of a 4-update run with warmup 2 steps = 1 update (the clock counts
   updates: counting micro-batches, the run would end halfway through its decay, at [0, 0.5, 1, 0.85])."""
-  from jft import optim
+  from jft.run import optim
 
   c = cfg.build(TINY, [("model.name", "/m")]).optim
   with c.unlocked():

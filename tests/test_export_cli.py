@@ -16,10 +16,11 @@ import numpy as np
 import pytest
 from method_contract import compare, peft_logits
 
-from jft import cli, rules, run
+from jft import cli, run
+from jft.core import rules
 from jft import config as cfg
 from jft import peft as jpeft
-from jft.train import train
+from jft.run.train import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, "configs", "tiny.py")
@@ -69,7 +70,7 @@ def _outputs(r, params):
   """What the restored run computes on IDS with `params`: logits, or a reward model's rewards."""
   ids, mask = jnp.asarray(IDS), jnp.asarray(MASK)
   if "score" in params:
-    from jft.objectives.reward import _rewards
+    from jft.objectives.reward_model import _rewards
     return np.asarray(_rewards(r.model, params, ids, mask))
   return np.asarray(r.model.apply({"params": params}, ids, attention_mask=mask))
 

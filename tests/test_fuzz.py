@@ -14,9 +14,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from jft import config as cfg
-from jft import data, files, preference_data, report, run, sweep
-from jft import errors
-from jft.errors import JftError
+from jft import data, run
+from jft.core import files
+from jft.data import preference as preference_data
+from jft.studies import report, sweep
+from jft.core import errors
+from jft.core.errors import JftError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, "configs", "tiny.py")
@@ -210,7 +213,7 @@ def saved_step(tmp_path_factory):
   """A checkpoint folder with steps 1 and 2 (tiny arrays), and the bytes of step 2's files."""
   import jax.numpy as jnp
 
-  from jft import checkpoint
+  from jft.run import checkpoint
 
   folder = str(tmp_path_factory.mktemp("ckpt"))
   mngr = checkpoint.manager(folder, None)
@@ -230,7 +233,7 @@ def test_a_damaged_checkpoint_file_falls_back_or_is_one_named_error(saved_step, 
   another exception."""
   import jax.numpy as jnp
 
-  from jft import checkpoint
+  from jft.run import checkpoint
 
   folder, originals = saved_step
   name = data_.draw(st.sampled_from(sorted(originals)))

@@ -138,7 +138,7 @@ def test_out_of_vocabulary_ids_long_prompts_and_bad_settings_are_named(hf_models
 
 def test_long_generation_reports_progress_in_token_chunks(hf_models, monkeypatch, capsys):
   """Decoding runs CHUNK tokens per compiled call; the bar counts tokens, and a stopped batch ends early."""
-  from jft import progress
+  from jft.core import progress
   from jft.models import generate as gen
 
   monkeypatch.setattr(progress, "PLAIN_EVERY_S", 0.0)  # a line per chunk

@@ -1,4 +1,4 @@
-"""The allocator setting for XLA:CPU (jft.host_memory): when it applies, and that it cuts the per-step faults."""
+"""The allocator setting for XLA:CPU (jft.cli.host_memory): when it applies, and that it cuts the per-step faults."""
 
 import json
 import os
@@ -7,7 +7,8 @@ import sys
 
 import pytest
 
-from jft import cli, host_memory
+from jft import cli
+from jft.cli import host_memory
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NO_PLUGINS = lambda name: False
@@ -98,7 +99,7 @@ def test_the_setting_cuts_the_faults_of_xla_temporaries_on_every_call():
 
 def test_the_module_runs_a_command_under_the_setting():
   environ = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", host_memory.APPLIED)}
-  out = subprocess.run([sys.executable, "-m", "jft.host_memory", sys.executable, "-c",
+  out = subprocess.run([sys.executable, "-m", "jft.cli.host_memory", sys.executable, "-c",
                         "import os; print(os.environ['GLIBC_TUNABLES'], os.environ['JFT_HOST_MEMORY'])"],
                        env={**environ, "PYTHONPATH": ROOT}, capture_output=True, text=True, timeout=60)
   assert out.stdout.split() == ["glibc.malloc.hugetlb=1", "1"], out.stderr

@@ -1,9 +1,7 @@
-"""The import graph of `jft/`, read with `ast`: no circles, function-local imports and
-`importlib.import_module("jft...")` included, and a model file never names `jft.peft`.
-
-(The layering of DESIGN.md, "Layers", is the goal; this test holds what is true today, so a new
-circle cannot come back unseen. Function-local imports of jft outside the CLI remain (listed by
-`local_imports`), to go as the package is laid out in layers.)
+"""The import graph of `jft/`, read with `ast` (function-local imports and
+`importlib.import_module("jft...")` included): no circles, no upward import between the layers of
+`jft/__init__.py`'s docstring, function-local jft imports only in the CLI, and a model file never
+names `jft.peft`.
 """
 
 import ast
@@ -93,6 +91,87 @@ def test_the_package_has_no_import_circles():
   circles = _cycles(graph)
   edges = [f"{a} -> {b} (line {graph[a][b]})" for c in circles for a in c for b in graph[a] if b in c]
   assert not circles, "import circles:\n" + "\n".join(edges)
+
+
+# The layer of each top-level entry of jft/ (a folder or a module): an entry imports only from its own
+# layer or below. The same table is drawn in jft/__init__.py and README "Layout".
+LAYERS = {"core": 0, "quant": 1, "data": 1, "models": 2, "peft": 3, "sharding": 3, "objectives": 4, "config": 5,
+          "run": 6, "studies": 7, "cli": 8}
+
+
+def _entry(module: str) -> str:
+  return module.split(".")[1] if "." in module else ""
+
+
+def test_every_entry_of_the_package_has_a_layer_and_there_are_at_most_twelve():
+  entries = sorted(n[:-3] if n.endswith(".py") else n for n in os.listdir(os.path.join(ROOT, "jft"))
+                   if not n.startswith(("_", ".")) or n == "__init__.py")
+  entries = [e for e in entries if e != "__init__"]
+  assert sorted(entries) == sorted(LAYERS), "jft/ entries and LAYERS differ"
+  assert len(entries) + 1 <= 12, entries  # + __init__.py
+
+
+def upward_imports(graph: dict) -> list[str]:
+  out = []
+  for module, edges in graph.items():
+    if module == "jft":
+      continue
+    for target, line in edges.items():
+      if target == "jft":
+        continue
+      if LAYERS[_entry(target)] > LAYERS[_entry(module)]:
+        out.append(f"{module} (layer {LAYERS[_entry(module)]}) -> {target} (layer {LAYERS[_entry(target)]}), "
+                   f"line {line}")
+  return sorted(out)
+
+
+def test_no_module_imports_from_a_layer_above_its_own():
+  found = upward_imports(import_graph())
+  assert not found, "upward imports:\n" + "\n".join(found)
+
+
+def local_imports() -> list[str]:
+  """Imports of jft inside a function or class, and importlib calls naming a jft module, outside the
+  CLI and the package's lazy names (`jft/__init__.py`). A package importing its own modules to register
+  them (`f"{__name__}.{name}"`, objectives/ and peft/) names no module and is not one."""
+  out = []
+  for module, path in _modules().items():
+    if module == "jft" or module.startswith("jft.cli"):
+      continue
+    tree = ast.parse(open(path).read())
+    top = set(map(id, tree.body))
+    for node in ast.walk(tree):
+      names = []
+      if isinstance(node, ast.Import):
+        names = [a.name for a in node.names]
+      elif isinstance(node, ast.ImportFrom):
+        names = [node.module or ""] if not node.level else ["jft"]
+      elif (isinstance(node, ast.Call) and getattr(node.func, "attr", getattr(node.func, "id", "")) == "import_module"
+            and node.args and isinstance(node.args[0], ast.Constant) and str(node.args[0].value).startswith("jft")):
+        out.append(f"{path}:{node.lineno} importlib names {node.args[0].value}")
+        continue
+      if any(n.split(".")[0] == "jft" for n in names) and id(node) not in top:
+        out.append(f"{os.path.relpath(path, ROOT)}:{node.lineno} imports {', '.join(names)} inside a function")
+  return out
+
+
+def test_function_local_jft_imports_live_only_in_the_cli():
+  found = local_imports()
+  assert not found, "\n".join(found)
+
+
+def test_the_layer_checks_see_an_upward_and_a_local_import(tmp_path, monkeypatch):
+  """The checks themselves: a model importing the run layer inside a function is named twice."""
+  pkg = tmp_path / "jft"
+  (pkg / "models").mkdir(parents=True)
+  (pkg / "run").mkdir()
+  for init in (pkg / "__init__.py", pkg / "models" / "__init__.py", pkg / "run" / "__init__.py"):
+    init.write_text("")
+  (pkg / "run" / "train.py").write_text("x = 1\n")
+  (pkg / "models" / "gpt2.py").write_text("def f():\n  from jft.run import train\n")
+  monkeypatch.setattr(__import__(__name__), "ROOT", str(tmp_path))
+  assert upward_imports(import_graph()) == ["jft.models.gpt2 (layer 2) -> jft.run.train (layer 6), line 2"]
+  assert local_imports() == ["jft/models/gpt2.py:2 imports jft.run inside a function"]
 
 
 def test_a_model_never_names_the_methods():

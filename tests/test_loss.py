@@ -8,10 +8,10 @@ import optax
 import pytest
 
 import jft
-from jft import loss as losses
+from jft.models import head as losses
 from jft import peft
-from jft.estimate import step_memory
-from jft.step import make_loss_fn
+from jft.run.memory import step_memory
+from jft.run.step import make_loss_fn
 
 
 def _unfused(monkeypatch):
@@ -19,7 +19,7 @@ def _unfused(monkeypatch):
 
 
 def _counted(monkeypatch, *names) -> dict:
-  """name -> a list that grows by one each time `losses.<name>` is called (traced), for each name."""
+  """name -> a list that grows by one each time `head.<name>` is called (traced), for each name."""
   calls = {}
   for name in names:
     calls[name], original = [], getattr(losses, name)
@@ -104,9 +104,9 @@ def test_the_head_runs_only_where_the_loss_mask_asks(tied, monkeypatch):
 
 @pytest.mark.parametrize("tied", [False, True])
 def test_fused_token_logps_equal_the_logits_path_and_skip_the_prompts(tied, monkeypatch):
-  """`head_logps` = `align.logps_of_logits` of the logits, and its input gradient under per-token cotangents
+  """`head_logps` = `losses.logps_of_logits` of the logits, and its input gradient under per-token cotangents
   (what DPO and GRPO put on each token); chunks holding only prompt and padding never run."""
-  from jft import align
+  from jft.objectives import losses
 
   b, t = 3, 13
   ran, x, w, ids = _skipping_case(tied, monkeypatch, jax.random.PRNGKey(4))
@@ -116,7 +116,7 @@ def test_fused_token_logps_equal_the_logits_path_and_skip_the_prompts(tied, monk
   cotangent = jax.random.normal(k[3], (b, t))
   tree = lambda w: {"embed_tokens": {"embedding": w}} if tied else {"lm_head": {"kernel": w}}
   head = losses.output_head(tree(w))
-  from_logits = lambda x: align.logps_of_logits(
+  from_logits = lambda x: losses.logps_of_logits(
       jnp.einsum("btd,vd->btv" if tied else "btd,dv->btv", x, w), ids, completion)
   want, pullback = jax.vjp(from_logits, x)
   got, fused_pullback = jax.jit(lambda x, g: (lambda out, f: (out, f(g)))(
@@ -198,7 +198,7 @@ def test_a_changed_output_layer_falls_back_to_logits():
 def test_evaluation_through_the_fused_head_equals_the_logits_path(monkeypatch):
   """Label-word accuracy and the responses' loss run the head only at response tokens and the answer position,
   with the numbers of the full logits (`loss_and_perplexity` takes the training loss's `model_loss`)."""
-  from jft import evaluate
+  from jft.objectives import evaluate
 
   config = jft.ModelConfig(family="llama", vocab_size=300, hidden_size=32, intermediate_size=48, num_layers=2,
                            num_heads=2, num_kv_heads=2, head_dim=16, max_position_embeddings=64)

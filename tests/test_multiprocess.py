@@ -18,7 +18,7 @@ import time
 
 import pytest
 
-import jft.checkpoint
+import jft.run.checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, "configs", "tiny.py")
@@ -82,7 +82,7 @@ def test_two_processes_train_like_one(shardable_model, tmp_path):
   assert layout["mesh"]["processes"] == 2 and layout["mesh"]["shape"] == {"data": 2, "fsdp": 2, "tensor": 2}
 
   # Checksums of each step are written once (process 0), after both processes' shards are in.
-  mngr = jft.checkpoint.manager(two, None)
+  mngr = jft.run.checkpoint.manager(two, None)
   assert mngr.steps() == [2, 4, 6] and all(mngr.problem(s) is None for s in mngr.steps())
 
 
@@ -127,7 +127,7 @@ def test_two_processes_kill_resume_and_restore_on_another_mesh(shardable_model, 
 
   # A flipped byte in the newest step of a two-process run: both processes resume from the step before
   # (named), set the broken one aside, and redo the steps after it exactly.
-  mngr = jft.checkpoint.manager(reference, None)
+  mngr = jft.run.checkpoint.manager(reference, None)
   newest = mngr.steps()[-1]
   shard = sorted(glob.glob(os.path.join(reference, "checkpoints", str(newest), "state", "ocdbt.process_*", "d",
                                         "*")))[-1]

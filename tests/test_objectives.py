@@ -16,8 +16,9 @@ import optax
 import pytest
 
 import jft
-from jft import cli, config as cfg, objectives, peft, rules
-from jft.step import make_train_step
+from jft import cli, config as cfg, objectives, peft
+from jft.core import rules
+from jft.run.step import make_train_step
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, "configs", "tiny.py")
@@ -81,8 +82,8 @@ def test_log_probs_through_the_fused_head_give_the_logits_paths_loss_and_gradien
                                                                                    monkeypatch):
   """Policy and reference log-probs come from `loss.head_logps` (no `[B, T, vocab]` logits; the head runs only
   in chunks holding completion tokens): the same loss and LoRA gradients as from the model's logits."""
-  from jft import loss as losses
-  from jft.step import make_loss_fn
+  from jft.models import head as losses
+  from jft.run.step import make_loss_fn
 
   model, params = jft.load_pretrained(byte_model)
   if name == "grpo":
@@ -161,7 +162,7 @@ def test_full_fine_tuning_has_no_reference_to_offer(byte_model, tmp_path):
   c = cfg.build(f"{TINY}:objective=dpo,method=full", [("model.name", byte_model),
                                                       ("data.path", pairs_file(tmp_path / "p.jsonl"))])
   with pytest.raises(objectives.ObjectiveError, match="no reference is left"):
-    from jft.train import train
+    from jft.run.train import train
     train(c, str(tmp_path / "run"))
 
 
@@ -245,7 +246,7 @@ def test_init_from_an_sft_run_makes_its_merged_weights_the_base_and_the_referenc
 def test_on_policy_pairs_never_pick_an_empty_completion():
   """A completion that is only the stop token (empty text) is never chosen or rejected: preference data
   refuses it, and a whole `jft pairs` file would be rejected for one such row."""
-  from jft.onpolicy import pick_pair
+  from jft.studies.pairs import pick_pair
 
   assert pick_pair([0.3, -2.0, 1.5, 0.1], ["a", "", "b", " c"]) == (2, 3)  # the empty one scored lowest
   assert pick_pair([5.0, 1.0, 0.0], ["", "x", "y"]) == (1, 2)  # ... or highest
@@ -256,7 +257,7 @@ def test_on_policy_pairs_never_pick_an_empty_completion():
 @pytest.mark.slow
 def test_dpo_on_a_mesh_equals_one_device(shardable_model, tmp_path):
   """`jft train` with DPO (its log-probs through the fused head: rows sorted by loss position, chunks skipped) on
-  a 2x2x2 mesh of simulated devices logs one device's losses."""
+  a 2x2x2 mesh of simulated devices logs one device's head."""
   pairs = pairs_file(tmp_path / "p.jsonl", n=32)
   losses = {}
   for devices, mesh in ((1, []), (8, ["data=2", "fsdp=2", "tensor=2"])):

@@ -11,7 +11,8 @@ from conftest import padded_batch
 from method_contract import loss_fn, perturb, train_a_few_steps
 
 import jft
-from jft import peft, rules
+from jft import peft
+from jft.core import rules
 from jft.peft import multi
 
 L, D, FFN, KV, V = 2, 32, 48, 16, 101  # the tiny Llama of conftest: 4 heads, 2 kv heads, head_dim 8
@@ -232,7 +233,7 @@ def test_target_rules_fail_loudly(base):
     peft.LoRA(targets=("layers/self_attn/q_proj_extr",)).init(jax.random.PRNGKey(0), extra)
   with pytest.raises(peft.MethodError, match="unknown method 'lorra'.*did you mean lora"):
     peft.build("lorra")
-  with pytest.raises(peft.MethodError, match="unknown hyperparameter.*'rnak'"):
+  with pytest.raises(peft.MethodError, match="method lora has no hyperparameter 'rnak'.*did you mean rank"):
     peft.build("lora", rnak=4)
 
 

@@ -12,7 +12,8 @@ from method_contract import compare, peft_logits, perturb
 from safetensors.numpy import load_file
 
 import jft
-from jft import errors, peft
+from jft.core import errors
+from jft import peft
 from jft.peft.peft_format import PeftFormatError, export_peft, import_peft
 
 CASES = {

@@ -1,4 +1,4 @@
-"""jft.preference_data: layouts, errors, truncation, collation, KTO's KL pairs, reward pairs.
+"""jft.data.preference: layouts, errors, truncation, collation, KTO's KL pairs, reward pairs.
 
 The tokenizer is built here, byte-level (one token per byte, no hub, no
 download) with a ChatML template, so lengths are easy to reason about.
@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from jft import data
-from jft import preference_data as pd
+from jft.data import preference as pd
 from jft.data import DataError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -10,8 +10,9 @@ import optax
 import pytest
 
 import jft
-from jft import peft, quant, rules
-from jft.step import make_train_step
+from jft import peft, quant
+from jft.core import rules
+from jft.run.step import make_train_step
 
 
 @pytest.fixture(scope="module")
@@ -187,7 +188,7 @@ def test_int4_and_rules(smol):
 
 def _qlora_saving(model, params, batch, length):
   """(compiled-step bytes LoRA on the dense base - QLoRA on NF4, weight bytes quantization saved, B/param)."""
-  from jft.estimate import step_memory
+  from jft.run.memory import step_memory
 
   method, tx = peft.LoRA(rank=8, targets=(".*_proj",)), optax.adamw(1e-4)
   qparams, summary = quant.quantize(params, verbose=False)

@@ -11,11 +11,12 @@ import time
 
 import pytest
 
-from jft import cli, lock
-from jft.checkpoint import CheckpointSaveError
-from jft.errors import CheckpointNotFoundError
+from jft import cli
+from jft.core import lock
+from jft.run.checkpoint import CheckpointSaveError
+from jft.core.errors import CheckpointNotFoundError
 from jft.run import RunError
-from jft.train import TrainingError
+from jft.run.train import TrainingError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, "configs", "tiny.py")
@@ -80,7 +81,7 @@ def _json_error(tmp_path):
      "runs/x/config.json: Permission denied"),
     (lambda _: IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), "runs/x"), 2, "runs/x: Is a directory"),
     (lambda _: NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), "a/b"), 2, "a/b: Not a directory"),
-    (lambda _: OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)), 2, "No space left on device (in main, jft/cli.py:"),
+    (lambda _: OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)), 2, "No space left on device (in main, jft/cli/__init__.py:"),
     (lambda tmp: _json_error(tmp), 2, "run.json: not valid JSON (Expecting "),
 ])
 def test_expected_errors_end_in_one_line(make_error, code, line, tmp_path, monkeypatch, capsys):
@@ -134,7 +135,7 @@ def test_every_subcommand_accepts_debug():
     assert "--debug" in command._option_string_actions, name
 
 
-# ---------------------------------------------------------------------------- data errors (jft/data.py, not fixed here)
+# ---------------------------------------------------------------------------- data errors (jft/data/__init__.py, not fixed here)
 
 
 @pytest.mark.parametrize("text", ['{"text": "a", "label": "positive"}\n{"text": "b", "label": \n', ""])
@@ -413,7 +414,7 @@ def test_a_normal_run_prints_no_library_noise_and_times_its_phases(tiny_run):
 
 
 def test_long_passes_report_progress_without_a_terminal(monkeypatch, capsys):
-  from jft import progress
+  from jft.core import progress
 
   monkeypatch.setattr(progress, "PLAIN_EVERY_S", 0.0)
   assert list(progress.track(range(3), 3, "evaluating (batches)")) == [0, 1, 2]
@@ -546,10 +547,10 @@ BAD_INPUTS = [
      r"--out .*/checkpoints: refusing to write over or into .*/checkpoints, a file of the run folder"),
     ("ablate over the run", ["ablate", "--workdir", "{run}", "--out", "{run}", "--overwrite"], {}, 2,
      r"refusing to write over the run folder"),
-    ("pairs over the run's metrics", ["pairs", "{run}", "--reward", "jft.rewards:vader", "--out",
+    ("pairs over the run's metrics", ["pairs", "{run}", "--reward", "jft.objectives.reward_functions:vader", "--out",
                                       "{run}/metrics.jsonl"], {}, 2,
      r"--out .*metrics\.jsonl: refusing to write over or into .* \(a run folder or its base model\)"),
-    ("pairs over an existing file", ["pairs", "{run}", "--reward", "jft.rewards:vader", "--out", "{tmp}/p.jsonl"],
+    ("pairs over an existing file", ["pairs", "{run}", "--reward", "jft.objectives.reward_functions:vader", "--out", "{tmp}/p.jsonl"],
      {"p.jsonl": "mine\n"}, 2, r"--out .*p\.jsonl exists; pass --overwrite"),
     ("sweep into a run folder", ["sweep", "--config", TINY, "--config.model.name={model}", "--workdir", "{run}"], {},
      2, r"--workdir .*: refusing to write over the run folder"),
@@ -643,7 +644,7 @@ def _copy_run(tiny_run, tmp_path) -> str:
 def test_resume_uses_a_step_killed_between_its_finalization_and_its_checksums(tiny_run, tmp_path, capsys):
   """The window of a run's first save: `checkpoints/1` finalized by orbax, `jft_checksums.json` not yet
   written. `--resume` uses the step (it restores cleanly) and seals it; it is never refused."""
-  from jft import checkpoint
+  from jft.run import checkpoint
 
   copy = _copy_run(tiny_run, tmp_path)
   mngr = checkpoint.manager(copy, None)

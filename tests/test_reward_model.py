@@ -10,7 +10,7 @@ import pytest
 
 import jft
 from jft import objectives, peft as jpeft
-from jft.objectives.reward import _rewards
+from jft.objectives.reward_model import _rewards
 from jft.peft.peft_format import export_peft, import_peft
 
 from conftest import build_hf_model

@@ -2,7 +2,7 @@
 
 import pytest
 
-from jft import rules
+from jft.core import rules
 
 TREE = {"Dense_0": {"kernel": 1.0, "bias": 2.0}, "q_proj": {"kernel": 3.0}, "q_proj_extra": {"kernel": 4.0}}
 

@@ -9,7 +9,9 @@ import optax
 import pytest
 from jax.sharding import AbstractMesh, PartitionSpec as P
 
-from jft import cli, peft, quant, rules, sharding, state
+from jft import cli, peft, quant, sharding
+from jft.core import rules
+from jft.run import state
 from jft.models.config import ModelConfig
 from jft.models.transformer import Transformer
 
@@ -168,7 +170,7 @@ def test_layout_report(base):
 
 def test_checkpoints_restore_with_the_template_shardings(tmp_path):
   """Restore places arrays as the template says; checkpoints that still hold step/rng arrays restore."""
-  from jft import checkpoint
+  from jft.run import checkpoint
 
   m = sharding.make_mesh()
   target = jax.sharding.NamedSharding(m, P(None, "fsdp"))

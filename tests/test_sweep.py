@@ -10,9 +10,10 @@ import time
 
 import pytest
 
-from jft import cli, sweep
-from jft.sweep import Space, choice, grid, integer, loguniform, uniform
-from jft.train import train
+from jft import cli
+from jft.studies import sweep
+from jft.studies.space import Space, choice, grid, integer, loguniform, uniform
+from jft.run.train import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, "configs", "tiny.py")
@@ -22,7 +23,7 @@ def _config_file(tmp_path, body: str, name="study.py") -> str:
   """A config file that reuses configs/tiny.py's get_config and defines its own sweep()."""
   path = tmp_path / name
   path.write_text(f"import runpy\nget_config = runpy.run_path({TINY!r})['get_config']\n"
-                  "from jft.sweep import Space, grid, choice, uniform, loguniform, integer\n\n"
+                  "from jft.studies.space import Space, grid, choice, uniform, loguniform, integer\n\n"
                   f"def sweep(arg=None):\n  return {body}\n")
   return str(path)
 
@@ -49,7 +50,7 @@ def test_grid_and_random_plans_are_fixed_and_typed():
 @pytest.mark.parametrize("body, args, message", [
     ("Space({'optim.lrr': grid(1e-3)})", [], r"unknown config field 'optim.lrr'.*did you mean optim.lr"),
     ("Space({})", [], r"a sweep space has no dimensions"),
-    ("[]", [], r"must return a jft.sweep.Space"),
+    ("[]", [], r"must return a jft.studies.space.Space"),
     ("Space({'train.steps': grid(2, 'many')})", [], r"train.steps: expected an int, got 'many'"),
     ("Space({'optim.lr': grid()})", [], r"'optim.lr' has no values"),
     ("Space({'train.steps': choice(2, 'x')}, trials=2)", ["--search", "optuna"], r"train.steps: expected an int"),

@@ -6,7 +6,8 @@ import pytest
 from method_contract import (check_merge, check_peft_both_ways, check_registered, check_trains_only_its_leaves,
                              tiny_llama)
 
-from jft import peft, rules
+from jft import peft
+from jft.core import rules
 from jft.peft.vera import VeRA
 
 L, D, KV, R = 2, 32, 16, 4

@@ -6,7 +6,7 @@
 Each run samples one completion (temperature 1, up to 24 tokens) for the
 first four words of each of the first `--prompts` reviews of the test split
 of `--data` (as GRPO's evaluation builds them); every `--score` (a
-`jft.rewards` spec) scores every completion. Reported per run and score: the
+`jft.objectives.reward_functions` spec) scores every completion. Reported per run and score: the
 mean and the fraction above the score's positive threshold (0.5 for a
 probability, 0 for a reward model, 0.05 for vaderSentiment's compound score).
 A scorer the policy never trained against (vader for a policy trained on a
@@ -25,7 +25,8 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, ROOT)
 
-from jft import objectives, rewards, run  # noqa: E402
+from jft import objectives, run
+from jft.objectives import reward_functions as rewards
 
 THRESHOLDS = {"vader": 0.05}  # vaderSentiment's own "positive" cut on the compound score
 
@@ -65,7 +66,7 @@ def judge(workdirs, scores, data_path, prompts, seed=0) -> dict:
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   p.add_argument("runs", nargs="+", help="run folders (their best checkpoints)")
-  p.add_argument("--score", action="append", required=True, help="a jft.rewards spec; repeat for several")
+  p.add_argument("--score", action="append", required=True, help="a jft.objectives.reward_functions spec; repeat for several")
   p.add_argument("--data", default=os.path.join(ROOT, "data", "sentiment"), help="reviews with a test split")
   p.add_argument("--prompts", type=int, default=200)
   p.add_argument("--seed", type=int, default=0)

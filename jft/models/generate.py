@@ -18,10 +18,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jft import progress
-from jft.errors import JftError
+from jft.core import progress
+from jft.core.errors import JftError
 from jft.models import hooks
-from jft.models.token_ids import TokenIdError, check_ids
+from jft.data.token_ids import TokenIdError, check_ids
 from jft.models.transformer import Transformer, init_cache
 
 
@@ -163,7 +163,7 @@ def generate(model: Transformer, params, prompts: Sequence[Sequence[int]], sampl
   """Token-id prompts -> generated ids per prompt (stop token included, padding removed).
 
   `progress_desc` names a progress bar over the new tokens (process 0; silent for
-  quick batches, see `jft.progress.track`); None shows none (e.g. inside a training step).
+  quick batches, see `jft.core.progress.track`); None shows none (e.g. inside a training step).
   """
   if not prompts or any(len(p) == 0 for p in prompts):
     raise GenerationError("generate needs at least one non-empty prompt")

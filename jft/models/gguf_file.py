@@ -12,7 +12,7 @@ import re
 
 import numpy as np
 
-from jft import errors
+from jft.core import errors
 from jft.models import hf, llama
 
 # GGUF tensor name -> HF tensor name (Llama layout).

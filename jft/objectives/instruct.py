@@ -13,8 +13,9 @@ from __future__ import annotations
 import dataclasses
 from typing import ClassVar
 
-from jft import preference_data as pd
+from jft.data import preference as pd
 from jft.models.generate import Sampling, generate, stop_token_ids
+from jft.core.fields import Int
 from jft.objectives import api, language
 
 
@@ -23,6 +24,7 @@ class Instruct(language.SFT):
   name: ClassVar[str] = "instruct"
   samples_shown: int = 3  # held-out generations in the summary, before and after
   max_new_tokens: int = 64
+  hparam_rules: ClassVar[dict] = {"samples_shown": Int(0), "max_new_tokens": Int(1)}
 
   def examples(self, d, tokenizer, split, limit):
     rows = pd.split_of(d.path, split, train_split=d.train_split, holdout=d.holdout, seed=0)

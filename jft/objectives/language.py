@@ -3,7 +3,7 @@
 All three minimise the same loss, the mean cross-entropy of the tokens the
 loss mask selects (every token for `lm`, the response for `sft` and
 `classification`), with the output projection fused into the loss
-(`jft.loss.head_loss`) so no vocab-sized logits exist in the step. They
+(`jft.models.head.head_loss`) so no vocab-sized logits exist in the step. They
 differ in what a row is and in what evaluation reports.
 """
 
@@ -14,14 +14,16 @@ from typing import ClassVar
 
 import numpy as np
 
-from jft import data, evaluate, loss as losses
+from jft import data
+from jft.objectives import evaluate
+from jft.models import head
 from jft.objectives import api
 
 
 def next_token_loss(forward: api.Forward, batch: dict):
   """(mean next-token loss over `loss_mask`, metrics) of a padded or packed batch."""
   mask = batch.get("loss_mask", batch["attention_mask"])
-  loss, tokens = losses.model_loss(forward.apply, forward.params, batch["input_ids"], batch["attention_mask"], mask,
+  loss, tokens = head.model_loss(forward.apply, forward.params, batch["input_ids"], batch["attention_mask"], mask,
                                    forward.trained)
   return loss, {"loss_tokens": tokens}
 

@@ -17,7 +17,7 @@ Derived here from those, for every method: the trainable/frozen split done
 *before* `jax.grad` (frozen leaves are never differentiated), optax masks,
 weight-decay masks, parameter counts and bytes, sharding axes, upgrades of
 paths written by older versions. Trees are nested dicts; paths are
-`/`-joined (see `jft.rules`).
+`/`-joined (see `jft.core.rules`).
 """
 
 from __future__ import annotations
@@ -32,12 +32,27 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jft import quant, rules
-from jft.errors import JftError
+from jft import quant
+from jft.core import rules
+from jft.core.fields import Choice, Float, Flag, Int, Names, TokenIds, field_problems
+from jft.core.errors import JftError
 from jft.models import hooks
 
 Params = dict
 METHODS: dict[str, type] = {}  # name -> class, filled by defining a Method subclass
+
+# Hyperparameter rules by name (`jft.core.fields`): a name means the same in every method that has it.
+# A method whose field is not here declares its rule beside the field, in its class (`hparam_rules`).
+HPARAM_RULES: dict[str, Any] = {
+    "targets": Names(regex=True, note="module names or full-match regexes"),
+    "rank": Int(1),
+    "alpha": Float(0, lo_open=True),
+    "dropout": Float(0, 1, hi_open=True),
+    "train": Names(regex=True),
+    "freeze": Names(regex=True),
+    "init_std": Float(0),
+    "num_virtual_tokens": Int(1),
+}
 ALIASES: dict[str, str] = {}  # deprecated name -> name
 
 
@@ -79,6 +94,7 @@ class Method(hooks.Hook):
   standalone: ClassVar[bool] = True
   # peft writes it as a whole module (`modules_to_save`) beside another method's adapter; that module's name.
   peft_module: ClassVar[Optional[str]] = None
+  hparam_rules: ClassVar[Mapping[str, Any]] = {}  # rules of this method's own fields (beside HPARAM_RULES)
 
   def __init_subclass__(cls, **kwargs):
     super().__init_subclass__(**kwargs)
@@ -284,12 +300,25 @@ def build(name: str, **kwargs) -> Method:
     close = difflib.get_close_matches(name, METHODS, n=3)
     raise MethodError(f"unknown method {name!r}; available: {', '.join(sorted(METHODS))}"
                       + (f" (did you mean {', '.join(close)}?)" if close else ""))
-  cls = METHODS[name]
-  fields = {f.name for f in dataclasses.fields(cls)}
-  unknown = sorted(set(kwargs) - fields)
+  unknown = hparam_problems(name, kwargs, "", values=False)
   if unknown:
-    raise MethodError(f"{name}: unknown hyperparameter(s) {unknown}; valid: {sorted(fields)}")
-  return cls(**kwargs)
+    raise MethodError("; ".join(unknown))
+  return METHODS[name](**kwargs)
+
+
+# `method.name`: a method that trains on its own (not a part only another method adds); old names accepted.
+NAME_RULE = Choice(lambda: sorted(n for n, c in METHODS.items() if c.standalone), deprecated=lambda: ALIASES)
+
+
+def hparam_problems(name: str, hparams: Mapping, where: str, values: bool = True) -> list[str]:
+  """Every problem of a method's hyperparameters, one line each (`jft.core.fields.field_problems`):
+  an unknown name, or (with `values`) a value its rule refuses. An unknown method has none here."""
+  cls = METHODS.get(ALIASES.get(name, name))
+  if cls is None:
+    return []
+  return field_problems(f"method {cls.name}", [f.name for f in dataclasses.fields(cls)],
+                        {**HPARAM_RULES, **cls.hparam_rules} if values else None, hparams, where,
+                        f"{cls.__module__}.{cls.__name__}.hparam_rules")
 
 
 def module_names(modules: Sequence[str]) -> list[str]:
@@ -446,6 +475,27 @@ def stacked_shape(kernel) -> tuple:
 # ----------------------------------------------------------------------------
 
 @dataclasses.dataclass(frozen=True)
+class Parts:
+  """Compose's parts: method hyperparameter dicts, each naming its method (`{"method": "lora", ...}`).
+
+  Empty is allowed here (configs/tiny.py:method=compose leaves the parts to the caller); Compose
+  itself refuses an empty list when it is built.
+  """
+
+  def problem(self, v) -> Optional[str]:
+    if not isinstance(v, (tuple, list)) or not all(isinstance(m, Mapping) for m in v):
+      return "expected a tuple of method dicts ({'method': 'lora', 'rank': 8, ...})"
+    for i, part in enumerate(v):
+      part = dict(part)
+      name = part.pop("method", None)
+      bad_name = NAME_RULE.problem(name)
+      found = [f"method={name!r}: {bad_name}"] if bad_name else hparam_problems(name, part, "")
+      if found:
+        return f"part {i}: {found[0].lstrip('.')}"
+    return None
+
+
+@dataclasses.dataclass(frozen=True)
 class Compose(Method):
   """Several methods at once (LoRA + BitFit, LoRA + trainable norms...).
 
@@ -455,6 +505,7 @@ class Compose(Method):
   `method.name="compose"`, `method.hparams.methods=({"method": "lora", "rank": 8}, {"method": "bitfit"})`.
   """
   name: ClassVar[str] = "compose"
+  hparam_rules: ClassVar[dict] = {"methods": Parts()}
   methods: tuple = ()
 
   def __post_init__(self):

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from jft.models.layers import ACTIVATIONS
+from jft.core.fields import Choice, Int
 from jft.peft import api
 
 Leaf = api.Leaf
@@ -43,6 +44,8 @@ class Bottleneck(api.Method):
   size: int = 64
   activation: str = "relu"
   init_std: float = 1e-2  # `down` ~ N(0, init_std); `up` = 0: near-identity
+  hparam_rules: ClassVar[dict] = {"style": Choice(lambda: sorted(SITES)), "size": Int(1),
+                                  "activation": Choice(lambda: sorted(ACTIVATIONS))}
 
   def __post_init__(self):
     if self.style not in SITES:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 from typing import ClassVar
 
-from jft import rules
+from jft.core import rules
 from jft.peft import api
 
 

@@ -17,6 +17,7 @@ from typing import ClassVar
 
 import jax.numpy as jnp
 
+from jft.core.fields import Names
 from jft.peft import api
 
 Leaf = api.Leaf
@@ -32,6 +33,7 @@ class IA3(api.Method):
   peft_type: ClassVar[str] = "IA3"
   targets: tuple = ("k_proj", "v_proj", "down_proj")
   feedforward: tuple = ("down_proj",)  # subset of targets scaled on the input side
+  hparam_rules: ClassVar[dict] = {"feedforward": Names(regex=True)}
 
   def __post_init__(self):
     object.__setattr__(self, "targets", tuple(self.targets))

@@ -26,6 +26,7 @@ from typing import ClassVar
 import jax
 import jax.numpy as jnp
 
+from jft.core.fields import Flag, Int
 from jft.peft import api
 
 Leaf = api.Leaf
@@ -63,6 +64,8 @@ class LoKr(api.WeightDelta):
   alpha: float = 8.0
   decompose_both: bool = False
   decompose_factor: int = -1
+  hparam_rules: ClassVar[dict] = {"decompose_both": Flag(),
+                                  "decompose_factor": Int(1, also=(-1,), note="-1 = the most balanced factors")}
 
   def __post_init__(self):
     if self.rank < 1:

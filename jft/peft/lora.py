@@ -24,8 +24,10 @@ from typing import ClassVar
 import jax
 import jax.numpy as jnp
 
-from jft import quant, rules
+from jft import quant
+from jft.core import rules
 from jft.models.layers import dropout
+from jft.core.fields import Choice, Flag
 from jft.peft import api
 
 Leaf = api.Leaf
@@ -52,6 +54,7 @@ class LoRA(api.Method):
   rslora: bool = False  # scale alpha/sqrt(r) instead of alpha/r
   init_a: str = "kaiming"  # "kaiming" (peft's default) | "gaussian" (std 1/r) | "pissa"
   dora: bool = False
+  hparam_rules: ClassVar[dict] = {"rslora": Flag(), "init_a": Choice(("kaiming", "gaussian", "pissa")), "dora": Flag()}
 
   def __post_init__(self):
     if self.rank < 1:

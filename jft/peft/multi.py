@@ -18,7 +18,7 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 
-from jft import rules
+from jft.core import rules
 from jft.peft import api
 from jft.peft.lora import LoRA
 

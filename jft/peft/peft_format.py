@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
-from jft import errors, rules
+from jft.core import errors, rules
 from jft.models.config import ModelConfig
 from jft.models.hf import family_module
 from jft.models.keymap import TRANSPOSE, active_keys

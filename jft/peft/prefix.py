@@ -26,7 +26,8 @@ from typing import ClassVar
 import jax
 import jax.numpy as jnp
 
-from jft import rules
+from jft.core import rules
+from jft.core.fields import Flag, Int
 from jft.peft import api
 
 Leaf = api.Leaf
@@ -67,6 +68,7 @@ class Prefix(api.Method):
   num_virtual_tokens: int = 20
   projection: bool = False
   encoder_hidden: int = 512
+  hparam_rules: ClassVar[dict] = {"projection": Flag(), "encoder_hidden": Int(1)}
 
   def attention_prefix(self, p):
     return (p["keys"], p["values"]) if "keys" in p else None

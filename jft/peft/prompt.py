@@ -26,7 +26,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jft import rules
+from jft.core import rules
+from jft.core.fields import Choice, Int, TokenIds
 from jft.peft import api
 
 Leaf = api.Leaf
@@ -45,6 +46,7 @@ class PromptTuning(api.Method):
   num_virtual_tokens: int = 20
   init_from: str = "vocab"  # "random" N(0,1) as peft | "vocab" sampled rows | "text" rows of init_token_ids
   init_token_ids: Optional[tuple] = None  # token ids of an initialisation text (repeated to n)
+  hparam_rules: ClassVar[dict] = {"init_from": Choice(("random", "vocab", "text")), "init_token_ids": TokenIds()}
 
   def __post_init__(self):
     if self.init_from not in ("random", "vocab", "text"):
@@ -99,6 +101,7 @@ class PTuning(api.Method):
   num_virtual_tokens: int = 20
   encoder: str = "mlp"  # "mlp" | "lstm"
   encoder_hidden: int = 128
+  hparam_rules: ClassVar[dict] = {"encoder": Choice(("mlp", "lstm")), "encoder_hidden": Int(1)}
 
   def __post_init__(self):
     if self.encoder not in ("mlp", "lstm"):

@@ -18,6 +18,7 @@ from typing import ClassVar
 import jax
 import jax.numpy as jnp
 
+from jft.core.fields import Int
 from jft.peft import api
 from jft.peft.peft_format import PREFIX
 
@@ -32,6 +33,7 @@ class ScoreHead(api.Method):
   leaves: ClassVar[dict] = {"kernel": api.Leaf(trainable=True, decay=True)}
   peft_module: ClassVar[str] = HF_NAME
   outputs: int = 1
+  hparam_rules: ClassVar[dict] = {"outputs": Int(1)}
 
   def init(self, rng, params):
     d = params["embed_tokens"]["embedding"].shape[-1]

@@ -22,8 +22,9 @@ from typing import ClassVar
 import jax
 import jax.numpy as jnp
 
-from jft import rules
+from jft.core import rules
 from jft.models.layers import dropout
+from jft.core.fields import Float
 from jft.peft import api
 
 Leaf = api.Leaf
@@ -44,6 +45,7 @@ class VeRA(api.WeightDelta):
   targets: tuple = ("q_proj", "v_proj")
   rank: int = 256
   d_initial: float = 0.1
+  hparam_rules: ClassVar[dict] = {"d_initial": Float(0, lo_open=True)}
   dropout: float = 0.0
 
   def __post_init__(self):

@@ -1,0 +1,437 @@
+"""The `jft` command line. Each subcommand is a thin shell over library calls.
+
+Layer 8, the top: it may import anything, and it is the only place for
+function-local imports (a subcommand loads JAX only when it runs, so
+`jft --help` answers at once). `host_memory.py` re-executes the command under
+the allocator setting training wants, before anything heavy is imported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import traceback
+
+from jft.core.errors import JftError, RunFailure
+
+
+def _config(args):
+  from jft import config as cfg
+
+  return cfg.build(args.config, cfg.parse_overrides(args.overrides))
+
+
+def _check_join(args):
+  """The multi-process flags, checked before the config (and its model) is read."""
+  from jft import sharding
+  sharding.check_distributed_flags(args.coordinator, args.num_processes, args.process_id, args.distributed,
+                                   args.distributed_timeout)
+
+
+def _join(args):
+  """Join a multi-process run (explicit flags, or the scheduler's environment with --distributed)."""
+  if args.coordinator is not None or args.distributed:
+    from jft import sharding
+    timeout = args.distributed_timeout
+    sharding.initialize_distributed(args.coordinator, args.num_processes, args.process_id,
+                                    timeout=sharding.DEFAULT_DISTRIBUTED_TIMEOUT if timeout is None else timeout)
+
+
+def _train(args) -> int:
+  from jft import sharding
+  from jft.run.train import train
+
+  _check_join(args)
+  config = _config(args)  # every config error surfaces here, before any compute
+  if args.init_from:
+    from jft import config as cfg
+    cfg.override(config, "train.init_from", args.init_from)
+  _join(args)
+  results = train(config, args.workdir, resume=args.resume, dry_run=args.dry_run)
+  if not sharding.is_primary():
+    return 0
+  print(f"run folder: {os.path.abspath(results['workdir'])}")
+  if args.dry_run:
+    return 0
+  zero = results.get("zero_shot", {})
+  if "accuracy" in zero:
+    print(f"zero-shot accuracy before training ({zero['split']} split): {zero['accuracy']:.4f}")
+  if "test" in results:
+    print("after training, test split: " + ", ".join(f"{k} {v:.4f}" for k, v in results["test"].items()))
+  return 0
+
+
+def _sweep(args) -> int:
+  from jft import config as cfg
+  from jft.studies.sweep import Sweep
+
+  sweep = Sweep(args.config, cfg.parse_overrides(args.overrides), args.workdir, search=args.search,
+                trials=args.trials, parallel=args.parallel, seed=args.seed)
+  rows = sweep.run(only=args.point)
+  counts = {}
+  for row in rows:
+    counts[row["status"]] = counts.get(row["status"], 0) + 1
+  print(f"sweep folder: {os.path.abspath(args.workdir)} ({', '.join(f'{n} {s}' for s, n in counts.items())}); "
+        f"table: {os.path.join(args.workdir, 'results.md')}")
+  return 0
+
+
+def _pairs(args) -> int:
+  from jft.studies.pairs import preference_pairs
+
+  counts = preference_pairs(args.policy, args.reward, args.out, prompts=args.prompts, samples=args.samples,
+                            max_new_tokens=args.max_new_tokens, split=args.split, seed=args.seed,
+                            overwrite=args.overwrite)
+  print(f"wrote {counts['pairs']} pairs from {counts['prompts']} prompts ({counts['ties']} groups skipped: fewer "
+        f"than two different non-empty completions) to {args.out}")
+  return 0
+
+
+def _report(args) -> int:
+  from jft.studies.report import report
+
+  print(f"wrote {report(args.dir)}")
+  return 0
+
+
+def _eval(args) -> int:
+  from jft import run
+  from jft.run.train import evaluate_split, examples_for
+
+  r = run.restore(args.workdir, args.checkpoint)
+  split = args.split or r.config.data.test_split or r.config.data.eval_split
+  examples = examples_for(r.config, r.tokenizer, split, args.limit or None)
+  metrics = evaluate_split(r.config, r.model, r.params(), r.tokenizer, examples, reference=r.reference())
+  print(json.dumps({"split": split, "examples": len(examples), **metrics}, indent=2))
+  return 0
+
+
+def _export(args) -> int:
+  from jft.core import files, rules
+  from jft import quant, run
+  from jft.models.pretrained import save_pretrained
+  from jft.peft import peft_format
+
+  if args.format == "adapters":
+    print("jft export: --format adapters is deprecated; use --format trainable", file=sys.stderr)
+    args.format = "trainable"
+  out = files.check_output(args.out, overwrite=args.overwrite, protected=(args.workdir,))
+  r = run.restore(args.workdir, args.checkpoint)
+  # The method's tree, not the model's view (`r.params()`): materializing drops what only the method
+  # reads (VeRA's shared projections, P-tuning's encoder), and merge/export materialize themselves.
+  config, model, method, params, tokenizer = r.config, r.model, r.method, r.tree(), r.tokenizer
+
+  def write(folder):
+    if args.format == "peft":
+      peft_format.export_peft(method, params, model.config, folder, base_model=config.model.name)
+    elif args.format == "merged":
+      merged, _ = method.merge(params)
+      _check_mergeable(method, merged, model.config)
+      dense = {p: (quant.dequantize(v) if quant.is_quantized(v) else v) for p, v in rules.flatten(merged).items()}
+      save_pretrained(model, rules.unflatten(dense), folder, tokenizer=tokenizer)
+    else:  # trainable: jft's own format, the trainable leaves as safetensors + the method's hyperparameters
+      from safetensors.numpy import save_file
+      import numpy as np
+      from jft import peft
+      trainable, _ = peft.split(method, params)
+      os.makedirs(folder, exist_ok=True)
+      save_file({p: np.asarray(v) for p, v in rules.flatten(trainable).items()},
+                os.path.join(folder, "trainable.safetensors"))
+      files.write_json(os.path.join(folder, "method.json"), method.hparams())
+
+  files.write_folder(out, write)
+  print(f"exported {args.format} to {args.out}")
+  return 0
+
+
+def _check_mergeable(method, merged, config):
+  """A merged tree must be a plain checkpoint of the model's family: a leaf the transformers layout has
+  no place for (BitFit's new biases on Llama, P-tuning's prompt, a reward head) would be dropped silently."""
+  from jft import peft
+  from jft.core import rules
+  from jft.models.hf import family_module
+  from jft.models.keymap import active_keys
+
+  kept = {key.path for key in active_keys(family_module(config.family).KEYS, config)}
+  dropped = sorted(set(rules.flatten(merged)) - kept)
+  if dropped:
+    name = "+".join(m.name for m in method.methods) if isinstance(method, peft.Compose) else method.name
+    raise peft.MethodError(f"{name} cannot be merged into a {config.family} transformers checkpoint: it has no "
+                           f"place for {', '.join(dropped[:3])}{' ...' if len(dropped) > 3 else ''} (the export "
+                           "would drop them); --format trainable keeps every trained leaf")
+
+
+def _generate(args) -> int:
+  import jax.numpy as jnp
+
+  from jft.models import load_pretrained, load_tokenizer
+  from jft.models.generate import GenerationError, Sampling
+
+  # Checked before anything loads.
+  args.sampling = Sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p)
+  if args.quantize and args.blocksize < 1:
+    raise GenerationError(f"--blocksize {args.blocksize}: must be >= 1")
+  empty = [i for i, p in enumerate(args.prompt) if not p.strip()]
+  if empty:
+    raise GenerationError(f"prompt {empty[0]} is empty")
+  dtype = jnp.dtype(args.dtype)
+  t0 = time.time()
+  if args.workdir:
+    from jft import run
+    print(f"restoring {args.workdir} ...", file=sys.stderr, flush=True)
+    _, model, _, params, tokenizer = run.restore_params(args.workdir, args.checkpoint)
+    return _decode(args, model, params, tokenizer, t0)
+  print(f"loading {args.model} ...", file=sys.stderr, flush=True)
+  model, params = load_pretrained(args.model, dtype=dtype)
+  if args.quantize:
+    from jft import quant
+    params, _ = quant.quantize(params, ((r"layers/.*/kernel", args.quantize),), blocksize=args.blocksize)
+  tokenizer = load_tokenizer(args.model)
+  return _decode(args, model, params, tokenizer, t0)
+
+
+def _decode(args, model, params, tokenizer, t0) -> int:
+  from jft.models.generate import generate_text
+
+  print(f"loaded in {time.time() - t0:.1f}s; generating ...", file=sys.stderr, flush=True)
+  t0 = time.time()
+  texts = generate_text(model, params, tokenizer, args.prompt, args.sampling, chat=not args.no_chat,
+                        seed=args.seed, progress_desc="generating (tokens)")
+  for prompt, text in zip(args.prompt, texts):
+    if len(args.prompt) > 1:
+      print(f"### {prompt}")
+    print(text)
+  print(f"generated in {time.time() - t0:.1f}s (including compilation)", file=sys.stderr)
+  return 0
+
+
+def _ablate(args) -> int:
+  from jft.studies.ablate import run_ablations
+
+  run_ablations(args.workdir, [args.kind], split=args.split, limit=args.limit, out=args.out,
+                checkpoint=args.checkpoint, overwrite=args.overwrite)
+  return 0
+
+
+def _estimate(args) -> int:
+  from jft.studies import estimate
+
+  kw = dict(hardware_name=args.hardware, utilization=args.utilization, price_per_hour=args.price_per_hour)
+  estimate.hardware(args.hardware)  # a wrong name or setting fails before any config is read
+  estimate.check_settings(args.utilization, args.price_per_hour)
+  if args.all_methods:
+    from jft import config as cfg
+    configs = estimate.method_configs(args.config, cfg.parse_overrides(args.overrides))
+    results = {name: estimate.analytic(c, name=name, **kw) for name, c in configs.items()}
+  else:
+    config = _config(args)
+    results = {config.method.name: estimate.analytic(config, **kw)}
+  if args.json:
+    dicts = {name: e.to_dict() for name, e in results.items()}
+    print(json.dumps({"methods": dicts} if args.all_methods else next(iter(dicts.values())), indent=2))
+  elif args.all_methods:
+    e = next(iter(results.values()))
+    print(f"{e.model}: batch {e.batch} x {e.length}, {e.dtype}, remat {e.remat}, {e.steps} steps on {e.hardware} at "
+          f"{e.utilization:.0%} of {e.peak_flops / 1e12:g} TFLOP/s, ${e.price_per_hour:.2f}/h (typical on-demand "
+          "price, edit with --price-per-hour)\n")
+    print(estimate.table(results))
+  else:
+    print(estimate.report(next(iter(results.values()))))
+  for e in results.values():
+    warning = estimate.memory_warning(e)
+    if warning:
+      print(warning, file=sys.stderr)
+  return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+  parser = argparse.ArgumentParser(prog="jft", description="Performance-efficient fine-tuning in JAX.")
+  parser.add_argument("--debug", action="store_true", help="show the full traceback of an error (or JFT_DEBUG=1)")
+  sub = parser.add_subparsers(dest="command", required=True)
+
+  g = sub.add_parser("generate", help="generate text from a pretrained model",
+                     description="Generate text with KV-cache decoding (chat template applied if any).")
+  g.add_argument("--model", default="smollm2-135m",
+                 help="HF folder, .gguf file or embedded model name (default: smollm2-135m)")
+  g.add_argument("--workdir", help="generate with a trained run instead of --model")
+  g.add_argument("--checkpoint", choices=("best", "latest"), default="best")
+  g.add_argument("--prompt", action="append", required=True, help="prompt text; repeat for a batch")
+  g.add_argument("--max-new-tokens", type=int, default=64)
+  g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+  g.add_argument("--top-k", type=int, default=0)
+  g.add_argument("--top-p", type=float, default=1.0)
+  g.add_argument("--seed", type=int, default=0)
+  g.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")  # jft.models.COMPUTE_DTYPES
+  g.add_argument("--no-chat", action="store_true", help="do not apply the chat template")
+  g.add_argument("--quantize", choices=("nf4", "fp4", "int4", "int8"),
+                 help="quantize the transformer blocks' linear weights (double quantization on)")
+  g.add_argument("--blocksize", type=int, default=64, help="quantization block size (default 64)")
+  g.set_defaults(run=_generate)
+
+  t = sub.add_parser("train", help="fine-tune from a config file",
+                     description="Fine-tune. Override any config field with --config.FIELD=VALUE.",
+                     epilog="example: jft train --config configs/sentiment.py:method=lora "
+                            "--config.optim.lr=3e-4 --workdir runs/x")
+  t.add_argument("--config", required=True, help="configs/FILE.py[:name=value,...]")
+  t.add_argument("--workdir", required=True, help="run folder (config, metrics, checkpoints)")
+  t.add_argument("--resume", action="store_true", help="continue the run in --workdir from its last checkpoint")
+  t.add_argument("--init-from", metavar="RUN", default="",
+                 help="start from an earlier run: its adapter (best checkpoint) merged into the base, which is "
+                      "then the frozen base and the reference model (= --config.train.init_from=RUN)")
+  t.add_argument("--dry-run", action="store_true",
+                 help="build and place the state, compile the step, write shardings.json (with the compiled "
+                      "step's memory per device), and stop")
+  m = t.add_argument_group("multi-process runs (jax.distributed; every process runs the same command)")
+  m.add_argument("--coordinator", metavar="HOST:PORT", help="address of process 0's coordination service")
+  m.add_argument("--num-processes", type=int, help="number of processes in the run")
+  m.add_argument("--process-id", type=int, help="this process's index, 0 .. N-1")
+  m.add_argument("--distributed", action="store_true",
+                 help="join a multi-process run described by the scheduler's environment "
+                      "(SLURM, Cloud TPU, Kubernetes indexed jobs, Open MPI)")
+  m.add_argument("--distributed-timeout", type=float, metavar="SECONDS",
+                 help="give up (exit 2) when not every process has joined after SECONDS (default 300)")
+  t.set_defaults(run=_train, accepts_overrides=True)
+
+  s = sub.add_parser("sweep", help="run a hyperparameter sweep defined by a config file's sweep(arg)",
+                     description="Run every point of the config file's sweep(arg) as a run folder under "
+                                 "WORKDIR/points/. Rerunning the same command resumes. Overrides "
+                                 "(--config.FIELD=VALUE) apply to every point.",
+                     epilog="example: jft sweep --config configs/sentiment.py:mode=local --workdir runs/sweep "
+                            "--parallel 2; on a cluster: one task per point with --point $SLURM_ARRAY_TASK_ID")
+  s.add_argument("--config", required=True, help="configs/FILE.py[:name=value,...] (defines sweep(arg))")
+  s.add_argument("--workdir", required=True, help="sweep folder (points/, results.csv/md, plots)")
+  s.add_argument("--search", choices=("grid", "random", "optuna"), default="grid")
+  s.add_argument("--trials", type=int, default=0, help="points of a random/optuna search (default: the space's)")
+  s.add_argument("--parallel", type=int, default=1, help="points run at once, each in its own process")
+  s.add_argument("--point", type=int, help="run only point K (a scheduler's array index)")
+  s.add_argument("--seed", type=int, default=0, help="seed of the random/optuna search itself")
+  s.set_defaults(run=_sweep, accepts_overrides=True)
+
+  p = sub.add_parser("pairs", help="sample preference pairs from a run's policy, ranked by a reward (for DPO)")
+  p.add_argument("policy", metavar="RUN", help="the policy's run folder (its best checkpoint)")
+  p.add_argument("--reward", required=True, help="jft.objectives.reward_functions spec: run:DIR, module:function, file.py:function")
+  p.add_argument("--out", required=True, help="JSONL file (prompt/chosen/rejected)")
+  p.add_argument("--prompts", type=int, default=400)
+  p.add_argument("--samples", type=int, default=4, help="completions per prompt; best = chosen, worst = rejected")
+  p.add_argument("--max-new-tokens", type=int, default=24)
+  p.add_argument("--split", default="train")
+  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+  p.set_defaults(run=_pairs)
+
+  r = sub.add_parser("report", help="rebuild the table and plots of a sweep folder, or a run's curves")
+  r.add_argument("dir", help="a sweep folder (sweep.json) or a run folder (config.json)")
+  r.set_defaults(run=_report)
+
+  e = sub.add_parser("eval", help="evaluate a run on a split")
+  e.add_argument("--workdir", required=True)
+  e.add_argument("--split", help="default: the config's test split")
+  e.add_argument("--limit", type=int, default=0, help="first N examples only")
+  e.add_argument("--checkpoint", choices=("best", "latest"), default="best")
+  e.set_defaults(run=_eval)
+
+  x = sub.add_parser("export", help="export a run's adapter (peft format), merged model or trainable leaves")
+  x.add_argument("--workdir", required=True)
+  x.add_argument("--format", choices=("peft", "merged", "trainable", "adapters"), required=True,
+                 help="peft: a peft adapter folder; merged: a transformers checkpoint with the method folded in; "
+                      "trainable: jft's own (trainable leaves + method.json); adapters: deprecated name of trainable")
+  x.add_argument("--out", required=True, help="a new or empty folder (written whole, then renamed into place)")
+  x.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+  x.add_argument("--checkpoint", choices=("best", "latest"), default="best")
+  x.set_defaults(run=_export)
+  a = sub.add_parser("ablate", help="evaluate a run with its method removed from layers/modules, truncated in rank "
+                                     "or with fewer virtual tokens",
+                     description="Restore a run's checkpoint once and evaluate ablations of it on one split; "
+                                 "writes ablations.csv, ablations.md and plots to --out.")
+  a.add_argument("--workdir", required=True)
+  a.add_argument("--kind", choices=("layers", "modules", "rank", "tokens", "all"), default="all",
+                 help="all (default): every kind that applies to the run's method")
+  a.add_argument("--split", help="default: the config's eval split")
+  a.add_argument("--limit", type=int, default=None,
+                 help="first N examples only (default: the config's limit for the split; 0 = all)")
+  a.add_argument("--checkpoint", choices=("best", "latest"), default="best")
+  a.add_argument("--out", help="output folder (default: WORKDIR/ablations), written whole")
+  a.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+  a.set_defaults(run=_ablate)
+  s = sub.add_parser("estimate", help="estimate a run's memory, FLOPs, time and cost from shapes alone",
+                     description="Estimate parameters, step memory, FLOPs, step time and the run's cost without "
+                                 "loading weights or running anything. Override any config field with "
+                                 "--config.FIELD=VALUE.",
+                     epilog="example: jft estimate --config configs/sentiment.py:method=qlora --hardware a100-80g "
+                            "--all-methods")
+  s.add_argument("--config", required=True, help="configs/FILE.py[:name=value,...]")
+  s.add_argument("--hardware", default="cpu", help="cpu (nominal), a100-80g, h100-80g, h200 or tpu-v5e (default cpu)")
+  s.add_argument("--price-per-hour", type=float, help="USD per chip-hour (default: a typical on-demand price)")
+  s.add_argument("--utilization", type=float, default=0.4, help="fraction of peak FLOP/s reached (default 0.4)")
+  s.add_argument("--all-methods", action="store_true", help="every method of the config's methods() table, side by side")
+  s.add_argument("--json", action="store_true", help="print one JSON object")
+  s.set_defaults(run=_estimate, accepts_overrides=True)
+  for command in sub.choices.values():  # `jft --debug CMD` and `jft CMD ... --debug` alike
+    command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                         help="show the full traceback of an error (or JFT_DEBUG=1)")
+  return parser
+
+
+def main(argv=None) -> int:
+  """Run one subcommand. Bad input and the environment's failures (a missing or unreadable file, a full
+  disk, a corrupt run file) end as one line `jft COMMAND: error: ...`, exit 2 (1: training failed);
+  the traceback only with --debug or JFT_DEBUG=1. Anything else is a bug and keeps its traceback."""
+  from jft.cli import host_memory  # here, not at the top: `python -m jft.cli.host_memory` imports this package first
+
+  if argv is None and set(sys.argv[1:2]) & host_memory.COMMANDS:  # the `jft` command, before JAX starts
+    host_memory.reexec(["-m", "jft.cli", *sys.argv[1:]])
+  parser = build_parser()
+  args, rest = parser.parse_known_args(argv)
+  if rest and not getattr(args, "accepts_overrides", False):
+    parser.error(f"unrecognized arguments: {' '.join(rest)}")
+  args.overrides = rest
+  debug = getattr(args, "debug", False) or os.environ.get("JFT_DEBUG", "0") not in ("", "0")
+  try:
+    return args.run(args)
+  except KeyboardInterrupt:
+    if debug:
+      traceback.print_exc()
+    print(f"jft {args.command}: interrupted", file=sys.stderr)
+    return 130
+  except (JftError, OSError, json.JSONDecodeError) as e:
+    if debug:
+      traceback.print_exc()
+    print(f"jft {args.command}: error: {_describe(e)}", file=sys.stderr)
+    return 1 if isinstance(e, RunFailure) else 2
+
+
+def _describe(e: BaseException) -> str:
+  """One line saying what failed and where: the file, or else the jft code that was running."""
+  if isinstance(e, JftError):
+    return str(e)
+  if isinstance(e, json.JSONDecodeError):
+    return f"{_open_file(e) or 'a JSON file'}: not valid JSON ({e.msg}: line {e.lineno} column {e.colno})"
+  what = e.strerror or str(e) or type(e).__name__
+  where = " -> ".join(str(f) for f in (e.filename, e.filename2) if f is not None) or _open_file(e)
+  return f"{where}: {what}" if where else f"{what} (in {_jft_frame(e)})"
+
+
+def _open_file(e: BaseException) -> str | None:
+  """The file the failing code had open (json.load's `fp`, a `with open(...) as f`): the innermost
+  frame's local file object. Python's errors from reads and writes of open files carry no name."""
+  import io
+
+  for frame, _ in reversed(list(traceback.walk_tb(e.__traceback__))):
+    for value in frame.f_locals.values():
+      if isinstance(value, io.IOBase) and isinstance(getattr(value, "name", None), str):
+        return value.name
+  return None
+
+
+def _jft_frame(e: BaseException) -> str:
+  """`function, jft/file.py:line` of the innermost jft frame of the traceback."""
+  here = os.path.dirname(os.path.abspath(__file__))
+  inner = [(f.f_code, line) for f, line in traceback.walk_tb(e.__traceback__) if f.f_code.co_filename.startswith(here)]
+  if not inner:
+    return "jft"
+  code, line = inner[-1]
+  return f"{code.co_name}, {os.path.relpath(code.co_filename, os.path.dirname(here))}:{line}"
+
