@@ -18,7 +18,7 @@ below (tests/test_layering.py holds it, README "Layout" walks it):
 Modules that moved keep their old names (`jft.align`, `jft.train`, `jft.loss`...):
 `_MOVED` maps each to where it lives now, so old scripts, configs and run folders
 keep working. `jft.align` is the objectives package itself: every loss an
-objective's file exports (`jft.align.preference_loss`, `jft.align.simpo_loss`).
+objective's file exports (`jft.align.preference_loss`, ...).
 """
 
 import importlib

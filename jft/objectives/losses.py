@@ -1,7 +1,7 @@
 """Alignment losses (DPO and its variants, ORPO, KTO, reward models, GRPO) as pure JAX functions.
 
 (Formerly `jft.align`; that name still answers, for these and every loss an objective's own file
-exports, e.g. `jft.align.simpo_loss`.)
+exports in its `__all__`.)
 
 Each loss takes per-sequence or per-token log-probabilities (`token_logps`,
 `sequence_logps`) and returns `(loss, metrics)`, with metrics named as TRL
