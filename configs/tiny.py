@@ -30,7 +30,7 @@ def get_config(arg=None):
   c.train.update(steps=arg.steps, batch_size=4, log_every=1, eval_every=4, save_every=2, keep=10)
   c.optim.update(lr=1e-2, warmup_steps=1)
   c.eval.update(batch_size=8)
-  if arg.objective in ("dpo", "orpo", "kto"):
+  if arg.objective in ("dpo", "orpo", "kto", "simpo"):
     c.data.update(path=REQUIRED, template="{text}", max_length=64, test_split="")
     c.eval.update(metric="loss", zero_shot=False)
   elif arg.objective == "reward":
