@@ -5,4 +5,5 @@
     progress.py  progress bars on long work (quiet when not on a terminal)
     files.py     writing run files atomically, reading JSON/JSONL back with named errors, figures
     lock.py      one writer per run folder (an advisory lock with its owner's pid and host)
+    fields.py    the rule types of config fields and hyperparameters (Int, Float, Choice, ...)
 """
