@@ -110,58 +110,14 @@ def _eval(args) -> int:
 
 
 def _export(args) -> int:
-  from jft.core import files, rules
-  from jft import quant, run
-  from jft.models.pretrained import save_pretrained
-  from jft.peft import peft_format
+  from jft.studies import export
 
   if args.format == "adapters":
     print("jft export: --format adapters is deprecated; use --format trainable", file=sys.stderr)
     args.format = "trainable"
-  out = files.check_output(args.out, overwrite=args.overwrite, protected=(args.workdir,))
-  r = run.restore(args.workdir, args.checkpoint)
-  # The method's tree, not the model's view (`r.params()`): materializing drops what only the method
-  # reads (VeRA's shared projections, P-tuning's encoder), and merge/export materialize themselves.
-  config, model, method, params, tokenizer = r.config, r.model, r.method, r.tree(), r.tokenizer
-
-  def write(folder):
-    if args.format == "peft":
-      peft_format.export_peft(method, params, model.config, folder, base_model=config.model.name)
-    elif args.format == "merged":
-      merged, _ = method.merge(params)
-      _check_mergeable(method, merged, model.config)
-      dense = {p: (quant.dequantize(v) if quant.is_quantized(v) else v) for p, v in rules.flatten(merged).items()}
-      save_pretrained(model, rules.unflatten(dense), folder, tokenizer=tokenizer)
-    else:  # trainable: jft's own format, the trainable leaves as safetensors + the method's hyperparameters
-      from safetensors.numpy import save_file
-      import numpy as np
-      from jft import peft
-      trainable, _ = peft.split(method, params)
-      os.makedirs(folder, exist_ok=True)
-      save_file({p: np.asarray(v) for p, v in rules.flatten(trainable).items()},
-                os.path.join(folder, "trainable.safetensors"))
-      files.write_json(os.path.join(folder, "method.json"), method.hparams())
-
-  files.write_folder(out, write)
+  export.export(args.workdir, args.out, args.format, args.checkpoint, args.overwrite)
   print(f"exported {args.format} to {args.out}")
   return 0
-
-
-def _check_mergeable(method, merged, config):
-  """A merged tree must be a plain checkpoint of the model's family: a leaf the transformers layout has
-  no place for (BitFit's new biases on Llama, P-tuning's prompt, a reward head) would be dropped silently."""
-  from jft import peft
-  from jft.core import rules
-  from jft.models.hf import family_module
-  from jft.models.keymap import active_keys
-
-  kept = {key.path for key in active_keys(family_module(config.family).KEYS, config)}
-  dropped = sorted(set(rules.flatten(merged)) - kept)
-  if dropped:
-    name = "+".join(m.name for m in method.methods) if isinstance(method, peft.Compose) else method.name
-    raise peft.MethodError(f"{name} cannot be merged into a {config.family} transformers checkpoint: it has no "
-                           f"place for {', '.join(dropped[:3])}{' ...' if len(dropped) > 3 else ''} (the export "
-                           "would drop them); --format trainable keeps every trained leaf")
 
 
 def _generate(args) -> int:

@@ -10,7 +10,8 @@ loaded, naming the field and the closest valid names.
 
 Layer 5 (imports objectives/ and below). `schema.py` holds the default config,
 the rules of every section's fields, and collects the rules each method and
-objective declares beside its own fields; it also upgrades old run folders.
+objective declares beside its own fields. `upgrade.py` reads the config of a
+run folder written by an earlier jft in today's layout.
 """
 
 from __future__ import annotations

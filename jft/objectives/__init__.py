@@ -1,8 +1,23 @@
 """Training objectives (see api.py): what a step minimises and what evaluation reports.
 
 Every module of this package is imported here and defining an `Objective`
-subclass registers it: a new objective is one new file. A config picks one
+subclass registers it: a new objective is one new file, its hyperparameters'
+rules beside its fields (`hparam_rules`), its public losses in its `__all__`
+(exported here, and under the former name `jft.align`). A config picks one
 with `objective.name` (and `objective.hparams`).
+
+    api.py               what an objective is; the reference model = the base view
+    losses.py            the pure losses (DPO family, ORPO, KTO, reward, GRPO), checked against TRL
+    language.py          lm, sft, classification (a label word as the response)
+    instruct.py          instruction tuning, with generations in the summary
+    preference.py        dpo, orpo, kto (pairs or unpaired feedback)
+    simpo.py             simpo (reference-free, length-normalised)
+    reward_model.py      reward: a score head trained on pairs or ratings
+    grpo.py              grpo: online RL from reward functions
+    reward_functions.py  what GRPO's rewards and judges are (functions, files, `run:DIR` via jft.run)
+    evaluate.py          loss/perplexity, label-word accuracy, exact match
+
+Layer 4: imports data/, models/, peft/, sharding and below; never config/ or run/.
 """
 
 import importlib as _importlib

@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from jft.config import schema
+from jft.config.upgrade import upgrade
 from jft.core import files
 from jft.run import checkpoint
 from jft.core.errors import JftError
@@ -41,13 +42,13 @@ write_json = files.write_json  # the run folder's JSON files, written atomically
 
 
 def read_config(workdir: str, report=None) -> ml_collections.ConfigDict:
-  """The run's config, in today's layout (`jft.config.schema.upgrade`, each change named through `report`,
+  """The run's config, in today's layout (`jft.config.upgrade`, each change named through `report`,
   default stderr) and validated like a new one: a bad field is one error naming the file."""
   path = os.path.join(workdir, "config.json")
   if not os.path.isfile(path):
     raise RunError(f"{workdir}: not a run folder (no config.json)")
   saved = files.read_json(path, "run config")
-  config, notes = schema.upgrade(saved)
+  config, notes = upgrade(saved)
   report = report or (lambda line: print(line, file=sys.stderr))
   for note in notes:
     report(f"{path}: {note}")
