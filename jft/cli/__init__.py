@@ -384,7 +384,7 @@ def _open_file(e: BaseException) -> str | None:
 
 def _jft_frame(e: BaseException) -> str:
   """`function, jft/file.py:line` of the innermost jft frame of the traceback."""
-  here = os.path.dirname(os.path.abspath(__file__))
+  here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the jft package
   inner = [(f.f_code, line) for f, line in traceback.walk_tb(e.__traceback__) if f.f_code.co_filename.startswith(here)]
   if not inner:
     return "jft"

@@ -276,6 +276,14 @@ def response_ids(tokenizer, response: str, chat: bool) -> list[int]:
   return ids
 
 
+def cut_prompt(prompt: list[int], room: int, truncation: str) -> list[int]:
+  """A too-long prompt cut to `room` tokens: from the left (keeping its end, where the question is) or the
+  right. The one truncation rule of every row kind (prompt/response, pairs, unpaired)."""
+  if truncation not in ("left", "right"):
+    raise DataError(f"truncation must be 'left' or 'right', got {truncation!r}")
+  return prompt if len(prompt) <= room else prompt[-room:] if truncation == "left" else prompt[:room]
+
+
 def tokenize(examples, tokenizer, max_length: int, chat: bool, truncation: str = "left"):
   """-> list of (input_ids, loss_mask) int32 arrays; loss only on response tokens.
 
@@ -290,8 +298,7 @@ def tokenize(examples, tokenizer, max_length: int, chat: bool, truncation: str =
     if room < 1:
       raise DataError(f"response of {len(response)} tokens does not fit max_length={max_length}: "
                       f"{ex['response'][:60]!r}")
-    if len(prompt) > room:
-      prompt = prompt[-room:] if truncation == "left" else prompt[:room]
+    prompt = cut_prompt(prompt, room, truncation)
     ids = np.asarray(prompt + response, np.int32)
     mask = np.asarray([0] * len(prompt) + [1] * len(response), np.int32)
     out.append((ids, mask))

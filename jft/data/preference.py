@@ -27,7 +27,7 @@ from typing import NamedTuple, Optional, Sequence
 
 import numpy as np
 
-from jft.data import DataError, held_out, jsonl_rows, read_text, render_prompt, response_ids, text_of
+from jft.data import DataError, cut_prompt, held_out, jsonl_rows, read_text, render_prompt, response_ids, text_of
 
 ALPACA_PROMPT = ("Below is an instruction that describes a task. "
                  "Write a response that appropriately completes the request.\n\n"
@@ -201,15 +201,6 @@ class PairRow(NamedTuple):
   rejected_ids: np.ndarray
 
 
-def _cut_prompt(prompt: list[int], room: int, truncation: str) -> list[int]:
-  return prompt[-room:] if truncation == "left" else prompt[:room]
-
-
-def _check_truncation(truncation: str):
-  if truncation not in ("left", "right"):
-    raise DataError(f"truncation must be 'left' or 'right', got {truncation!r}")
-
-
 def tokenize_pairs(examples, tokenizer, max_length: int, chat: bool,
                    truncation: str = "left") -> tuple[list[PairRow], int]:
   """-> (rows, number of prompts truncated).
@@ -219,7 +210,7 @@ def tokenize_pairs(examples, tokenizer, max_length: int, chat: bool,
   `max_length`; completions are never cut, so one that leaves no room for a
   prompt token is an error.
   """
-  _check_truncation(truncation)
+  cut_prompt([], 0, truncation)  # a bad value is named before any row
   rows, truncated = [], 0
   for i, ex in enumerate(examples):
     prompt = tokenizer(ex["prompt"], add_special_tokens=not chat)["input_ids"]
@@ -230,7 +221,7 @@ def tokenize_pairs(examples, tokenizer, max_length: int, chat: bool,
       raise DataError(f"pair {i}: completions of {len(chosen)} (chosen) and {len(rejected)} (rejected) tokens "
                       f"leave no room for the prompt in max_length={max_length}")
     if len(prompt) > room:
-      prompt, truncated = _cut_prompt(prompt, room, truncation), truncated + 1
+      prompt, truncated = cut_prompt(prompt, room, truncation), truncated + 1
     rows.append(PairRow(*(np.asarray(x, np.int32) for x in (prompt, chosen, rejected))))
   return rows, truncated
 
@@ -309,7 +300,7 @@ class UnpairedRow(NamedTuple):
 def tokenize_unpaired(examples, tokenizer, max_length: int, chat: bool,
                       truncation: str = "left") -> tuple[list[UnpairedRow], int]:
   """-> (rows, number of prompts truncated); prompts cut as in `tokenize_pairs`, never completions."""
-  _check_truncation(truncation)
+  cut_prompt([], 0, truncation)  # a bad value is named before any row
   rows, truncated = [], 0
   for i, ex in enumerate(examples):
     prompt = tokenizer(ex["prompt"], add_special_tokens=not chat)["input_ids"]
@@ -319,7 +310,7 @@ def tokenize_unpaired(examples, tokenizer, max_length: int, chat: bool,
       raise DataError(f"row {i}: a completion of {len(completion)} tokens leaves no room for the prompt "
                       f"in max_length={max_length}")
     if len(prompt) > room:
-      prompt, truncated = _cut_prompt(prompt, room, truncation), truncated + 1
+      prompt, truncated = cut_prompt(prompt, room, truncation), truncated + 1
     rows.append(UnpairedRow(np.asarray(prompt, np.int32), np.asarray(completion, np.int32), bool(ex["desirable"])))
   return rows, truncated
 
