@@ -13,6 +13,7 @@ import pytest
 
 from jft.studies import estimate
 from jft import quant, run, sharding
+from jft.core import rules
 from jft.run import memory, state
 from jft.cli import main
 from jft.config import default_config
@@ -209,3 +210,17 @@ def test_analytic_checks_the_context_like_train(folders):
   c.data.max_length = 65  # shape F's context is 64 positions
   with pytest.raises(estimate.JftError, match="data.max_length=65 = 65 positions exceeds the context"):
     estimate.analytic(c)
+
+
+def test_a_reward_model_is_estimated_with_its_score_head(folders):
+  """The estimate builds the run's method as training does (`objectives.method_of`): a reward objective's
+  score head is part of what trains, and of the count."""
+  from jft import objectives
+
+  c = make_config(folders["F"], "F", "lora")
+  lora_only = estimate.shapes(c)
+  c.objective.name, c.objective.hparams = "reward", objectives.default_hparams("reward")
+  with_head = estimate.shapes(c)
+  head = {p: v for p, v in rules.flatten(with_head.trainable).items() if p not in rules.flatten(lora_only.trainable)}
+  assert list(head) == ["score/kernel"], list(head)
+  assert head["score/kernel"].shape == (json.load(open(folders["F"] + "/config.json"))["hidden_size"], 1)

@@ -190,3 +190,24 @@ def test_the_graph_sees_function_local_and_importlib_imports(tmp_path, monkeypat
   (pkg / "b.py").write_text("import importlib\nimportlib.import_module('jft.a')\n")
   monkeypatch.setattr(__import__(__name__), "ROOT", str(tmp_path))
   assert _cycles(import_graph()) == [["jft.a", "jft.b"]]
+
+
+def test_the_former_module_names_still_answer():
+  """Every module of the flat layout imports under its old name as the same module object (old scripts,
+  configs, `python -m jft.host_memory`); `jft.align` is the objectives package with every loss."""
+  import importlib
+  import subprocess
+  import sys
+
+  import jft
+
+  for old, new in jft._MOVED.items():
+    assert importlib.import_module(old) is importlib.import_module(new), old
+  from jft import align, loss, sweep, train  # `from jft import NAME`, as configs and scripts wrote it
+
+  assert (align.preference_loss, align.sequence_logps) == (importlib.import_module("jft.objectives.losses").preference_loss,
+                                                           importlib.import_module("jft.objectives.losses").sequence_logps)
+  assert train.train is importlib.import_module("jft.run.train").train and loss.model_logps and sweep.Space
+  out = subprocess.run([sys.executable, "-m", "jft.host_memory", sys.executable, "-c", "print('ran')"],
+                       capture_output=True, text=True, timeout=120)
+  assert out.returncode == 0 and out.stdout.strip() == "ran", out.stderr[-500:]

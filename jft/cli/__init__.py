@@ -144,7 +144,7 @@ def _generate(args) -> int:
   model, params = load_pretrained(args.model, dtype=dtype)
   if args.quantize:
     from jft import quant
-    params, _ = quant.quantize(params, ((r"layers/.*/kernel", args.quantize),), blocksize=args.blocksize)
+    params, _ = quant.quantize(params, quant.rules_for(args.quantize), blocksize=args.blocksize)
   tokenizer = load_tokenizer(args.model)
   return _decode(args, model, params, tokenizer, t0)
 
