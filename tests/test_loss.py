@@ -106,8 +106,6 @@ def test_the_head_runs_only_where_the_loss_mask_asks(tied, monkeypatch):
 def test_fused_token_logps_equal_the_logits_path_and_skip_the_prompts(tied, monkeypatch):
   """`head_logps` = `losses.logps_of_logits` of the logits, and its input gradient under per-token cotangents
   (what DPO and GRPO put on each token); chunks holding only prompt and padding never run."""
-  from jft.objectives import losses
-
   b, t = 3, 13
   ran, x, w, ids = _skipping_case(tied, monkeypatch, jax.random.PRNGKey(4))
   k = jax.random.split(jax.random.PRNGKey(4), 4)
