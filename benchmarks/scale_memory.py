@@ -24,7 +24,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jft import peft, quant, sharding
+from jft import peft, quant
+from jft.models import sharding
 from jft.run.memory import sharded_step_memory
 from jft.models.config import ModelConfig
 from jft.models.transformer import Transformer

@@ -6,13 +6,14 @@ below (tests/test_layering.py holds it, README "Layout" walks it):
     core/        L0  errors, path rules, progress, files (atomic writes), folder locks
     quant/       L1  4-bit formats (NF4, int4; blockwise, double-quantized)
     data/        L1  the one data pipeline: files -> rows -> tokens, holdout splits
-    models/      L2  Llama-family and GPT-2 in Flax, HF/GGUF loading, the fused head, generation
+    models/      L2  Llama-family and GPT-2 in Flax, HF/GGUF loading, the fused head, generation,
+                     sharding (meshes; the models' logical axes -> mesh axes)
     peft/        L3  methods: rewrite a params tree into frozen base + trainable leaves
-    sharding.py  L3  meshes and logical-axis rules
     objectives/  L4  what a step minimises (its loss, data, evaluation, rules beside its fields)
     config/      L5  default config, command-line overrides, the schema that checks a config
     run/         L6  assemble (config -> model, method, objective, optimizer, state), step, train, run folder
     studies/     L7  sweeps, reports, ablations, cost estimates, exports, preference pairs
+    serve/       L7  an OpenAI-compatible server: many adapters over one base, continuous batching
     cli/         L8  the `jft` command (the only place for function-local imports)
 
 Modules that moved keep their old names (`jft.align`, `jft.train`, `jft.loss`...):
@@ -52,7 +53,7 @@ _MOVED = {
     "jft.step": "jft.run.step", "jft.train": "jft.run.train",
     "jft.report": "jft.studies.report", "jft.sweep": "jft.studies.sweep", "jft.ablate": "jft.studies.ablate",
     "jft.estimate": "jft.studies.estimate", "jft.onpolicy": "jft.studies.pairs",
-    "jft.host_memory": "jft.cli.host_memory",
+    "jft.host_memory": "jft.cli.host_memory", "jft.sharding": "jft.models.sharding",
 }
 
 

@@ -17,7 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jft import peft, quant, sharding
+from jft import peft, quant
+from jft.models import sharding
 from jft.run import state
 from jft.run.memory import compile_step, memory_of
 from jft.models.config import ModelConfig

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from jft import sharding
+from jft.models import sharding
 from jft.cli import main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

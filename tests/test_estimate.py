@@ -12,7 +12,8 @@ import jax.numpy as jnp
 import pytest
 
 from jft.studies import estimate
-from jft import quant, run, sharding
+from jft import quant, run
+from jft.models import sharding
 from jft.core import rules
 from jft.run import memory, state
 from jft.cli import main

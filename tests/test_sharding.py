@@ -9,7 +9,8 @@ import optax
 import pytest
 from jax.sharding import AbstractMesh, PartitionSpec as P
 
-from jft import cli, peft, quant, sharding
+from jft import cli, peft, quant
+from jft.models import sharding
 from jft.core import rules
 from jft.run import state
 from jft.models.config import ModelConfig

@@ -26,7 +26,7 @@ def _config(args):
 
 def _check_join(args):
   """The multi-process flags, checked before the config (and its model) is read."""
-  from jft import sharding
+  from jft.models import sharding
   sharding.check_distributed_flags(args.coordinator, args.num_processes, args.process_id, args.distributed,
                                    args.distributed_timeout)
 
@@ -34,14 +34,14 @@ def _check_join(args):
 def _join(args):
   """Join a multi-process run (explicit flags, or the scheduler's environment with --distributed)."""
   if args.coordinator is not None or args.distributed:
-    from jft import sharding
+    from jft.models import sharding
     timeout = args.distributed_timeout
     sharding.initialize_distributed(args.coordinator, args.num_processes, args.process_id,
                                     timeout=sharding.DEFAULT_DISTRIBUTED_TIMEOUT if timeout is None else timeout)
 
 
 def _train(args) -> int:
-  from jft import sharding
+  from jft.models import sharding
   from jft.run.train import train
 
   _check_join(args)

@@ -22,13 +22,14 @@ from typing import Any, Mapping, Optional
 
 import ml_collections
 
-from jft import objectives, peft, quant, sharding
+from jft import objectives, peft, quant
+from jft.models import sharding
 from jft.core.errors import JftError
 from jft.core.fields import (REQUIRED, Choice, Flag, Float, Int, Names, Pairs, Template, Text,  # noqa: F401
                              bool_problem, close, rule_problems, shown)
 from jft.models import COMPUTE_DTYPES
 from jft.models.transformer import DEFAULT_REMAT, REMAT_POLICIES
-from jft.sharding import AXIS_RULES
+from jft.models.sharding import AXIS_RULES
 
 DTYPES = COMPUTE_DTYPES
 
@@ -69,7 +70,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.train = dict(steps=100, batch_size=8, log_every=10, eval_every=0, save_every=50, keep=2,
                  nan_policy="stop", mesh=dict(data=-1, fsdp=1, tensor=1),
                  init_from="",  # an earlier run whose merged adapter is this run's base (--init-from)
-                 # logical axis -> mesh axis (jft.sharding.AXIS_RULES); path overrides (regex, per-layer spec)
+                 # logical axis -> mesh axis (jft.models.sharding.AXIS_RULES); path overrides (regex, per-layer spec)
                  axis_rules=AXIS_RULES, sharding_overrides=())
   c.optim = dict(name="adamw", lr=1e-4, schedule="cosine", warmup_steps=10, final_lr_ratio=0.1, b1=0.9,
                  b2=0.999, momentum=0.9, weight_decay=0.0,
@@ -85,7 +86,7 @@ def default_config() -> ml_collections.ConfigDict:
 # A rule's `problem(value)` is None when the value is allowed, else what is allowed ("expected ...").
 
 def _mesh_target_problem(target) -> Optional[str]:
-  """None, a mesh axis, or a tuple of mesh axes (jft.sharding)."""
+  """None, a mesh axis, or a tuple of mesh axes (jft.models.sharding)."""
   axes = (target,) if isinstance(target, str) else target
   if target is None or (isinstance(axes, (tuple, list)) and all(a in sharding.AXES for a in axes)):
     return None

@@ -36,7 +36,7 @@ class Settings:
   """
   methods: tuple = ()  # configured `jft.models.hooks.Hook`s; `method.configure(model)` adds itself
   deterministic: bool = True  # False during training: enables dropout
-  # `jft.sharding.ActivationSharding` (or None): pins activations to mesh axes by
+  # `jft.models.sharding.ActivationSharding` (or None): pins activations to mesh axes by
   # logical name at layer boundaries; set by whoever runs the model on a mesh.
   sharding: Any = None
 

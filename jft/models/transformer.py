@@ -48,7 +48,7 @@ Dtype = Any
 _MASKED = -1e30  # finite, so fully masked (padding) rows give no NaN
 
 # Logical axis names of every base parameter, by path (full match, first wins).
-# `jft.sharding` maps them to mesh axes; `layers` is the scanned layer axis.
+# `jft.models.sharding` maps them to mesh axes; `layers` is the scanned layer axis.
 PARAM_AXES = (
     (r"embed_tokens/embedding", ("vocab", "embed")),
     (r"embed_positions/embedding", (None, "embed")),

@@ -17,7 +17,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jft import data, sharding
+from jft import data
+from jft.models import sharding
 from jft.models import head as fused  # `head` names the output projection here
 from jft.core import progress
 from jft.models.generate import Sampling, generate

@@ -168,7 +168,7 @@ class Method(hooks.Hook):
 
     `base_axes(path)` gives the axes of a base parameter, so a leaf follows the
     kernel it belongs to (LoRA's A takes the kernel's input axis, B its output
-    axis). `jft.sharding` maps the names to mesh axes.
+    axis). `jft.models.sharding` maps the names to mesh axes.
     """
     owned = self.own(path)
     if owned is None:

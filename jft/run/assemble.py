@@ -17,7 +17,8 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from jft import objectives, peft, quant, sharding
+from jft import objectives, peft, quant
+from jft.models import sharding
 from jft.core import errors, rules
 from jft.models import load_pretrained, load_tokenizer
 from jft.run import checkpoint, optim, state

@@ -13,7 +13,8 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from jft import peft, sharding
+from jft import peft
+from jft.models import sharding
 from jft.run import checkpoint, state
 from jft.run.step import make_train_step
 

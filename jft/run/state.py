@@ -19,7 +19,8 @@ from typing import Any
 import jax
 from jax.sharding import Mesh
 
-from jft import peft, sharding
+from jft import peft
+from jft.models import sharding
 from jft.core import rules
 
 

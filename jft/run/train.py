@@ -19,7 +19,8 @@ import time
 import jax
 import numpy as np
 
-from jft import data, objectives, peft, run, sharding
+from jft import data, objectives, peft, run
+from jft.models import sharding
 from jft.config import schema
 from jft.core import errors, files, progress, rules
 from jft.core.lock import workdir_lock
