@@ -24,7 +24,7 @@ GGUF_TO_HF = (
     (r"blk\.(\d+)\.attn_q\.(weight|bias)", r"model.layers.\1.self_attn.q_proj.\2"),
     (r"blk\.(\d+)\.attn_k\.(weight|bias)", r"model.layers.\1.self_attn.k_proj.\2"),
     (r"blk\.(\d+)\.attn_v\.(weight|bias)", r"model.layers.\1.self_attn.v_proj.\2"),
-    (r"blk\.(\d+)\.attn_output\.weight", r"model.layers.\1.self_attn.o_proj.weight"),
+    (r"blk\.(\d+)\.attn_output\.(weight|bias)", r"model.layers.\1.self_attn.o_proj.\2"),
     (r"blk\.(\d+)\.ffn_norm\.weight", r"model.layers.\1.post_attention_layernorm.weight"),
     (r"blk\.(\d+)\.ffn_gate\.weight", r"model.layers.\1.mlp.gate_proj.weight"),
     (r"blk\.(\d+)\.ffn_up\.weight", r"model.layers.\1.mlp.up_proj.weight"),
@@ -32,7 +32,8 @@ GGUF_TO_HF = (
 )
 # Tensors llama.cpp writes that carry no weights of ours (precomputed rope factors).
 GGUF_IGNORED = (r"rope_freqs\.weight",)
-SUPPORTED_ARCHITECTURES = ("llama",)
+SUPPORTED_ARCHITECTURES = ("llama", "qwen2")
+PERMUTED = ("llama",)  # architectures whose q/k rows llama.cpp's converter permutes (not qwen2's)
 
 
 def _hf_name(name: str, path: str) -> str | None:
@@ -71,7 +72,8 @@ def hf_config_from_gguf(reader, path: str) -> dict:
   vocab = int(vocab.contents()) if vocab is not None else len(_field(reader, "tokenizer.ggml.tokens", path))
   opt = lambda key: reader.fields[key].contents() if key in reader.fields else None
   return {
-      "model_type": "llama",
+      "model_type": arch,
+      "attention_bias": "blk.0.attn_q.bias" in tensors,  # Llama's attention_bias (Qwen2's q/k/v biases are implied)
       "vocab_size": vocab,
       "hidden_size": hidden,
       "intermediate_size": int(_field(reader, f"{arch}.feed_forward_length", path)),
@@ -112,10 +114,8 @@ def load_gguf(path: str, dtype):
       w = w.reshape(tuple(int(d) for d in reversed(tensor.shape)))
     except Exception as e:
       raise errors.CorruptCheckpointError(f"{path}: cannot dequantize tensor {tensor.name!r} ({e})") from e
-    if name.endswith("q_proj.weight"):
-      w = unpermute_rope_rows(w, config.num_heads)
-    elif name.endswith("k_proj.weight"):
-      w = unpermute_rope_rows(w, config.num_kv_heads)
+    if hf_config["model_type"] in PERMUTED and re.search(r"\.(q|k)_proj\.(weight|bias)$", name):
+      w = unpermute_rope_rows(w, config.num_heads if ".q_proj." in name else config.num_kv_heads)
     return w
 
   return config, hf.params_from_hf(config, {n: path for n in by_hf}, read, dtype)
