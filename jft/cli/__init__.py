@@ -115,7 +115,7 @@ def _export(args) -> int:
   if args.format == "adapters":
     print("jft export: --format adapters is deprecated; use --format trainable", file=sys.stderr)
     args.format = "trainable"
-  export.export(args.workdir, args.out, args.format, args.checkpoint, args.overwrite)
+  export.export(args.workdir, args.out, args.format, args.checkpoint, args.overwrite, gguf_type=args.gguf_type)
   print(f"exported {args.format} to {args.out}")
   return 0
 
@@ -162,6 +162,34 @@ def _decode(args, model, params, tokenizer, t0) -> int:
     print(text)
   print(f"generated in {time.time() - t0:.1f}s (including compilation)", file=sys.stderr)
   return 0
+
+
+def _serve(args) -> int:
+  from jft.serve import app, engine
+
+  adapters = []
+  for spec in args.adapter:  # checked before anything loads
+    name, sep, folder = spec.partition("=")
+    if not sep or not name or not folder:
+      raise engine.EngineError(f"--adapter {spec!r}: expected NAME=RUN_FOLDER")
+    adapters.append((name, folder))
+  if args.model is None and args.workdir is None:
+    raise engine.EngineError("give --model NAME_OR_FOLDER (the base alone) or --workdir RUN (a run's adapter)")
+  for flag, value, least in (("--max-batch", args.max_batch, 1), ("--max-queue", args.max_queue, 0),
+                              ("--max-len", args.max_len, 2), ("--shutdown-timeout", args.shutdown_timeout, 0)):
+    if value is not None and value < least:
+      raise engine.EngineError(f"{flag} {value}: must be >= {least}")
+  app.check_address(args.host, args.port)
+  key = args.api_key or os.environ.get("JFT_API_KEY") or None
+  if not key and args.host not in ("127.0.0.1", "localhost", "::1"):
+    print(f"jft serve: warning: listening on {args.host} without an API key (--api-key or JFT_API_KEY)",
+          file=sys.stderr)
+  served = engine.load(args.workdir, args.model, adapters, max_batch=args.max_batch, max_queue=args.max_queue,
+                       max_len=args.max_len)
+  served.start()
+  print(f"jft serve: {', '.join(served.names)} on http://{args.host}:{args.port}/v1 ({args.max_batch} slots, "
+        f"context {served.context})", file=sys.stderr, flush=True)
+  return app.run(served, args.host, args.port, key, shutdown_timeout=args.shutdown_timeout)
 
 
 def _ablate(args) -> int:
@@ -291,9 +319,13 @@ def build_parser() -> argparse.ArgumentParser:
 
   x = sub.add_parser("export", help="export a run's adapter (peft format), merged model or trainable leaves")
   x.add_argument("--workdir", required=True)
-  x.add_argument("--format", choices=("peft", "merged", "trainable", "adapters"), required=True,
+  x.add_argument("--format", choices=("peft", "merged", "trainable", "gguf", "gguf-lora", "adapters"), required=True,
                  help="peft: a peft adapter folder; merged: a transformers checkpoint with the method folded in; "
-                      "trainable: jft's own (trainable leaves + method.json); adapters: deprecated name of trainable")
+                      "trainable: jft's own (trainable leaves + method.json); gguf: the merged model as a llama.cpp "
+                      "GGUF + Ollama Modelfile; gguf-lora: a LoRA run's adapter as a llama.cpp LoRA GGUF + Modelfile; "
+                      "adapters: deprecated name of trainable")
+  x.add_argument("--gguf-type", choices=("f32", "f16", "q8_0"), default="f16",
+                 help="tensor type of the gguf formats (vectors stay f32; default: f16)")
   x.add_argument("--out", required=True, help="a new or empty folder (written whole, then renamed into place)")
   x.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
   x.add_argument("--checkpoint", choices=("best", "latest"), default="best")
@@ -325,6 +357,25 @@ def build_parser() -> argparse.ArgumentParser:
   s.add_argument("--all-methods", action="store_true", help="every method of the config's methods() table, side by side")
   s.add_argument("--json", action="store_true", help="print one JSON object")
   s.set_defaults(run=_estimate, accepts_overrides=True)
+  v = sub.add_parser("serve", help="an OpenAI-compatible server: a base and its adapters, continuously batched",
+                     description="Serve /v1/completions and /v1/chat/completions (OpenAI's API) for a base model and "
+                                 "adapters trained over it (LoRA, DoRA, IA3), decoding requests for different "
+                                 "adapters in one batch. SIGTERM finishes the requests in flight, then exits 0.",
+                     epilog="example: jft serve --workdir runs/sft --adapter dpo=runs/dpo --port 8000")
+  v.add_argument("--model", help="serve this base alone (HF folder, .gguf file or embedded model name)")
+  v.add_argument("--workdir", help="serve this run's adapter (named after the folder) over its base")
+  v.add_argument("--adapter", action="append", default=[], metavar="NAME=RUN",
+                 help="another run's adapter over the same base; repeat for more")
+  v.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1, this machine only)")
+  v.add_argument("--port", type=int, default=8000)
+  v.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1 (or set JFT_API_KEY)")
+  v.add_argument("--max-batch", type=int, default=16, help="decode slots: requests decoded together (default 16)")
+  v.add_argument("--max-queue", type=int, default=64, help="requests waiting for a slot before 429 (default 64)")
+  v.add_argument("--max-len", type=int, help="context per request, prompt + completion (default: the model's, "
+                                              "at most 2048); sets the KV cache size")
+  v.add_argument("--shutdown-timeout", type=float, default=30.0,
+                 help="seconds to let requests in flight finish on SIGTERM (default 30)")
+  v.set_defaults(run=_serve)
   for command in sub.choices.values():  # `jft --debug CMD` and `jft CMD ... --debug` alike
     command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                          help="show the full traceback of an error (or JFT_DEBUG=1)")

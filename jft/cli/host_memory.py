@@ -31,7 +31,7 @@ from typing import Mapping, Optional, Sequence
 
 TUNABLE = "glibc.malloc.hugetlb=1"  # glibc >= 2.35: madvise(MADV_HUGEPAGE) on what malloc maps
 THP_MODE = "/sys/kernel/mm/transparent_hugepage/enabled"
-COMMANDS = {"train", "sweep"}  # the `jft` commands that run a compiled step many times
+COMMANDS = {"train", "sweep", "serve"}  # the `jft` commands that run a compiled step many times
 OPT_OUT = "JFT_SYSTEM_MALLOC"
 APPLIED = "JFT_HOST_MEMORY"  # set in the re-executed process: re-exec at most once
 ACCELERATOR_PLUGINS = ("jax_cuda12_plugin", "jax_cuda13_plugin", "jax_rocm60_plugin", "jax_rocm7_plugin",
