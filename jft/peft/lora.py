@@ -33,6 +33,15 @@ from jft.peft import api
 Leaf = api.Leaf
 
 
+def dora_column(kernel, a, b, scale, magnitude):
+  """DoRA's per-output-column factor `magnitude / ||kernel + scale * a @ b||` (norm over the input axis,
+  no gradient through it). Leading axes (stacked layers, stacked adapters) broadcast: training calls
+  it per layer, `jft serve` once per adapter."""
+  v = quant.as_dense(kernel).astype(jnp.float32) + jnp.asarray(scale, jnp.float32)[..., None, None] * jnp.matmul(
+      api.f32(a), api.f32(b))
+  return api.f32(magnitude) / jax.lax.stop_gradient(jnp.sqrt(jnp.sum(v * v, axis=-2)))
+
+
 @dataclasses.dataclass(frozen=True)
 class LoRA(api.Method):
   name: ClassVar[str] = "lora"
@@ -75,9 +84,7 @@ class LoRA(api.Method):
     delta = delta * p["scale"].astype(dt)
     if "magnitude" not in p:
       return y + delta
-    v = quant.as_dense(kernel) + p["scale"] * jnp.dot(api.f32(p["a"]), api.f32(p["b"]))
-    norm = jax.lax.stop_gradient(jnp.sqrt(jnp.sum(v * v, axis=0)))
-    return (api.f32(p["magnitude"]) / norm).astype(dt) * (y + delta)
+    return dora_column(kernel, p["a"], p["b"], p["scale"], p["magnitude"]).astype(dt) * (y + delta)
 
   def init(self, rng, params):
     additions, replaced = {}, {}

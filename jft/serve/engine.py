@@ -37,13 +37,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from jft import peft  # noqa: F401 - registers the methods' hooks (IA3's default) with the model
-from jft import quant
 from jft.core import rules
 from jft.core.errors import JftError
 from jft.models import generate as gen
 from jft.models import hooks
 from jft.models import load_pretrained, load_tokenizer
 from jft.models.transformer import init_cache
+from jft.peft.lora import dora_column
 from jft.run import assemble
 from jft.run.folder import base_identity, read_config
 
@@ -138,13 +138,6 @@ def adapter_leaves(method, params) -> dict:
   return {p: v for p, v in rules.flatten(params).items() if method.own(p) is not None}
 
 
-def _dora_column(kernel, a, b, scale, magnitude):
-  """DoRA's per-column output factor, as `jft.peft.lora.LoRA.linear_output` computes it."""
-  v = quant.as_dense(kernel).astype(jnp.float32) + scale[..., None, None] * jnp.matmul(
-      a.astype(jnp.float32), b.astype(jnp.float32))
-  return magnitude.astype(jnp.float32) / jnp.sqrt(jnp.sum(v * v, axis=-2))
-
-
 def stack_adapters(base: dict, adapters: Sequence[Adapter]) -> dict:
   """Adapters -> one flat tree with a leading axis: row 0 the base (neutral leaves), row i+1 adapter i.
 
@@ -175,7 +168,7 @@ def stack_adapters(base: dict, adapters: Sequence[Adapter]) -> dict:
       rows["scale"].append(jnp.asarray(s, jnp.float32))
       magnitude = by_path.get(m + "/lora/magnitude", [None] * len(adapters))[i]
       rows["column"].append(jnp.ones((*lead, d_out), jnp.float32) if magnitude is None else
-                            _dora_column(kernel, a, b, jnp.asarray(s), magnitude))
+                            dora_column(kernel, a, b, jnp.asarray(s), magnitude))
     neutral = {"a": jnp.zeros_like(rows["a"][0]), "b": jnp.zeros_like(rows["b"][0]),
                "scale": jnp.zeros_like(rows["scale"][0]), "column": jnp.ones_like(rows["column"][0])}
     for k, values in rows.items():
