@@ -13,14 +13,18 @@ import pytest
 # compile the same tiny train step. XLA keys each entry by the computation, the compile options
 # and the versions, so a hit is the executable a fresh compile would give (the default suite:
 # 15:47 -> 13:57 on 2 cores together with compiling each mesh case once).
-_OWN_XLA_CACHE = None
-if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
-  _OWN_XLA_CACHE = os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="jft-tests-xla-")
+# jft's own cache (GGUF files decoded once, `jft.models.gguf_cache`) the same way: one per test run, so the
+# embedded SmolLM2 is decoded once for all the tests that load it, and no run sees another's entries.
+_OWN = []
+for _env, _prefix in (("JAX_COMPILATION_CACHE_DIR", "jft-tests-xla-"), ("JFT_CACHE_DIR", "jft-tests-cache-")):
+  if _env not in os.environ:
+    os.environ[_env] = tempfile.mkdtemp(prefix=_prefix)
+    _OWN.append(os.environ[_env])
 
 
 def pytest_unconfigure(config):
-  if _OWN_XLA_CACHE:
-    shutil.rmtree(_OWN_XLA_CACHE, ignore_errors=True)
+  for folder in _OWN:
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 TINY = dict(vocab_size=101, hidden_size=32, intermediate_size=48, num_hidden_layers=2,

@@ -105,6 +105,18 @@ def check_output(out: str, *, overwrite: bool, flag: str = "--out", protected: t
   return real
 
 
+CACHE_ENV = "JFT_CACHE_DIR"
+
+
+def cache_dir(kind: str) -> str | None:
+  """jft's cache folder for `kind` (decoded GGUF files, compiled XLA programs): `$JFT_CACHE_DIR/kind`, by
+  default under `~/.cache/jft`; None when `JFT_CACHE_DIR=off`. Only ever a cache: deleting it costs time."""
+  value = os.environ.get(CACHE_ENV, "")
+  if value.lower() == "off":
+    return None
+  return os.path.join(value or os.path.join(os.path.expanduser("~"), ".cache", "jft"), kind)
+
+
 def _temporary(path: str) -> str:
   return f"{path}.tmp-{os.getpid()}"
 

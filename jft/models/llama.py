@@ -114,7 +114,7 @@ def config_to_hf(c: ModelConfig) -> dict:
       "rope_parameters": rope,
       "tie_word_embeddings": c.tie_word_embeddings,
       "bos_token_id": c.bos_token_id,
-      "eos_token_id": (c.eos_token_id[0] if len(c.eos_token_id) == 1 else list(c.eos_token_id)) or None,
+      "eos_token_id": c.eos_token_id[0] if len(c.eos_token_id) == 1 else (list(c.eos_token_id) or None),  # id 0 too
       "pad_token_id": c.pad_token_id,
   }
   if c.family == "llama":

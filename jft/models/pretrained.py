@@ -10,11 +10,12 @@ import functools
 import importlib.util
 import os
 
+import jax
 import jax.numpy as jnp
 
 from jft import quant
 from jft.core import errors, rules
-from jft.models import gguf_file, hf, llama
+from jft.models import gguf_cache, gguf_file, hf, llama
 from jft.models.transformer import DEFAULT_REMAT, Transformer
 
 # Models shipped inside PyPI packages, so demos and tests need no hub.
@@ -55,7 +56,7 @@ def load_pretrained(name_or_path: str, dtype=jnp.float32, param_dtype=None, rema
   path = resolve(name_or_path)
   param_dtype = param_dtype or dtype
   if path.endswith(".gguf"):
-    config, params = gguf_file.load_gguf(path, param_dtype)
+    config, params = _load_gguf(path, param_dtype)
   elif os.path.isfile(os.path.join(path, QUANTIZED_FILE)):
     config, params = _load_quantized(path, param_dtype)
   elif os.path.isdir(path):
@@ -65,12 +66,27 @@ def load_pretrained(name_or_path: str, dtype=jnp.float32, param_dtype=None, rema
   return Transformer(config, dtype=dtype, param_dtype=param_dtype, remat=remat), params
 
 
+def _load_gguf(path: str, param_dtype):
+  """A GGUF file's (config, params), decoded once and then read back from `gguf_cache`'s float32 folder."""
+  cached = gguf_cache.entry(path, "weights")
+  if gguf_cache.is_complete(cached):
+    return hf.load_folder(cached, param_dtype)
+  config, params = gguf_file.load_gguf(path, jnp.float32)
+  gguf_cache.store(cached, lambda tmp: hf.save_folder(config, params, tmp))
+  return config, jax.tree.map(lambda w: w.astype(param_dtype), params)
+
+
 def load_tokenizer(name_or_path: str):
   from transformers import AutoTokenizer
 
   path = resolve(name_or_path)
   if path.endswith(".gguf"):
-    return gguf_file.load_tokenizer(path)
+    cached = gguf_cache.entry(path, "tokenizer")
+    if gguf_cache.is_complete(cached):
+      return AutoTokenizer.from_pretrained(cached)
+    tokenizer = gguf_file.load_tokenizer(path)
+    gguf_cache.store(cached, tokenizer.save_pretrained)
+    return tokenizer
   if os.path.isdir(path) and not any(os.path.isfile(os.path.join(path, name)) for name in TOKENIZER_FILES):
     raise errors.CheckpointError(f"{path}: no tokenizer files (one of {', '.join(TOKENIZER_FILES)}); save the "
                                  "tokenizer beside the weights (tokenizer.save_pretrained(folder))")
