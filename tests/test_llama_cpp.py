@@ -34,7 +34,7 @@ def llama_cpp():
 
 def _llama_cpp_greedy(lib, model_path, prompt, lora_path=None):
   llm = lib.Llama(model_path=model_path, lora_path=lora_path, n_ctx=128, n_batch=128, n_threads=2, seed=0,
-                  verbose=False)
+                  logits_all=True, verbose=False)  # without logits_all, `eval` keeps no logits (its sampler reads them)
   llm.eval(list(prompt))
   tokens = []
   for _ in range(NEW):
@@ -70,7 +70,8 @@ def test_llama_cpp_with_the_lora_gguf_gives_the_adapted_models_tokens(llama_cpp,
                                                                       adapted_tokens, tmp_path):
   _, r, _ = lora_run
   base = jft.load_pretrained(bpe_model)[1]
-  base_path = gguf_write.write_model(str(tmp_path / "base.gguf"), r.model.config, base, gguf_type="f32")
+  base_path = gguf_write.write_model(str(tmp_path / "base.gguf"), r.model.config, base, tokenizer=r.tokenizer,
+                                   gguf_type="f32")
   plain = _llama_cpp_greedy(llama_cpp, base_path, IDS[0].tolist())
   assert plain == _jft_greedy(r.model, r.params(r.init.trainable), IDS[0].tolist())  # the base alone (B = 0)
   assert plain != adapted_tokens  # the adapter changes the continuation, so the next check can fail
