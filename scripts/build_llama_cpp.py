@@ -21,9 +21,10 @@ import subprocess
 import sys
 
 VERSION = "0.3.36"
-# Only what the bindings load: no llama.cpp tools, tests, examples, server or curl.
+# Only what the bindings load: no llama.cpp tools, tests, examples, server or curl, and no multimodal
+# library (mtmd: imported only by the image chat handlers).
 CMAKE_ARGS = ("-DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF "
-              "-DLLAMA_BUILD_SERVER=OFF -DLLAMA_CURL=OFF")
+              "-DLLAMA_BUILD_SERVER=OFF -DLLAMA_CURL=OFF -DLLAVA_BUILD=OFF")
 # Its own runtime needs beyond numpy/jinja2 (already in jft's environment), and its server's.
 RUNTIME = ("diskcache>=5.6.1",)
 SERVER = ("sse-starlette>=1.6.1", "starlette-context>=0.3.6,<0.4", "pydantic-settings>=2.0.1")
@@ -49,8 +50,8 @@ def build(server: bool = False) -> str:
     if not os.path.exists(done):
       env = dict(os.environ, CMAKE_ARGS=CMAKE_ARGS, CMAKE_BUILD_PARALLEL_LEVEL=str(os.cpu_count() or 2))
       print(f"building llama-cpp-python {VERSION} from source into {target} (once; minutes)", file=sys.stderr)
-      _pip("--no-deps", "--no-binary", "llama-cpp-python", "--target", target, f"llama-cpp-python=={VERSION}",
-           env=env)
+      _pip("--no-deps", "--no-cache-dir", "--no-binary", "llama-cpp-python", "--target", target,
+           f"llama-cpp-python=={VERSION}", env=env)  # no pip wheel cache: a wheel built with other CMAKE_ARGS
       _pip("--no-deps", "--target", target, *RUNTIME)
       open(done, "w").close()
     if server and not os.path.exists(os.path.join(target, ".server")):

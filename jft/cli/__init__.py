@@ -90,6 +90,64 @@ def _pairs(args) -> int:
   return 0
 
 
+# `jft data` flags -> the commands they belong to (each is None unless given, so the library's defaults hold)
+_DATA_FLAGS = {"model": ("stats", "select"), "words": ("stats",), "bins": ("stats",), "near": ("dedup",),
+               "shingle": ("dedup",), "seed": ("dedup",), "min_words": ("filter",), "max_words": ("filter",),
+               "max_dup_lines": ("filter",), "max_top_ngram": ("filter",), "max_dup_ngram": ("filter",),
+               "max_non_text": ("filter",), "against": ("decontaminate",), "against_field": ("decontaminate",),
+               "ngram": ("decontaminate",), "workdir": ("select",), "checkpoint": ("select",), "score": ("select",),
+               "fraction": ("select",), "batch_size": ("select",), "max_length": ("select",)}
+
+
+def _data(args) -> int:
+  """`jft data CMD IN... --out OUT`: curate data files (jft.data.curate; select: jft.studies.select)."""
+  from jft.data import curate
+
+  cmd = curate.command(args.data_command)
+  for name, commands in _DATA_FLAGS.items():
+    if getattr(args, name) not in (None, False) and cmd not in commands:
+      raise curate.CurationError(f"--{name.replace('_', '-')} applies to jft data {' and '.join(commands)}, "
+                                 f"not {cmd}")
+  given = lambda *names: {n: getattr(args, n) for n in names if getattr(args, n) is not None}
+  common = dict(fields=args.field, overwrite=args.overwrite)
+  if cmd == "stats":
+    lengths, unit = None, "words"
+    if not args.words:
+      from jft.models import load_tokenizer
+
+      model = args.model or "smollm2-135m"
+      tokenizer = load_tokenizer(model)
+      lengths = lambda texts: [len(ids) for ids in tokenizer(list(texts), add_special_tokens=False)["input_ids"]]
+      unit = f"tokens of {model}"
+    result = curate.stats(args.inputs, args.out, lengths=lengths, unit=unit, **given("bins"), **common)
+    length = result["length"]
+    print(f"{result['rows']} rows, fields {', '.join(result['fields'])}; length ({unit}) median {length['median']}, "
+          f"max {length['max']}; {result['exact_duplicates']} exact duplicates")
+    print(f"wrote {args.out} and {args.out}.png")
+    return 0
+  if cmd == "dedup":
+    report = curate.dedup(args.inputs, args.out, **given("near", "shingle", "seed"), **common)
+  elif cmd == "filter":
+    report = curate.filter_rows(args.inputs, args.out, **given("min_words", "max_words", "max_dup_lines",
+                                                               "max_top_ngram", "max_dup_ngram", "max_non_text"),
+                                **common)
+  elif cmd == "decontaminate":
+    report = curate.decontaminate(args.inputs, args.out, against=args.against, against_fields=args.against_field,
+                                  **given("ngram"), **common)
+  else:
+    from jft.studies.select import select
+
+    if args.fraction is None:
+      raise curate.CurationError("select needs --fraction F, the fraction of rows kept, in (0, 1]")
+    report = select(args.inputs, args.out, fraction=args.fraction, model=args.model, workdir=args.workdir,
+                    **given("score", "checkpoint", "batch_size", "max_length"), **common)
+  detail = report.get("counts") or {k: v["removed"] for k, v in report.get("rules", {}).items()}
+  print(f"{cmd}: kept {report['rows_out']} of {report['rows_in']} rows ({len(report['removed'])} removed: "
+        f"{', '.join(f'{k} {v}' for k, v in detail.items() if not isinstance(v, dict))})")
+  print(f"wrote {args.out} and {args.out}.report.json")
+  return 0
+
+
 def _report(args) -> int:
   from jft.studies.report import report
 
@@ -98,6 +156,8 @@ def _report(args) -> int:
 
 
 def _eval(args) -> int:
+  if args.harness is not None:
+    return _eval_harness(args)
   from jft import run
   from jft.run.train import evaluate_split, examples_for
 
@@ -109,6 +169,18 @@ def _eval(args) -> int:
   return 0
 
 
+def _eval_harness(args) -> int:
+  from jft.studies import harness
+
+  if args.split:
+    raise harness.HarnessError("--split does not apply to --harness: each harness task names its own documents")
+  results, path = harness.evaluate_run(args.workdir, args.harness, include_path=args.include_path,
+                                       limit=args.limit or None, checkpoint=args.checkpoint)
+  print(harness.lm_utils.make_table(results))
+  print(f"harness results: {path}")
+  return 0
+
+
 def _export(args) -> int:
   from jft.studies import export
 
@@ -117,6 +189,20 @@ def _export(args) -> int:
     args.format = "trainable"
   export.export(args.workdir, args.out, args.format, args.checkpoint, args.overwrite, gguf_type=args.gguf_type)
   print(f"exported {args.format} to {args.out}")
+  return 0
+
+
+def _merge(args) -> int:
+  from jft.studies import merge
+
+  from jft import config as cfg
+
+  weights = merge.parse_weights(args.weights)
+  record = merge.merge(args.inputs, args.method, weights, args.out, density=args.density, svd_rank=args.svd_rank,
+                       seed=args.seed, overwrite=args.overwrite, base=args.base,
+                       overrides=cfg.parse_overrides(args.overrides))
+  print(f"merged {len(record['inputs'])} adapter(s) by {record['applied']} (rank {record['rank']}) into the run "
+        f"folder {args.out} (peft format: {os.path.join(args.out, merge.PEFT_FOLDER)})")
   return 0
 
 
@@ -197,6 +283,21 @@ def _ablate(args) -> int:
 
   run_ablations(args.workdir, [args.kind], split=args.split, limit=args.limit, out=args.out,
                 checkpoint=args.checkpoint, overwrite=args.overwrite)
+  return 0
+
+
+def _prune(args) -> int:
+  from jft.studies.prune import prune
+
+  record = prune(args.out, model=args.model, workdir=args.workdir, data_path=args.data, method=args.method,
+                 sparsity_spec=args.sparsity, calibration=args.calibration, max_length=args.max_length,
+                 targets=args.targets, drop_layers=args.drop_layers, overwrite=args.overwrite)
+  what = [f"{record['method']} {record['pattern']} on {len(record['modules'])} linear layers "
+          f"({100 * record['sparsity']:.1f}% of their weights zero)"] if record["pattern"] else []
+  if record["dropped_layers"]:
+    what.append(f"layers {record['dropped_layers']} dropped ({record['num_hidden_layers']} left)")
+  print(f"wrote {args.out}: {'; '.join(what)}; {record['calibration']['rows']} calibration rows, "
+        f"{record['seconds']:.1f} s")
   return 0
 
 
@@ -306,6 +407,48 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
   p.set_defaults(run=_pairs)
 
+  d = sub.add_parser("data", help="curate data files: stats, dedup, filter, decontaminate, select",
+                     description="jft data CMD IN... --out OUT: CMD is stats, dedup, filter, decontaminate or select. "
+                                 "Each reads JSON (a list of rows) or JSONL files and writes a new file OUT (the rows "
+                                 "kept, in input order) and OUT.report.json (every removed row: its 0-based row, the "
+                                 "reason, the row kept in its place); inputs are never modified. A flag marked "
+                                 "(CMD) belongs to that command only.",
+                     epilog="example: jft data dedup data/sentiment/train.jsonl --near 0.8 --out train_dedup.jsonl")
+  d.add_argument("data_command", metavar="CMD", help="stats, dedup, filter, decontaminate or select")
+  d.add_argument("inputs", nargs="+", metavar="IN", help="JSONL or JSON (list of rows) files")
+  d.add_argument("--out", required=True, help="the new file (.jsonl or .json; stats: its JSON, and OUT.png)")
+  d.add_argument("--field", default="text", help="the text field, or several joined by newlines "
+                 "(instruction,input,output; select: the last is the response); default text")
+  d.add_argument("--overwrite", action="store_true", help="replace an existing OUT (never an input)")
+  d.add_argument("--model", help="(stats) count tokens of this model's tokenizer (default smollm2-135m); "
+                 "(select) score with this model: HF folder, .gguf file or embedded model name")
+  d.add_argument("--words", action="store_true", help="(stats) count whitespace words instead of tokens")
+  d.add_argument("--bins", type=int, help="(stats) histogram bins (default 40)")
+  d.add_argument("--near", type=float, metavar="J", help="(dedup) also near duplicates at Jaccard >= J in (0, 1] of "
+                 "word shingles (MinHash LSH, confirmed exactly)")
+  d.add_argument("--shingle", type=int, help="(dedup) words per shingle (default 5)")
+  d.add_argument("--seed", type=int, help="(dedup) MinHash seed (default 1)")
+  d.add_argument("--min-words", type=int, help="(filter) drop rows with fewer words (default 1)")
+  d.add_argument("--max-words", type=int, help="(filter) drop rows with more words (default 100000)")
+  d.add_argument("--max-dup-lines", type=float, help="(filter) fraction of repeated lines (default 0.30)")
+  d.add_argument("--max-top-ngram", type=float, help="(filter) characters in the most frequent 2-gram; 3-, 4-grams "
+                 "0.02, 0.04 lower (default 0.20)")
+  d.add_argument("--max-dup-ngram", type=float, help="(filter) characters in repeated 5-grams; each n up to 10 0.01 "
+                 "lower (default 0.15)")
+  d.add_argument("--max-non-text", type=float, help="(filter) fraction of non-space characters that are not letters "
+                 "or digits (default 0.30)")
+  d.add_argument("--against", nargs="+", metavar="EVAL", help="(decontaminate) evaluation files")
+  d.add_argument("--against-field", help="(decontaminate) their text field(s) (default: --field)")
+  d.add_argument("--ngram", type=int, help="(decontaminate) words per n-gram (default 13)")
+  d.add_argument("--workdir", help="(select) score with a trained run instead of --model")
+  d.add_argument("--checkpoint", choices=("best", "latest"), help="(select) the run's checkpoint (default best)")
+  d.add_argument("--score", help="(select) loss (mean response loss, default) or ifd (loss given the instruction / "
+                 "loss alone); highest kept")
+  d.add_argument("--fraction", type=float, help="(select) fraction of rows kept, in (0, 1]")
+  d.add_argument("--batch-size", type=int, help="(select) rows per forward pass (default 16)")
+  d.add_argument("--max-length", type=int, help="(select) tokens per row (default 512)")
+  d.set_defaults(run=_data)
+
   r = sub.add_parser("report", help="rebuild the table and plots of a sweep folder, or a run's curves")
   r.add_argument("dir", help="a sweep folder (sweep.json) or a run folder (config.json)")
   r.set_defaults(run=_report)
@@ -315,6 +458,9 @@ def build_parser() -> argparse.ArgumentParser:
   e.add_argument("--split", help="default: the config's test split")
   e.add_argument("--limit", type=int, default=0, help="first N examples only")
   e.add_argument("--checkpoint", choices=("best", "latest"), default="best")
+  e.add_argument("--harness", metavar="TASKS", help="run lm-evaluation-harness tasks instead (comma-separated: "
+                 "jft_sentiment, jft_alpaca_heldout, jft_chat or any lm_eval task); writes RUN/harness/results.json")
+  e.add_argument("--include-path", metavar="DIR", help="with --harness: a folder of more task YAML files")
   e.set_defaults(run=_eval)
 
   x = sub.add_parser("export", help="export a run's adapter (peft format), merged model or trainable leaves")
@@ -330,6 +476,24 @@ def build_parser() -> argparse.ArgumentParser:
   x.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
   x.add_argument("--checkpoint", choices=("best", "latest"), default="best")
   x.set_defaults(run=_export)
+  mg = sub.add_parser("merge", help="combine LoRA adapters (runs or peft folders) over one base into a new run",
+                      description="Combine LoRA adapters as peft's add_weighted_adapter does; the result is a run "
+                                  "folder (eval, export, serve, generate take it) with the adapter also in peft's "
+                                  "format at OUT/peft/.",
+                      epilog="example: jft merge runs/a runs/b --method ties --weights 0.5,0.5 --density 0.5 "
+                             "--out runs/ab; --config.FIELD=VALUE edits the merged run's config (e.g. data.path "
+                             "when every input is a peft folder)")
+  mg.add_argument("inputs", nargs="+", metavar="RUN_OR_PEFT", help="run folders or peft adapter folders")
+  mg.add_argument("--method", required=True,
+                  help="linear, cat, svd, ties, dare_linear, dare_ties or magnitude_prune (peft's combination_type)")
+  mg.add_argument("--weights", required=True, help="one weight per adapter, comma-separated (e.g. 0.5,0.5)")
+  mg.add_argument("--density", type=float, help="fraction of entries kept, in (0, 1] (ties, dare_*, magnitude_prune)")
+  mg.add_argument("--svd-rank", type=int, help="rank of the svd merge (default: the largest input rank)")
+  mg.add_argument("--seed", type=int, default=0, help="seed of DARE's random drops (default 0)")
+  mg.add_argument("--base", help="base model of peft folders whose adapter_config.json names none (or another path)")
+  mg.add_argument("--out", required=True, help="the new run folder (written whole, then renamed into place)")
+  mg.add_argument("--overwrite", action="store_true", help="replace an existing --out (an earlier merge's folder)")
+  mg.set_defaults(run=_merge, accepts_overrides=True)
   a = sub.add_parser("ablate", help="evaluate a run with its method removed from layers/modules, truncated in rank "
                                      "or with fewer virtual tokens",
                      description="Restore a run's checkpoint once and evaluate ablations of it on one split; "
@@ -344,6 +508,26 @@ def build_parser() -> argparse.ArgumentParser:
   a.add_argument("--out", help="output folder (default: WORKDIR/ablations), written whole")
   a.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
   a.set_defaults(run=_ablate)
+  n = sub.add_parser("prune", help="prune a model or a run's model (magnitude, Wanda, SparseGPT; N:M; layer dropping)",
+                     description="Prune the linear layers of the transformer blocks per output row, block by block "
+                                 "on calibration rows, and/or drop the blocks that change the hidden states least; "
+                                 "writes a transformers folder with jft_sparsity.json (the pattern and every pruned "
+                                 "module's sparsity).",
+                     epilog="example: jft prune --model smollm2-135m --data rows.jsonl --method wanda --sparsity 2:4 "
+                            "--out pruned/")
+  n.add_argument("--model", help="HF folder, .gguf file or embedded model name")
+  n.add_argument("--workdir", help="a run: its model (adapter merged) pruned on its training rows")
+  n.add_argument("--data", help="with --model: JSONL calibration rows (a 'text' field, or 'prompt' and 'response')")
+  n.add_argument("--method", choices=("magnitude", "wanda", "sparsegpt"), default="wanda")
+  n.add_argument("--sparsity", help="a fraction of zeros per row (0.5) or N:M, N kept of every M inputs (2:4, 4:8)")
+  n.add_argument("--calibration", type=int, default=128, help="calibration rows (default 128)")
+  n.add_argument("--max-length", type=int, default=256, help="tokens kept of each calibration row (default 256)")
+  n.add_argument("--targets", help="regex searched in layers/<i>/<module> (default: every linear layer of the blocks)")
+  n.add_argument("--drop-layers", type=float, default=0.0, metavar="FRACTION",
+                 help="remove round(FRACTION * layers) contiguous blocks, those closest in angular distance")
+  n.add_argument("--out", required=True, help="a new or empty folder (written whole, then renamed into place)")
+  n.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+  n.set_defaults(run=_prune)
   s = sub.add_parser("estimate", help="estimate a run's memory, FLOPs, time and cost from shapes alone",
                      description="Estimate parameters, step memory, FLOPs, step time and the run's cost without "
                                  "loading weights or running anything. Override any config field with "
@@ -382,6 +566,18 @@ def build_parser() -> argparse.ArgumentParser:
   return parser
 
 
+def _compilation_cache():
+  """Keep compiled XLA programs between commands (JAX's persistent cache in `files.cache_dir("xla")`): a
+  second `jft train` or `jft eval` of the same shapes loads its steps instead of compiling them again.
+  Only before JAX is imported (a command run in-process by a test keeps that process's setting), and
+  never over a `JAX_COMPILATION_CACHE_DIR` already set."""
+  from jft.core import files
+
+  folder = files.cache_dir("xla")
+  if folder and "jax" not in sys.modules and "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = folder
+
+
 def main(argv=None) -> int:
   """Run one subcommand. Bad input and the environment's failures (a missing or unreadable file, a full
   disk, a corrupt run file) end as one line `jft COMMAND: error: ...`, exit 2 (1: training failed);
@@ -395,6 +591,7 @@ def main(argv=None) -> int:
   if rest and not getattr(args, "accepts_overrides", False):
     parser.error(f"unrecognized arguments: {' '.join(rest)}")
   args.overrides = rest
+  _compilation_cache()
   debug = getattr(args, "debug", False) or os.environ.get("JFT_DEBUG", "0") not in ("", "0")
   try:
     return args.run(args)

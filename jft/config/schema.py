@@ -28,6 +28,7 @@ from jft.core.errors import JftError
 from jft.core.fields import (REQUIRED, Choice, Flag, Float, Int, Names, Pairs, Template, Text,  # noqa: F401
                              bool_problem, close, rule_problems, shown)
 from jft.models import COMPUTE_DTYPES
+from jft.models.attention import IMPLEMENTATIONS as ATTENTION
 from jft.models.transformer import DEFAULT_REMAT, REMAT_POLICIES
 from jft.models.sharding import AXIS_RULES
 
@@ -56,7 +57,8 @@ def default_config() -> ml_collections.ConfigDict:
   """The fields of a run config, with defaults. Experiment files start here and edit."""
   c = ml_collections.ConfigDict()
   c.seed = 0
-  c.model = dict(name="smollm2-135m", dtype="float32", remat=DEFAULT_REMAT)
+  # param_dtype "" = dtype; float32 with dtype bfloat16 keeps float32 master weights (full fine-tuning)
+  c.model = dict(name="smollm2-135m", dtype="float32", param_dtype="", remat=DEFAULT_REMAT, attention="auto")
   c.method = dict(name="lora", hparams=dict(rank=8, alpha=16.0, targets=("q_proj", "v_proj")))
   c.quant = dict(format="", blocksize=64, double_quant=True)  # format "" = dense base
   # what a step minimises and evaluation reports (jft.objectives): lm, sft, classification, dpo, ...
@@ -108,7 +110,9 @@ SCHEMA: dict[str, Any] = {
     "seed": Int(0),
     "model.name": Text(nonempty=True, note="an HF folder, a .gguf file or an embedded model name"),
     "model.dtype": Choice(DTYPES, note="the compute dtypes the model supports"),
+    "model.param_dtype": Choice(("",) + tuple(DTYPES), note="'' = model.dtype; the stored (master) weights"),
     "model.remat": Choice(lambda: list(REMAT_POLICIES)),
+    "model.attention": Choice(ATTENTION, note="auto = cudnn on a CUDA GPU where it applies, else xla"),
     "method.name": METHOD_NAME,
     "quant.format": Choice(lambda: ("",) + tuple(quant.FORMATS), note="'' = a dense base"),
     "quant.blocksize": Int(1),

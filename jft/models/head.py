@@ -11,7 +11,10 @@ largest activations of a small model's step) shrink to one chunk each, and
 no matmul is repeated: the FLOPs are those of the unfused loss.
 `head_logps` is the same for the per-token log-probabilities of preference
 objectives (a frozen head: each token's saved gradient is scaled by its own
-cotangent). Both run the head only where the mask asks (`_over_chunks`).
+cotangent). `head_divergence` is distillation's: a student's and a teacher's
+heads over the same chunks, GKD's generalized Jensen-Shannon divergence and its
+gradient formed per chunk, so neither model's `[batch, length, vocab]` logits
+exist. All run the head only where the mask asks (`_over_chunks`).
 """
 
 from __future__ import annotations
@@ -167,6 +170,12 @@ def _chunk(x, w, targets, weights, tied: bool, grads: bool, with_w_grad: bool):
     return nll, None, None
   onehot = jax.nn.one_hot(targets, logits.shape[-1], dtype=jnp.float32)
   g = ((jnp.exp(logits - logz[..., None]) - onehot) * weights[..., None]).astype(dt)  # d sum(nll) / d logits
+  gx, gw = _through_head(g, x, wt, tied, with_w_grad)
+  return nll, gx, gw
+
+
+def _through_head(g, x, wt, tied: bool, with_w_grad: bool):
+  """The gradient `g` [B, c, vocab] of a chunk's logits `x @ w` taken back to x [B, c, d] (and to w)."""
   gx = jax.lax.dot_general(g, wt, (((g.ndim - 1,), (0 if tied else 1,)), ((), ())),
                            preferred_element_type=jnp.float32)
   gw = None
@@ -174,22 +183,27 @@ def _chunk(x, w, targets, weights, tied: bool, grads: bool, with_w_grad: bool):
     gf, xf = g.reshape(-1, g.shape[-1]), x.reshape(-1, x.shape[-1])  # one contracted token axis
     gw = jnp.dot(gf.T, xf, preferred_element_type=jnp.float32) if tied else \
         jnp.dot(xf.T, gf, preferred_element_type=jnp.float32)
-  return nll, gx, gw
+  return gx, gw
 
 
-def _over_chunks(x, w, targets, weights, tied, grads, with_w_grad):
+def _over_chunks(x, w, targets, weights, tied, grads, with_w_grad, per_chunk=None, buffers: int = 1):
   """-> (weighted CE [B, T], gx [B, T, d] or None, gw or None), one scan over sequence chunks.
 
   Each row's loss-carrying positions go first (in order) and a chunk in which
   no row carries loss is skipped, so the head costs what the loss mask asks
   for: SFT's prompts, padding and all but a classification's label word take
-  no output-projection matmul.
+  no output-projection matmul. `per_chunk` (default: cross-entropy, `_chunk`) may
+  be another per-chunk loss: `targets` is then any tree of per-position
+  `[B, T, ...]` arrays and the first result any tree of `[B, T]` values;
+  `buffers` vocab-sized float32 arrays of it share the chunk's memory.
   """
+  per_chunk = per_chunk or _chunk
   b, t, d = x.shape
-  c = _chunk_length(b, t, w.shape[0 if tied else 1])
+  c = _chunk_length(b, t, w.shape[0 if tied else 1] * buffers)
   pad = -t % c  # padded positions have weight 0
   order = jnp.argsort(weights == 0, axis=1, stable=True)  # [B, T]: loss positions first
-  x, targets, weights = (_along_rows(a, order) for a in (x, targets, weights))
+  x, weights = _along_rows(x, order), _along_rows(weights, order)
+  targets = jax.tree.map(lambda a: _along_rows(a, order), targets)
 
   def split(a):  # [B, t, ...] -> [chunks, B, c, ...]; chunks along the sequence keep a sharded batch whole
     a = jnp.pad(a, [(0, 0), (0, pad)] + [(0, 0)] * (a.ndim - 2))
@@ -199,20 +213,20 @@ def _over_chunks(x, w, targets, weights, tied, grads, with_w_grad):
     xs, ts, ws = chunk
 
     def run(gw):
-      nll, gx, gw_c = _chunk(xs, w, ts, ws, tied, grads, with_w_grad)
-      return (gw + gw_c if gw_c is not None else gw), (nll, gx)
+      values, gx, gw_c = per_chunk(xs, w, ts, ws, tied, grads, with_w_grad)
+      return (gw + gw_c if gw_c is not None else gw), (values, gx)
 
-    def skip(gw):
-      return gw, (jnp.zeros(ws.shape, jnp.float32), jnp.zeros(xs.shape, jnp.float32) if grads else None)
+    def skip(gw):  # zeros shaped as `run`'s results
+      return gw, jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), jax.eval_shape(run, gw)[1])
 
     return jax.lax.cond(jnp.any(ws != 0), run, skip, gw)
 
   gw0 = jnp.zeros(w.shape, jnp.float32) if grads and with_w_grad else None
-  gw, (nll, gx) = jax.lax.scan(body, gw0, (split(x), split(targets), split(weights)))
+  gw, (values, gx) = jax.lax.scan(body, gw0, (split(x), jax.tree.map(split, targets), split(weights)))
   back = jnp.argsort(order, axis=1)  # each position's own place again
   unsplit = lambda a: _along_rows(jnp.moveaxis(a, 0, 1).reshape(b, t + pad, *a.shape[3:])[:, :t], back)
   gx = None if gx is None else unsplit(gx).astype(x.dtype)
-  return unsplit(nll), gx, None if gw is None else gw.astype(w.dtype)
+  return jax.tree.map(unsplit, values), gx, None if gw is None else gw.astype(w.dtype)
 
 
 def _along_rows(a, index):
@@ -254,3 +268,143 @@ def _fused_logps_bwd(tied, gx, g):  # gx: d nll / d x per position, so d logp / 
 
 
 _fused_logps.defvjp(_fused_logps_fwd, _fused_logps_bwd)
+
+
+# ---- Distillation: a student's and a teacher's heads over the same chunks ------------------------------
+
+def jsd_terms(student_logits, teacher_logits, beta: float, temperature: float = 1.0):
+  """[..., vocab] terms of GKD's generalized Jensen-Shannon divergence (their sum over the vocab: one
+  position's divergence), in TRL's convention: beta = 0 is KL(teacher || student), beta = 1 KL(student ||
+  teacher), between them beta KL(teacher || m) + (1 - beta) KL(student || m), m = (1 - beta) student + beta
+  teacher; both distributions softened by `temperature`. Float32 whatever the logits' dtype."""
+  s = jax.nn.log_softmax(student_logits.astype(jnp.float32) / temperature, axis=-1)
+  t = jax.nn.log_softmax(teacher_logits.astype(jnp.float32) / temperature, axis=-1)
+  if beta == 0:
+    return jnp.exp(t) * (t - s)
+  if beta == 1:
+    return jnp.exp(s) * (s - t)
+  m = jnp.logaddexp(s + jnp.log1p(-beta), t + jnp.log(beta))
+  return beta * jnp.exp(t) * (t - m) + (1 - beta) * jnp.exp(s) * (s - m)
+
+
+def model_divergence(apply, params, teacher_apply, teacher_params, input_ids, attention_mask, loss_mask,
+                     beta: float, temperature: float = 1.0, alpha: float = 0.0, trained=frozenset()):
+  """(alpha * next-token loss + (1 - alpha) * generalized JSD, metrics), both the mean over the positions
+  that predict a `loss_mask` token, of a student run by `apply(ids, mask, return_hidden=...)` against a
+  teacher run by `teacher_apply` (no gradient reaches it).
+
+  Through `head_divergence` when both output projections are plain (`output_head`); a student whose head a
+  method changes (LoRA on lm_head, a quantized head) takes the logits path, which forms both models'
+  `[batch, length, vocab]` logits. Metrics: `jsd`, `nll` (the next-token loss) and `loss_tokens`.
+  """
+  student_head, teacher_head = output_head(params), output_head(teacher_params)
+  fused = student_head is not None and teacher_head is not None
+  student = apply(input_ids, attention_mask, return_hidden=fused)
+  teacher = jax.lax.stop_gradient(teacher_apply(input_ids, attention_mask, return_hidden=fused))
+  if fused:
+    return head_divergence(student, params, student_head, teacher, teacher_params, teacher_head, input_ids,
+                           loss_mask, beta, temperature, alpha, student_head.path in trained)
+  targets, weights = shifted_targets(input_ids, loss_mask)
+  n = jnp.maximum(weights.sum(), 1.0)
+  jsd = (jsd_terms(student, teacher, beta, temperature).sum(-1) * weights).sum() / n
+  nll, tokens = next_token_loss(student, input_ids, loss_mask)
+  return (1 - alpha) * jsd + alpha * nll, {"jsd": jsd, "nll": nll, "loss_tokens": tokens}
+
+
+def head_divergence(hidden, params, head: Head, teacher_hidden, teacher_params, teacher_head: Head, input_ids,
+                    loss_mask, beta: float, temperature: float = 1.0, alpha: float = 0.0,
+                    trainable_head: bool = False):
+  """`model_divergence` from the final-norm outputs of both models (`hidden` [B, T, d], `teacher_hidden`
+  [B, T, d_teacher]: the models may differ in width and depth, not in vocabulary).
+
+  Both heads run chunk by chunk over the loss-carrying positions only; each chunk's divergence, its
+  gradient with respect to the student's logits (closed form, see `_divergence_chunk`) and that gradient
+  taken back to `hidden` (and to the student's head when `trainable_head`) are formed in the forward
+  pass, as `head_loss` does: memory O(chunk x vocab), no matmul repeated in the backward pass.
+  """
+  w = rules.flatten(params)[head.path]
+  wt = jax.lax.stop_gradient(rules.flatten(teacher_params)[teacher_head.path])
+  if w.shape[0 if head.tied else 1] != wt.shape[0 if teacher_head.tied else 1]:
+    raise ValueError(f"head_divergence: the student's head has {w.shape[0 if head.tied else 1]} tokens, the "
+                     f"teacher's {wt.shape[0 if teacher_head.tied else 1]}; the two models must share one vocabulary")
+  targets, weights = shifted_targets(input_ids, loss_mask)
+  n = jnp.maximum(weights.sum(), 1.0)
+  settings = (head.tied, teacher_head.tied, float(beta), float(temperature), float(alpha), trainable_head)
+  loss, (jsd, nll) = _fused_divergence(hidden, w, jax.lax.stop_gradient(teacher_hidden), wt, targets, weights / n,
+                                       *settings)
+  return loss, {"jsd": jsd, "nll": nll, "loss_tokens": weights.sum()}
+
+
+def _divergence_chunk(x, w, per_position, weights, tied, grads, with_w_grad, *, wt, teacher_tied, beta,
+                      temperature, alpha):
+  """One chunk of `head_divergence`: weighted (jsd, nll) per position [B, c] and, with `grads`, the gradient
+  of sum((1 - alpha) jsd + alpha nll) w.r.t. x (and w).
+
+  With s, t the tempered log-probs and p = exp(s), the gradient w.r.t. the student's logits z is
+  (p * (g - sum(p * g))) / temperature for the gradient g of the divergence w.r.t. p taken as free:
+  -exp(t) / p at beta = 0 (so p - exp(t)), s - t at beta = 1, (1 - beta) (s - log m) between.
+  """
+  teacher_x, targets = per_position
+  dt = x.dtype
+  logits_of = lambda a, k, k_tied: jax.lax.dot_general(
+      a, k.astype(a.dtype), (((a.ndim - 1,), (1 if k_tied else 0,)), ((), ())), preferred_element_type=jnp.float32)
+  z = logits_of(x, w, tied)
+  zt = logits_of(teacher_x, wt, teacher_tied)
+  terms = jsd_terms(z, zt, beta, temperature)
+  jsd = terms.sum(-1)
+  logz = jax.nn.logsumexp(z, axis=-1)
+  nll = logz - jnp.take_along_axis(z, targets[..., None], axis=-1)[..., 0]  # reported even when alpha = 0
+  values = (jsd * weights, nll * weights)
+  if not grads:
+    return values, None, None
+  s = jax.nn.log_softmax(z / temperature, axis=-1)
+  t = jax.nn.log_softmax(zt / temperature, axis=-1)
+  p = jnp.exp(s)
+  if beta == 0:
+    dz = p - jnp.exp(t)
+  elif beta == 1:
+    dz = p * (s - t - jsd[..., None])
+  else:
+    g = (1 - beta) * (s - jnp.logaddexp(s + jnp.log1p(-beta), t + jnp.log(beta)))
+    dz = p * (g - (p * g).sum(-1, keepdims=True))
+  dz = dz * ((1 - alpha) / temperature)
+  if alpha:
+    dz = dz + alpha * (jnp.exp(z - logz[..., None]) - jax.nn.one_hot(targets, z.shape[-1], dtype=jnp.float32))
+  gx, gw = _through_head((dz * weights[..., None]).astype(dt), x, w.astype(dt), tied, with_w_grad)
+  return values, gx, gw
+
+
+_DIVERGENCE_BUFFERS = 8  # vocab-sized float32 arrays alive in one chunk of `_divergence_chunk`
+
+
+def _divergence_over_chunks(x, w, xt, wt, targets, weights, tied, teacher_tied, beta, temperature, alpha, grads,
+                            with_w_grad):
+  per_chunk = functools.partial(_divergence_chunk, wt=wt, teacher_tied=teacher_tied, beta=beta,
+                                temperature=temperature, alpha=alpha)
+  return _over_chunks(x, w, (xt, targets), weights, tied, grads, with_w_grad, per_chunk, _DIVERGENCE_BUFFERS)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9, 10, 11))
+def _fused_divergence(x, w, xt, wt, targets, weights, tied, teacher_tied, beta, temperature, alpha, with_w_grad):
+  """-> (sum of (1 - alpha) jsd + alpha nll, (jsd, nll)): the loss and its two parts (metrics: their
+  cotangents are not used, so differentiate the loss only)."""
+  (jsd, nll), _, _ = _divergence_over_chunks(x, w, xt, wt, targets, weights, tied, teacher_tied, beta, temperature,
+                                             alpha, False, False)
+  jsd, nll = jsd.sum(), nll.sum()
+  return (1 - alpha) * jsd + alpha * nll, (jsd, nll)
+
+
+def _fused_divergence_fwd(x, w, xt, wt, targets, weights, tied, teacher_tied, beta, temperature, alpha, with_w_grad):
+  (jsd, nll), gx, gw = _divergence_over_chunks(x, w, xt, wt, targets, weights, tied, teacher_tied, beta,
+                                               temperature, alpha, True, with_w_grad)
+  jsd, nll = jsd.sum(), nll.sum()
+  return ((1 - alpha) * jsd + alpha * nll, (jsd, nll)), (gx, gw)
+
+
+def _fused_divergence_bwd(tied, teacher_tied, beta, temperature, alpha, with_w_grad, res, g):
+  gx, gw = res
+  scale = lambda a: a * g[0].astype(a.dtype)
+  return scale(gx), None if gw is None else scale(gw), None, None, None, None  # the teacher gets no gradient
+
+
+_fused_divergence.defvjp(_fused_divergence_fwd, _fused_divergence_bwd)

@@ -32,13 +32,15 @@ class Settings:
   Numbers that can (LoRA's scale) are leaves beside their weights, so a tree
   always computes what it says. These are the rest: the configured methods
   whose hooks carry settings (dropout, activation), the train-time switch,
-  and how activations are pinned to a mesh.
+  how activations are pinned to a mesh, and which attention implementation runs.
   """
   methods: tuple = ()  # configured `jft.models.hooks.Hook`s; `method.configure(model)` adds itself
   deterministic: bool = True  # False during training: enables dropout
   # `jft.models.sharding.ActivationSharding` (or None): pins activations to mesh axes by
   # logical name at layer boundaries; set by whoever runs the model on a mesh.
   sharding: Any = None
+  # How attention runs (`jft.models.attention.IMPLEMENTATIONS`: auto, xla, cudnn, pallas): `model.attention`.
+  attention: str = "auto"
 
   def hook(self, group: str) -> hooks.Hook:
     """The hook that runs `group`'s leaves: the configured method, else the registered default."""

@@ -39,13 +39,14 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jft.core.errors import JftError
 from jft.models.config import ModelConfig
-from jft.models import hooks
+from jft.models import attention, hooks
+from jft.models.attention import causal_blocks  # noqa: F401  (where jft.studies.estimate reads it)
 from jft.models.layers import (ACTIVATIONS, Embed, Linear, Settings, apply_rope, constrain, make_norm, rope_cos_sin,
                                rope_inv_freq)
 
 Dtype = Any
-_MASKED = -1e30  # finite, so fully masked (padding) rows give no NaN
 
 # Logical axis names of every base parameter, by path (full match, first wins).
 # `jft.models.sharding` maps them to mesh axes; `layers` is the scanned layer axis.
@@ -71,6 +72,10 @@ REMAT_POLICIES = {
     "full": jax.checkpoint_policies.nothing_saveable,
     "dots": jax.checkpoint_policies.checkpoint_dots,
     "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+    # `dots`' matmul outputs (every `Linear` is one [tokens, in] x [in, out] dot) kept in pinned host
+    # memory instead of device memory until the backward pass reads them back.
+    "offload": jax.checkpoint_policies.offload_dot_with_no_batch_dims(offload_src="device",
+                                                                       offload_dst="pinned_host"),
 }
 # What a layer keeps for the backward pass unless told otherwise: the matmul outputs, with norms,
 # rotary, softmax, activations and dequantization recomputed. Without remat autodiff keeps about
@@ -79,6 +84,29 @@ REMAT_POLICIES = {
 # needs 1,489 instead of 2,821 MiB of temporaries and is 10% faster (LoRA and QLoRA on all linears:
 # -31% memory, 4-11% faster; benchmarks/README.md). Forward-only calls are unaffected.
 DEFAULT_REMAT = "dots"
+
+
+class RematError(JftError, ValueError):
+  """A remat policy this backend cannot run."""
+
+
+def host_offload_supported(device=None) -> bool:
+  """Whether `device` (default: the first) has pinned host memory to offload saved activations to."""
+  device = device or jax.devices()[0]
+  try:
+    return "pinned_host" in {m.kind for m in device.addressable_memories()}
+  except (AttributeError, NotImplementedError, jax.errors.JaxRuntimeError):
+    return False
+
+
+def remat_policy(name: str):
+  """The checkpoint policy of `model.remat=name`; `offload` only where the backend has pinned host memory."""
+  if name not in REMAT_POLICIES:
+    raise RematError(f"model.remat={name!r}; expected one of {', '.join(REMAT_POLICIES)}")
+  if name == "offload" and not host_offload_supported():
+    raise RematError(f"model.remat=offload needs pinned host memory, which the {jax.default_backend()} backend "
+                     f"does not offer; use dots, dots_no_batch, full or none")
+  return REMAT_POLICIES[name]
 
 
 class Attention(nn.Module):
@@ -123,39 +151,12 @@ class Attention(nn.Module):
       mask = jnp.concatenate([jnp.ones((*mask.shape[:2], n), bool), mask], axis=2)
 
     q = q.reshape(b, t, c.num_kv_heads, c.num_heads // c.num_kv_heads, c.head_dim)
-    if layer_cache is None:  # keys after the last query of a block are masked for all of it: skip them
-      out = jnp.concatenate([
-          attend(q[:, start:end], k[:, :k.shape[1] - t + end], v[:, :k.shape[1] - t + end],
-                 mask[:, start:end, :k.shape[1] - t + end], self.dtype)
-          for start, end in causal_blocks(t)], axis=1)
-    else:
-      out = attend(q, k, v, mask, self.dtype)
+    out = attention.attend(q, k, v, mask, self.dtype, implementation=self.settings.attention,
+                           causal=layer_cache is None)
     out = dense("o_proj", c.hidden_size, c.o_bias)(out.reshape(b, t, c.num_heads * c.head_dim))
     for hook, p in methods:
       out = hook.sublayer_output(p, out, self)
     return out, new_cache
-
-
-CAUSAL_BLOCK = 128  # query positions per block of `causal_blocks`
-
-
-def causal_blocks(t: int, block: int = CAUSAL_BLOCK):
-  """(start, end) of query blocks; block i only needs the keys before `end`.
-
-  Without a cache the mask is causal in index space, so splitting the queries
-  skips the masked upper-right key blocks: 1/4 of the attention FLOPs (and of
-  its saved probabilities) at 2 blocks, 3/8 at 4.
-  """
-  return [(start, min(start + block, t)) for start in range(0, t, block)]
-
-
-def attend(q, k, v, mask, dtype):
-  """Softmax attention: q [b, t, kv_heads, groups, d], k/v [b, s, kv_heads, d], mask [b, t, s] -> [b, t, ...]."""
-  scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
-  scores = scores / jnp.sqrt(jnp.float32(q.shape[-1]))
-  scores = jnp.where(mask[:, None, None, :, :], scores, _MASKED)
-  probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
-  return jnp.einsum("bkgts,bskd->btkgd", probs, v)
 
 
 class MLP(nn.Module):
@@ -286,7 +287,7 @@ class Transformer(nn.Module):
 
     block = Block
     if self.remat != "none":
-      block = nn.remat(Block, policy=REMAT_POLICIES[self.remat], prevent_cse=False)
+      block = nn.remat(Block, policy=remat_policy(self.remat), prevent_cse=False)
     stack = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
                     in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
                     length=c.num_layers)

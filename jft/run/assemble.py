@@ -21,6 +21,13 @@ from jft import objectives, peft, quant
 from jft.models import sharding
 from jft.core import errors, rules
 from jft.models import load_pretrained, load_tokenizer
+from jft.models.pretrained import resolve
+from jft.quant import sparsity
+from jft.models import attention
+from jft.models.transformer import remat_policy
+from jft.models.pretrained import model_config
+from jft.models.transformer import Transformer
+from jft.objectives import distill
 from jft.run import checkpoint, optim, state
 from jft.run.folder import RunError, base_identity, best_manager, check_base, read_config
 
@@ -32,7 +39,12 @@ def build_model(config, mesh=None):
   (`sharding.activation_sharding`, by the config's axis rules).
   """
   dtype = jnp.dtype(config.model.dtype)
-  model, base = load_pretrained(config.model.name, dtype=dtype, remat=config.model.remat)
+  # what this backend cannot run (offload without pinned host memory, cudnn off a CUDA GPU) fails before loading
+  remat_policy(config.model.remat)
+  attention.check(config.model.get("attention", "auto"), dtype)
+  model, base = load_pretrained(config.model.name, dtype=dtype, remat=config.model.remat,
+                                param_dtype=jnp.dtype(config.model.get("param_dtype") or dtype))
+  model = model.clone(settings=dataclasses.replace(model.settings, attention=config.model.get("attention", "auto")))
   if config.train.get("init_from"):
     base = merged_base(config.train.init_from, config.model.name, base)
   if mesh is not None:
@@ -62,6 +74,8 @@ def merged_base(workdir: str, model_name: str, base):
     merged, _ = earlier.method.merge(earlier.tree())
   except peft.MethodError as e:
     raise RunError(f"--init-from {workdir}: {e}") from None
+  # a pruned base keeps its zeros (`jft prune`'s record): the merged delta is masked by its pattern
+  merged = sparsity.keep_zeros(merged, base, sparsity.read_record(resolve(model_name)))
   flat, want = rules.flatten(merged), rules.flatten(base)
   return rules.unflatten({p: jnp.asarray(quant.as_dense(flat[p]), want[p].dtype) for p in want})
 
@@ -150,3 +164,60 @@ def restore_params(workdir: str, which: str = "best", mesh=None):
   `restore(...).tree()` instead."""
   r = restore(workdir, which, mesh)
   return r.config, r.model, r.method, r.params(), r.tokenizer
+
+
+# ---- A distillation's teacher (`objective.hparams.teacher`) -------------------------------------------
+
+def _teacher(config):
+  """(objective, base model name, run folder or None, where) of the run's teacher; None when its objective
+  has none. A run folder (base.json or checkpoints/ beside its config.json) is read as a run."""
+  objective = objectives.from_config(config)
+  if not getattr(objective, "uses_teacher", False):
+    return None
+  source, where = objective.teacher, f"objective.hparams.teacher={objective.teacher!r}"
+  if not source:
+    raise distill.TeacherError(f"{where}: no teacher; set it to a model name or folder, or a jft run folder")
+  if os.path.isdir(source) and os.path.isfile(os.path.join(source, "config.json")) and (
+      os.path.isfile(os.path.join(source, "base.json")) or os.path.isdir(os.path.join(source, "checkpoints"))):
+    return objective, read_config(source).model.name, source, where
+  return objective, source, None, where
+
+
+def check_teacher(config):
+  """Before any weight is read: the teacher exists and shares the student's vocabulary and tokenizer
+  (`jft.objectives.distill.Distill.check_teacher`); nothing to check without one."""
+  found = _teacher(config)
+  if found is not None:
+    objective, name, _, where = found
+    objective.check_teacher(config.model.name, name, where)
+
+
+def load_teacher(config, student, mesh=None):
+  """-> (teacher model, its params placed on `mesh` by the config's rules) or None without a teacher.
+
+  A run folder's best adapter is folded into its base (`method.merge`), so the teacher runs as a plain
+  model through the fused head; a method that cannot merge (prompt tuning...) runs as the run's own
+  model. The teacher computes in the student's dtype, with the student's settings (`student`: the
+  model `build_model` made: mesh pinning, attention).
+  """
+  found = _teacher(config)
+  if found is None:
+    return None
+  objective, name, folder, where = found
+  objective.check_teacher(config.model.name, name, where)
+  dtype, method = jnp.dtype(config.model.dtype), None
+  if folder is None:
+    model, params = load_pretrained(name, dtype=dtype, remat=config.model.remat)
+  else:
+    earlier = restore(folder, "best")
+    try:
+      merged, _ = earlier.method.merge(earlier.tree())
+      model = Transformer(model_config(name), dtype=dtype, param_dtype=dtype, remat=config.model.remat)
+      params = rules.unflatten({p: jnp.asarray(quant.as_dense(v), dtype) for p, v in rules.flatten(merged).items()})
+    except peft.MethodError:  # runs as the run's own model, the method's leaves beside the base
+      model, params, method = earlier.model, earlier.params(), earlier.method
+  model = model.clone(settings=dataclasses.replace(student.settings, methods=model.settings.methods))
+  if mesh is not None:
+    params = sharding.put(params, sharding.param_shardings(params, mesh, method, config.train.axis_rules,
+                                                           config.train.sharding_overrides))
+  return model, params

@@ -26,6 +26,7 @@ from jft.core import errors, files, progress, rules
 from jft.core.lock import workdir_lock
 from jft.models.pretrained import model_config
 from jft.run import checkpoint, memory, plot, state
+from jft.run.assemble import check_teacher, load_teacher
 from jft.config.schema import _close
 from jft.core.errors import JftError
 from jft.run.step import make_train_step
@@ -159,13 +160,17 @@ def _train(config, workdir, resume, echo, dry_run, on_eval) -> dict:
 
   # ---- Model, method, quantization -------------------------------------------
   schema.validate_against_model(c, model_config(c.model.name))  # from config.json: no weights read yet
+  check_teacher(c)  # a distillation's teacher: it exists and shares the tokenizer (metadata only)
   identity = run.base_identity(c.model.name)
   run.check_base(workdir, identity)
   if primary:
     run.write_json(os.path.join(workdir, "base.json"), identity)
   mesh = sharding.make_mesh(c.train.mesh.to_dict())
+  echo(f"backend {jax.default_backend()}: {jax.device_count()} device(s) "
+       f"({', '.join(sorted({d.device_kind for d in jax.devices()}))})")
   sharding.check_batch(mesh, c.train.batch_size)
   model, base, method, tokenizer = run.build_model(c, mesh)
+  teacher = load_teacher(c, model, mesh)  # (model, params) or None; frozen, outside the state
   echo(f"model {c.model.name}, method {method.name}" + (f" on a {c.quant.format} base" if c.quant.format else "")
        + f"; mesh {dict(mesh.shape)} over {jax.process_count()} process(es)")
 
@@ -196,7 +201,7 @@ def _train(config, workdir, resume, echo, dry_run, on_eval) -> dict:
   counts = peft.count(method, peft.combine(trainable, frozen))
   echo(str(counts))
   step_fn = make_train_step(model, method, st.tx, skip_nonfinite=c.train.nan_policy == "skip",
-                            shardings=st.step_shardings(), objective=objective)
+                            shardings=st.step_shardings(), objective=objective, teacher=teacher)
   rng = jax.random.PRNGKey(c.seed + 1)
   eval_model = method.configure(model)
   layout_path = os.path.join(workdir, "shardings.json")

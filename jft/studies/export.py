@@ -25,11 +25,12 @@ from safetensors.numpy import save_file
 from jft import peft, quant, run
 from jft.core import files, rules
 from jft.models import gguf_write
-from jft.models.hf import family_module
+from jft.models.hf import family_module, load_folder
 from jft.models.keymap import active_keys
 from jft.models.pretrained import resolve, save_pretrained
 from jft.peft import peft_format
 from jft.peft.lora import LoRA
+from jft.quant import sparsity
 
 FORMATS = ("peft", "merged", "trainable", "gguf", "gguf-lora")
 GGUF_TYPES = gguf_write.GGUF_TYPES
@@ -53,6 +54,9 @@ def export(workdir: str, out: str, format: str, checkpoint: str = "best", overwr
   # refused before anything is written
   if format in ("merged", "gguf"):
     merged, _ = r.method.merge(tree)
+    record = sparsity.read_record(resolve(r.config.model.name))
+    if record:  # a pruned base keeps its zeros: the merged delta is masked by its pattern (`jft prune`)
+      merged = sparsity.keep_zeros(merged, load_folder(resolve(r.config.model.name))[1], record)
     check_mergeable(r.method, merged, config)
   if format == "gguf":
     gguf_write.architecture(config)
