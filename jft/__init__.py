@@ -18,7 +18,8 @@ below (tests/test_layering.py holds it, README "Layout" walks it):
 
 Modules that moved keep their old names (`jft.align`, `jft.train`, `jft.loss`...):
 `_MOVED` maps each to where it lives now, so old scripts, configs and run folders
-keep working. `jft.align` is the objectives package itself: every loss an
+keep working; it also gives `jft.harness` (the lm-evaluation-harness model) a short
+name. `jft.align` is the objectives package itself: every loss an
 objective's file exports (`jft.align.preference_loss`, ...).
 """
 
@@ -54,6 +55,7 @@ _MOVED = {
     "jft.report": "jft.studies.report", "jft.sweep": "jft.studies.sweep", "jft.ablate": "jft.studies.ablate",
     "jft.estimate": "jft.studies.estimate", "jft.onpolicy": "jft.studies.pairs",
     "jft.host_memory": "jft.cli.host_memory", "jft.sharding": "jft.models.sharding",
+    "jft.harness": "jft.studies.harness",  # a short name, not a moved module: `python -m jft.harness`
 }
 
 
