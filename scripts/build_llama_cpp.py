@@ -27,7 +27,7 @@ CMAKE_ARGS = ("-DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_
               "-DLLAMA_BUILD_SERVER=OFF -DLLAMA_CURL=OFF -DLLAVA_BUILD=OFF")
 # Its own runtime needs beyond numpy/jinja2 (already in jft's environment), and its server's.
 RUNTIME = ("diskcache>=5.6.1",)
-SERVER = ("sse-starlette>=1.6.1", "starlette-context>=0.3.6,<0.4", "pydantic-settings>=2.0.1")
+SERVER = ("sse-starlette>=1.6.1", "starlette-context>=0.3.6,<0.4", "pydantic-settings>=2.0.1", "python-dotenv")
 
 
 def folder() -> str:
