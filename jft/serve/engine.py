@@ -638,7 +638,7 @@ def restore_adapters(workdir: Optional[str] = None, model: Optional[str] = None,
         raise EngineError(f"run {folder} ({name}) runs over another version of {base_name} than {first}: {problem}; "
                           "adapters must share one base (same weights, quantization, dtype and --init-from)")
     served.append(Adapter(name, r.method, leaves, folder))
-    del r, params
+    del r, params, run_base  # before the next run loads its base: at most two copies alive, not three
   return served_model, base, tokenizer, base_name, served
 
 
