@@ -4,6 +4,7 @@
     python benchmarks/race.py --models small --cells lora-all,qlora-all --steps 5
     python benchmarks/race.py --compare benchmarks/results-previous.md
     python benchmarks/race.py --quick               # smoke run: one tiny cell per side, report to stdout
+    python benchmarks/race.py --workload demo|sft|dpo [--quick]   # whole jobs: benchmarks/workloads.py
 
 Each measurement runs in its own process (a fresh interpreter, so peak RSS is
 that side's alone), jft and the peer alternating cell by cell, on the same
@@ -472,8 +473,12 @@ class Report:
                 "|---|---:|---:|---:|---:|---:|"] + self.generate
     if self.notes:
       lines += ["", "## Notes", ""] + [f"- {n}" for n in self.notes]
+    kept = ""  # the workload races' section (benchmarks/workloads.py) outlives a rewrite of the step race
+    if os.path.exists(self.path):
+      with open(self.path) as f:
+        kept = f.read().partition("\n## Workloads\n")[2]
     with open(self.path, "w") as f:
-      f.write("\n".join(lines) + "\n")
+      f.write("\n".join(lines) + "\n" + (f"\n## Workloads\n{kept}" if kept else ""))
 
 
 def parse_ratios(path: str) -> dict:
@@ -629,9 +634,17 @@ def main():
     parser.add_argument(f"--{name}", help=argparse.SUPPRESS)
   for name in ("layers", "batch"):
     parser.add_argument(f"--{name}", type=int, help=argparse.SUPPRESS)
+  import workloads  # benchmarks/ is this script's folder
+  workloads.add_arguments(parser)
   args = parser.parse_args()
   if args.worker:
     print(json.dumps(WORKERS[args.worker](args)), flush=True)
+    return
+  if args.workload:
+    try:
+      print(workloads.race(args), end="")
+    except workloads.RaceError as e:
+      sys.exit(f"race.py --workload {args.workload}: error: {e}")
     return
   defaults = QUICK if args.quick else dict(models=",".join(MODELS), cells="all", steps=5, warmup=2)
   for name, value in defaults.items():
